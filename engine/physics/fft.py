@@ -1,0 +1,29 @@
+"""Centred orthonormal FFTs.
+
+Convention (the same as ../shared/data and fastMRI): the DC sample sits at index n // 2 and
+`image = fftshift(ifftn(ifftshift(k)), norm="ortho")` over the transformed axes. Orthonormal
+scaling makes the FFT unitary, so its adjoint is exactly the inverse FFT.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Dims = Sequence[int]
+
+
+def fftc(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Centred orthonormal forward FFT over `dims` (image -> k-space)."""
+    dims = tuple(dims)
+    x = torch.fft.ifftshift(x, dim=dims)
+    x = torch.fft.fftn(x, dim=dims, norm="ortho")
+    return torch.fft.fftshift(x, dim=dims)
+
+
+def ifftc(k: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
+    """Centred orthonormal inverse FFT over `dims` (k-space -> image); adjoint of `fftc`."""
+    dims = tuple(dims)
+    k = torch.fft.ifftshift(k, dim=dims)
+    k = torch.fft.ifftn(k, dim=dims, norm="ortho")
+    return torch.fft.fftshift(k, dim=dims)

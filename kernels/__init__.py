@@ -1,0 +1,1 @@
+"""Fused data-consistency kernels (Triton on CUDA) beside their pure-torch references."""

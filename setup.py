@@ -1,0 +1,46 @@
+"""INFusion engine: implicit neural representation + diffusion prior MRI reconstruction.
+
+torch is deliberately not pinned here: clusters bring their own CUDA build. The README's
+install command pins the build used on the development machines.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="infusion-engine",
+    version="0.1.0",
+    description="Distributed INR + diffusion-prior reconstruction of multicoil MRI (INFusion)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    package_data={"engine": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        "torch",
+        "torchvision",
+        "numpy",
+        "scipy",
+        "h5py",
+        "zarr>=3",
+        "sigpy",
+        "lpips",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "nibabel",
+    ],
+    extras_require={
+        "dist": ["deepspeed", "mpi4py", "mpich"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "infusion-recon2d=engine.cli:recon2d_main",
+            "infusion-recon3d=engine.cli:recon3d_main",
+            "infusion-prepare=engine.cli:prepare_main",
+            "infusion-baseline=engine.cli:baseline_main",
+            "infusion-train-prior=engine.cli:train_prior_main",
+        ]
+    },
+)
