@@ -10,12 +10,17 @@ from typing import Sequence
 
 import torch
 
-Dims = Sequence[int]
+Dims = Sequence[int] | int
+
+
+def as_dims(dims: Dims) -> tuple[int, ...]:
+    """`dims` as a tuple; a single int (one axis) is accepted, as torch.fft.fftn accepts it."""
+    return (dims,) if isinstance(dims, int) else tuple(dims)
 
 
 def fftc(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
     """Centred orthonormal forward FFT over `dims` (image -> k-space)."""
-    dims = tuple(dims)
+    dims = as_dims(dims)
     x = torch.fft.ifftshift(x, dim=dims)
     x = torch.fft.fftn(x, dim=dims, norm="ortho")
     return torch.fft.fftshift(x, dim=dims)
@@ -23,7 +28,7 @@ def fftc(x: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
 
 def ifftc(k: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
     """Centred orthonormal inverse FFT over `dims` (k-space -> image); adjoint of `fftc`."""
-    dims = tuple(dims)
+    dims = as_dims(dims)
     k = torch.fft.ifftshift(k, dim=dims)
     k = torch.fft.ifftn(k, dim=dims, norm="ortho")
     return torch.fft.fftshift(k, dim=dims)

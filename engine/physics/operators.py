@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from engine.physics.fft import fftc, ifftc
+from engine.physics.fft import Dims, as_dims, fftc, ifftc
 
 
 class LinearOperator:
@@ -78,8 +78,8 @@ class CoilMultiply(LinearOperator):
 class CenteredFFT(LinearOperator):
     """Centred orthonormal FFT over `dims`; unitary, so the adjoint is the inverse."""
 
-    def __init__(self, dims: Sequence[int] = (-2, -1)):
-        self.dims = tuple(dims)
+    def __init__(self, dims: Dims = (-2, -1)):
+        self.dims = as_dims(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fftc(x, self.dims)
