@@ -1,4 +1,5 @@
 """Shared pytest fixtures: seeded random generators and the bundled example (loaded once)."""
+
 from __future__ import annotations
 
 import numpy as np

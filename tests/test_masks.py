@@ -1,4 +1,5 @@
 """Sampling masks: density ~ 1/R, seeding (reproducible, case-dependent), ACS, file loading."""
+
 from __future__ import annotations
 
 import h5py
@@ -39,7 +40,10 @@ def test_poisson_density_calibration_and_variable_density(acceleration, calib):
     assert abs(achieved_acceleration(mask) - acceleration) < 0.1
     cy, cx = calib
     if cy:
-        box = mask[SHAPE[0] // 2 - cy // 2 : SHAPE[0] // 2 + cy // 2, SHAPE[1] // 2 - cx // 2 : SHAPE[1] // 2 + cx // 2]
+        box = mask[
+            SHAPE[0] // 2 - cy // 2 : SHAPE[0] // 2 + cy // 2,
+            SHAPE[1] // 2 - cx // 2 : SHAPE[1] // 2 + cx // 2,
+        ]
         assert box.shape == calib and box.all()
     # Variable density: the central quarter is sampled more densely than the periphery.
     y, x = np.mgrid[: SHAPE[0], : SHAPE[1]]
@@ -57,7 +61,9 @@ def test_poisson_reproducible_case_dependent_and_leaves_global_rng_alone():
     np.testing.assert_array_equal(np.random.get_state()[1], state)
 
 
-@pytest.mark.parametrize("maker", [random_1d_mask, equispaced_1d_mask], ids=["random", "equispaced"])
+@pytest.mark.parametrize(
+    "maker", [random_1d_mask, equispaced_1d_mask], ids=["random", "equispaced"]
+)
 @pytest.mark.parametrize("acceleration, center_fraction", [(4, 0.08), (8, 0.04)])
 def test_1d_masks_lines_acs_and_density(maker, acceleration, center_fraction):
     shape = (64, 368)
@@ -71,7 +77,8 @@ def test_1d_masks_lines_acs_and_density(maker, acceleration, center_fraction):
         assert mask[:, start : start + num_low].all()
         assert start <= shape[1] // 2 < start + num_low
     mean_density = np.mean([m.mean() for m in masks])
-    # Random: the expected density is exactly 1/R; 20 draws of 368 columns: sd of the mean ~ 0.002 (1.6 % of 1/8).
+    # Random: the expected density is exactly 1/R; 20 draws of 368 columns give a mean with
+    # sd ~ 0.002 (1.6 % of 1/8).
     # Equispaced: rounding of the spacing and overlap with the ACS move it by a few lines.
     assert mean_density == pytest.approx(1 / acceleration, rel=0.03)
     assert maker is equispaced_1d_mask or not all((m == masks[0]).all() for m in masks[1:])
@@ -96,12 +103,16 @@ def test_1d_mask_rejects_acs_wider_than_budget():
 def test_make_mask_dispatch_and_calib_semantics(tmp_path):
     seed = seed_from_case("dispatch")
     np.testing.assert_array_equal(
-        make_mask("poisson", SHAPE, 4, calib=12, seed=seed), poisson_disc_mask(SHAPE, 4, (12, 12), seed)
+        make_mask("poisson", SHAPE, 4, calib=12, seed=seed),
+        poisson_disc_mask(SHAPE, 4, (12, 12), seed),
     )
-    np.testing.assert_array_equal(make_mask("poisson", SHAPE, 4, seed=seed), poisson_disc_mask(SHAPE, 4, (0, 0), seed))
+    np.testing.assert_array_equal(
+        make_mask("poisson", SHAPE, 4, seed=seed), poisson_disc_mask(SHAPE, 4, (0, 0), seed)
+    )
     # 1D: calib is the number of ACS columns; None is fastMRI's 0.32 / R (0.08 at R = 4).
     np.testing.assert_array_equal(
-        make_mask("random1d", SHAPE, 4, calib=10, seed=seed), random_1d_mask(SHAPE, 4, 10 / SHAPE[1], seed)
+        make_mask("random1d", SHAPE, 4, calib=10, seed=seed),
+        random_1d_mask(SHAPE, 4, 10 / SHAPE[1], seed),
     )
     np.testing.assert_array_equal(
         make_mask("equispaced1d", SHAPE, 4, seed=seed), equispaced_1d_mask(SHAPE, 4, 0.08, seed)
@@ -132,7 +143,9 @@ def test_load_mask_formats(tmp_path, rng):
     line = mask[0] > 0
     line[SHAPE[1] // 2] = True
     np.save(tmp_path / "line.npy", line)
-    np.testing.assert_array_equal(load_mask(tmp_path / "line.npy", SHAPE), np.broadcast_to(line, SHAPE))
+    np.testing.assert_array_equal(
+        load_mask(tmp_path / "line.npy", SHAPE), np.broadcast_to(line, SHAPE)
+    )
 
 
 def test_load_mask_clear_errors(tmp_path):

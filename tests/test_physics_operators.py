@@ -3,9 +3,11 @@
 Each case builds (operator, input shape, output shape) for a dtype. Shapes mix even and odd sizes
 on purpose: the centring (DC at n // 2) is where odd sizes go wrong.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -132,7 +134,9 @@ def test_autograd_vjp_is_adjoint(name, dtype, torch_gen):
     v = _randn(case.out_shape, dtype, torch_gen)
     (grad,) = torch.autograd.grad(case.op(x), x, grad_outputs=v)
     expected = case.op.adjoint(v)
-    torch.testing.assert_close(grad, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * expected.abs().max())
+    torch.testing.assert_close(
+        grad, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * expected.abs().max()
+    )
 
 
 @operator_cases

@@ -15,11 +15,12 @@ Kinds:
 Seeds: `seed_from_case(case_id)` hashes the case id (as fastMRI seeds masks from the file name), so
 every rank and every rerun draws the same mask for the same case.
 """
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ FASTMRI_CENTER_FRACTION_TIMES_R = 0.32
 
 
 def seed_from_case(case_id: str) -> int:
-    """A stable 32-bit seed from a case id (CRC-32 of its UTF-8 bytes; the same on every machine)."""
+    """A stable 32-bit seed from a case id: CRC-32 of its UTF-8 bytes, the same on every host."""
     if not isinstance(case_id, str) or not case_id:
         raise ValueError(f"case_id must be a non-empty string, got {case_id!r}")
     return zlib.crc32(case_id.encode("utf-8"))
@@ -80,8 +81,13 @@ def poisson_disc_mask(
 
     try:
         mask = sigpy.mri.poisson(
-            (ny, nx), acceleration, calib=calib, dtype=np.float32, crop_corner=crop_corner,
-            seed=int(seed) % 2**32, tol=tol,
+            (ny, nx),
+            acceleration,
+            calib=calib,
+            dtype=np.float32,
+            crop_corner=crop_corner,
+            seed=int(seed) % 2**32,
+            tol=tol,
         )
     except ValueError as err:
         raise ValueError(
@@ -95,7 +101,7 @@ def _center_columns(nx: int, center_fraction: float, acceleration: float) -> sli
     """The central block of ACS columns, placed as fastMRI does: it holds index nx // 2."""
     if not 0 <= center_fraction < 1:
         raise ValueError(f"center_fraction must be in [0, 1), got {center_fraction}")
-    num_low = int(round(nx * center_fraction))
+    num_low = round(nx * center_fraction)
     if num_low * acceleration >= nx:
         raise ValueError(
             f"{num_low} ACS columns of {nx} already exceed 1/{acceleration} of the lines: "
@@ -129,7 +135,7 @@ def equispaced_1d_mask(
     num_low = center.stop - center.start
     # Solve (nx - num_low) / a + num_low = nx / R for the spacing a of the outer lines.
     spacing = (nx - num_low) / (nx / acceleration - num_low)
-    offset = int(np.random.default_rng(seed).integers(0, max(int(round(spacing)), 1)))
+    offset = int(np.random.default_rng(seed).integers(0, max(round(spacing), 1)))
     positions = np.around(np.arange(offset, nx - 1, spacing)).astype(int)
     columns = np.zeros(nx, dtype=bool)
     columns[positions[positions < nx]] = True
@@ -137,7 +143,9 @@ def equispaced_1d_mask(
     return np.broadcast_to(columns.astype(np.float32), (ny, nx)).copy()
 
 
-def load_mask(path: str | Path, shape: Sequence[int] | None = None, key: str = "mask") -> np.ndarray:
+def load_mask(
+    path: str | Path, shape: Sequence[int] | None = None, key: str = "mask"
+) -> np.ndarray:
     """A user-supplied 0/1 mask from .npy, .npz (array `key`) or .h5/.hdf5 (dataset `key`).
 
     A 1D mask of length nx (fastMRI stores its test masks so) is taken as a line mask along the
@@ -167,7 +175,9 @@ def load_mask(path: str | Path, shape: Sequence[int] | None = None, key: str = "
     return validate_mask(mask, shape, name=str(path))
 
 
-def validate_mask(mask: np.ndarray, shape: Sequence[int] | None = None, name: str = "mask") -> np.ndarray:
+def validate_mask(
+    mask: np.ndarray, shape: Sequence[int] | None = None, name: str = "mask"
+) -> np.ndarray:
     """Check a 0/1 mask (2D, or 1D along the last axis) against `shape`; float32 `(ny, nx)`."""
     mask = np.asarray(mask)
     if np.iscomplexobj(mask):
@@ -180,12 +190,16 @@ def validate_mask(mask: np.ndarray, shape: Sequence[int] | None = None, name: st
         if shape is None:
             raise ValueError(f"{name}: a 1D mask needs the target shape (ny, nx) to broadcast to")
         if mask.shape[0] != shape[-1]:
-            raise ValueError(f"{name}: 1D mask of length {mask.shape[0]} does not match nx = {shape[-1]}")
+            raise ValueError(
+                f"{name}: 1D mask of length {mask.shape[0]} does not match nx = {shape[-1]}"
+            )
         mask = np.broadcast_to(mask, tuple(shape))
     if mask.ndim != 2:
         raise ValueError(f"{name}: mask must be 2D (ny, nx) or 1D (nx,), got shape {mask.shape}")
     if shape is not None and tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name}: mask shape {mask.shape} does not match k-space shape {tuple(shape)}")
+        raise ValueError(
+            f"{name}: mask shape {mask.shape} does not match k-space shape {tuple(shape)}"
+        )
     if mask.dtype != bool and not np.all((mask == 0) | (mask == 1)):
         bad = np.unique(mask[(mask != 0) & (mask != 1)])[:5]
         raise ValueError(f"{name}: mask must hold only 0 and 1, found e.g. {bad.tolist()}")
@@ -221,7 +235,13 @@ def make_mask(
     if path is not None:
         raise ValueError(f"a mask path was given but kind is {kind!r}; use kind 'file'")
     if kind == "poisson":
-        box = (0, 0) if calib is None else (int(calib), int(calib)) if np.isscalar(calib) else tuple(calib)
+        box = (
+            (0, 0)
+            if calib is None
+            else (int(calib), int(calib))
+            if np.isscalar(calib)
+            else tuple(calib)
+        )
         return poisson_disc_mask(shape, acceleration, calib=box, seed=seed)
     if kind in ("random1d", "equispaced1d"):
         nx = int(shape[-1])

@@ -1,0 +1,102 @@
+"""The bundled example cases: real anatomy (Colin27, evaluation part), simulated coils and phase.
+
+Files live in `data/` at the repository root (see data/README.md; regenerate them with
+scripts/make_bundled_example.py):
+- 2D: a fastMRI-style h5 holding the simulated k-space itself.
+- 3D: a small uint8 magnitude volume plus its simulation parameters; the multicoil k-space is
+  simulated here, deterministically from the stored seed, and checked against the energy and
+  probe values recorded when the file was made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+CASE_2D_PATH = DATA_DIR / "colin27_axial_z45mm_8coil.h5"
+CASE_3D_PATH = DATA_DIR / "colin27_eval_volume_72x64x40.npz"
+LABEL = "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"bundled example {path} is missing: it ships in the repository's data/ folder "
+            "(run from a clone, or regenerate it with scripts/make_bundled_example.py)"
+        )
+    return path
+
+
+def bundled_case_2d() -> dict:
+    """The 2D bundled case.
+
+    Returns:
+        dict with kspace `(coils, ny, nx)` complex64 centred (fully sampled, noisy), maps
+        `(coils, ny, nx)` complex64 (the simulation's birdcage maps), reference `(ny, nx)` complex64
+        (noise-free ground truth), name (the case id, also the mask seed's source), path,
+        description, snr, noise_std.
+    """
+    import h5py
+
+    path = _require(CASE_2D_PATH)
+    with h5py.File(path, "r") as f:
+        for key in ("kspace", "maps", "reference"):
+            if key not in f:
+                raise ValueError(f"{path}: dataset {key!r} is missing")
+        return {
+            "kspace": f["kspace"][0],
+            "maps": f["maps"][0],
+            "reference": f["reference"][0],
+            "name": str(f.attrs["case_id"]),
+            "path": path,
+            "description": str(f.attrs["description"]),
+            "snr": float(f.attrs["snr"]),
+            "noise_std": float(f.attrs["noise_std"]),
+        }
+
+
+def bundled_case_3d() -> dict:
+    """The 3D bundled case, simulated from the stored magnitude volume (about a second).
+
+    Returns:
+        dict with kspace `(coils, kx, ky, kz)` complex64 centred (fully sampled, noisy), maps
+        `(coils, x, y, z)` complex64, reference `(x, y, z)` complex64 (noise-free ground truth),
+        name, path, description, snr, voxel_size_mm. x is the readout axis (anterior-posterior).
+    """
+    from engine.physics.simulate import simulate_multicoil
+
+    path = _require(CASE_3D_PATH)
+    with np.load(path) as archive:
+        magnitude_uint8 = archive["magnitude_uint8"]
+        params = json.loads(str(archive["params_json"]))
+    simulation = params["simulation"]
+    magnitude = magnitude_uint8.astype(np.float32) / float(magnitude_uint8.max())
+    kspace, maps, image = simulate_multicoil(magnitude, **simulation)
+    expected = params["check"]
+    energy = float(np.sum(np.abs(kspace.astype(np.complex128)) ** 2))
+    probes = kspace[tuple(np.array(expected["probe_index"]).T)]
+    probes_expected = np.array(expected["probe_real"]) + 1j * np.array(expected["probe_imag"])
+    # float32 FFTs differ between builds by ~1e-7 of the largest sample: compare to that scale.
+    atol = 1e-5 * np.abs(probes_expected).max()
+    if not (
+        np.isclose(energy, expected["energy"], rtol=1e-4)
+        and np.allclose(probes, probes_expected, rtol=1e-4, atol=atol)
+    ):
+        raise RuntimeError(
+            f"{path}: the simulated k-space no longer matches the one recorded when the file was "
+            f"made (energy {energy:.6g} vs {expected['energy']:.6g}): engine.physics.simulate "
+            "changed; rerun scripts/make_bundled_example.py and commit the new data"
+        )
+    return {
+        "kspace": kspace,
+        "maps": maps,
+        "reference": image,
+        "name": params["case_id"],
+        "path": path,
+        "description": params["description"],
+        "snr": float(simulation["snr"]),
+        "voxel_size_mm": tuple(params["voxel_size_mm"]),
+    }
