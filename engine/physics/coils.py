@@ -22,7 +22,8 @@ def _as_numpy_complex64(array, name: str) -> np.ndarray:
     array = np.asarray(array)
     if not np.iscomplexobj(array):
         raise TypeError(f"{name} must be complex k-space, got dtype {array.dtype}")
-    return array.astype(np.complex64, copy=False)
+    # C order: sigpy's numba kernels compile once per memory layout, so keep one layout.
+    return np.ascontiguousarray(array, dtype=np.complex64)
 
 
 def _check_calibration_region(kspace: np.ndarray, calib_width: int, name: str) -> None:
