@@ -32,6 +32,6 @@ setup(
     ],
     extras_require={
         "dist": ["deepspeed", "mpi4py", "mpich"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
     },
 )
