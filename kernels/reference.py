@@ -1,0 +1,175 @@
+"""Pure-torch references of every Triton kernel in this package (no triton import).
+
+Each function has the signature of the Triton launcher it specifies (`kernels.elementwise`,
+`kernels.stockham_fft`, `kernels.fused_fft`) and works for any complex dtype, so the CPU path,
+float64 gradcheck and the kernel tests all use them. They live in one triton-free module, rather
+than inside each kernel file, because importing triton must stay optional (CPU builds of torch).
+
+Centring identity used by the fused path (even ny and nx only). With the checkerboard
+m[u, v] = (-1)^(u+v) and the sign s = (-1)^(ny/2 + nx/2):
+
+    fftc(x)  = s * m * fft2(m * x,  norm="ortho")
+    ifftc(k) = s * m * ifft2(m * k, norm="ortho")
+
+Why: for even n, ifftshift is a roll by n/2, which multiplies the DFT by (-1)^k; the output
+fftshift evaluates that DFT at k - n/2, which turns exp(-2 pi i j k / n) into (-1)^j exp(...) and
+leaves (-1)^(k - n/2) = (-1)^(n/2) (-1)^k in front. s = +1 whenever ny and nx are multiples of 4
+(all benchmark sizes: 160, 256, 320, 512); s = -1 e.g. for 6 x 8. For odd n the shifts are not a
+modulation at all, so odd sizes take the shift path (`engine.physics.fft`) instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORMS = ("ortho", "backward", "forward")
+
+
+def centring_sign(ny: int, nx: int) -> int:
+    """s = (-1)^(ny/2 + nx/2) of the centring identity; ValueError for odd sizes."""
+    if ny % 2 or nx % 2:
+        raise ValueError(
+            f"the modulation form of the centred FFT needs even plane sizes, got {ny} x {nx}; "
+            "odd sizes must use the fftshift path (engine.physics.fft.fftc)"
+        )
+    return -1 if (ny // 2 + nx // 2) % 2 else 1
+
+
+def checkerboard(ny: int, nx: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """m[u, v] = (-1)^(u+v), shape (ny, nx), real `dtype`."""
+    u = torch.arange(ny, device=device).unsqueeze(1)
+    v = torch.arange(nx, device=device).unsqueeze(0)
+    return (1 - 2 * ((u + v) % 2)).to(dtype)
+
+
+def _real_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return tensor.real.dtype if tensor.is_complex() else tensor.dtype
+
+
+# --- kernel (1) ------------------------------------------------------------------------------
+
+
+def coil_expand_modulate(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """s * m * S_c * x_b: coil images ready for an unshifted FFT.
+
+    Args:
+        image: (B, ny, nx) complex.
+        maps: (B or 1, C, ny, nx) complex; a batch of 1 is shared by all B images.
+    Returns:
+        (B, C, ny, nx) complex.
+    """
+    ny, nx = image.shape[-2:]
+    sign_m = centring_sign(ny, nx) * checkerboard(ny, nx, _real_dtype(image), image.device)
+    return maps * (image * sign_m).unsqueeze(1)
+
+
+# --- kernel (2) ------------------------------------------------------------------------------
+
+
+def masked_residual(
+    spectrum: torch.Tensor,
+    mask: torch.Tensor,
+    measured: torch.Tensor | None = None,
+    premodulate: bool = False,
+    compute_loss: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Centre an unshifted spectrum, mask it, subtract the masked data, and sum |r|^2.
+
+    With c = m * spectrum (the centred k-space when `spectrum` = fft2 of kernel (1)'s output):
+        r = M * c - M * y          (y = `measured`, or 0 when None)
+        out = m * M * r if premodulate else r
+        loss = sum |r|^2 (plain sum of squares over everything), or None if not compute_loss.
+    `premodulate=True` gives what an unshifted ifft2 needs to apply ifftc to M * r (the adjoint
+    of the mask applied to the residual), so backward needs no extra pass.
+    The same call with premodulate=False maps centred k-space y to M * m * y, the input of the
+    adjoint's unshifted ifft2 (m is its own inverse).
+
+    Args:
+        spectrum: (B, C, ny, nx) complex, unshifted FFT output (or centred data, see above).
+        mask: (ny, nx) real, 0/1.
+        measured: (B, C, ny, nx) complex, centred measured k-space, or None.
+    Returns:
+        out (B, C, ny, nx) complex, loss 0-dim real tensor or None.
+    """
+    ny, nx = spectrum.shape[-2:]
+    m = checkerboard(ny, nx, _real_dtype(spectrum), spectrum.device)
+    mask = mask.to(_real_dtype(spectrum))
+    residual = mask * (m * spectrum)
+    if measured is not None:
+        residual = residual - mask * measured
+    loss = torch.sum(torch.abs(residual) ** 2) if compute_loss else None
+    out = m * mask * residual if premodulate else residual
+    return out, loss
+
+
+# --- kernel (3) ------------------------------------------------------------------------------
+
+
+def coil_combine_modulate(
+    coil_images: torch.Tensor, maps: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """scale * s * m * sum_c conj(S_c) * z_c: adjoint of kernel (1) after an unshifted ifft2.
+
+    Args:
+        coil_images: (B, C, ny, nx) complex, unshifted ifft2 output.
+        maps: (B or 1, C, ny, nx) complex.
+        scale: real scalar tensor (e.g. 2 * dL/dloss in backward), or None for 1.
+    Returns:
+        (B, ny, nx) complex.
+    """
+    ny, nx = coil_images.shape[-2:]
+    sign_m = centring_sign(ny, nx) * checkerboard(
+        ny, nx, _real_dtype(coil_images), coil_images.device
+    )
+    combined = (maps.conj() * coil_images).sum(dim=1) * sign_m
+    return combined if scale is None else combined * scale
+
+
+# --- kernel (4) ------------------------------------------------------------------------------
+
+
+def fft_axis(
+    x: torch.Tensor, dim: int = -1, inverse: bool = False, norm: str = "ortho"
+) -> torch.Tensor:
+    """Unshifted 1D (i)FFT of `x` along `dim` (torch.fft; the Triton kernel matches it)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    transform = torch.fft.ifft if inverse else torch.fft.fft
+    return transform(x, dim=dim, norm=norm)
+
+
+# --- fused FFT kernels (kernels.fused_fft) ---------------------------------------------------
+
+
+def expand_fft_rows(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Kernel (1) followed by the orthonormal FFT along x (rows): (B, C, ny, nx) complex."""
+    return fft_axis(coil_expand_modulate(image, maps), dim=-1)
+
+
+def fft_columns_residual(
+    row_spectrum: torch.Tensor,
+    mask: torch.Tensor,
+    measured: torch.Tensor,
+    inverse_columns: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFT along y (columns), then kernel (2) with premodulate=True, then optionally the iFFT along
+    y of the premodulated residual (the first half of backward's ifft2).
+
+    Args:
+        row_spectrum: (B, C, ny, nx) complex, output of `expand_fft_rows`.
+        mask: (ny, nx) real; measured: (B, C, ny, nx) complex centred k-space.
+    Returns:
+        state (B, C, ny, nx) complex (input of `ifft_rows_combine` when inverse_columns), loss.
+    """
+    premodulated, loss = masked_residual(
+        fft_axis(row_spectrum, dim=-2), mask, measured, premodulate=True
+    )
+    state = fft_axis(premodulated, dim=-2, inverse=True) if inverse_columns else premodulated
+    return state, loss
+
+
+def ifft_rows_combine(
+    column_images: torch.Tensor, maps: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The orthonormal iFFT along x (rows) followed by kernel (3): (B, ny, nx) complex."""
+    return coil_combine_modulate(fft_axis(column_images, dim=-1, inverse=True), maps, scale)
