@@ -182,8 +182,7 @@ def _check_maps(maps: torch.Tensor, batch: int, ny: int, nx: int) -> None:
     _check_complex("maps", maps, 4, "(B or 1, C, ny, nx)")
     if maps.shape[0] not in (1, batch) or tuple(maps.shape[2:]) != (ny, nx):
         raise ValueError(
-            f"`maps` shape {tuple(maps.shape)} does not fit (B or 1, C, {ny}, {nx}), "
-            f"B = {batch}"
+            f"`maps` shape {tuple(maps.shape)} does not fit (B or 1, C, {ny}, {nx}), B = {batch}"
         )
 
 
