@@ -1,0 +1,409 @@
+"""Trainer of the EDM prior: EDM loss, EMA, Adam, bf16 autocast, DDP (torchrun) or DeepSpeed
+ZeRO-1/2, checkpoint with exact resume, tqdm progress and a loss CSV.
+
+A run is described by a YAML file with three sections (see configs/prior_train.yaml):
+``model`` (``unet``: :class:`UNetConfig` keys, ``sigma_data``), ``data`` (:class:`DataConfig`)
+and ``train`` (:class:`TrainConfig`). The resolved config is saved beside the outputs.
+
+Output folder: config.yaml, loss.csv, checkpoint/ (training state), prior/ (EMA weights +
+arch.json, the format of :func:`engine.prior.load_prior`), samples.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from engine.prior.checkpoint import save_prior
+from engine.prior.data import DataConfig, PatchSampler
+from engine.prior.distributed import RankInfo, all_reduce_mean, barrier, init_distributed
+from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
+from engine.prior.unet import UNetConfig, count_parameters
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and parallelism of one training run."""
+
+    out_dir: str = "runs/prior"
+    """Output folder (checkpoint/, prior/, loss.csv, config.yaml, samples.png)."""
+    steps: int = 3000
+    """Optimiser steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 16
+    """Patches per step and rank."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 100
+    """Linear warm-up from 0 to lr."""
+    lr_final_fraction: float = 0.1
+    """Cosine decay from lr to lr * this at the last step."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    ema_halflife_steps: float = 150.0
+    """EMA decay per step = 0.5 ** (1 / halflife); early steps use min(decay, (1+n)/(10+n))."""
+    bf16: bool = False
+    """Run the U-Net under bf16 autocast (loss, EMA and optimiser stay float32)."""
+    seed: int = 0
+    """Model initialisation seed; data/noise stream of rank r uses seed + 1 + 1000 r."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'."""
+    threads: int = 0
+    """torch.set_num_threads (0: leave torch's default)."""
+    log_every: int = 10
+    """Steps per loss.csv row (mean loss over the window and ranks)."""
+    checkpoint_every: int = 200
+    """Steps between training-state checkpoints (and one at the end)."""
+    resume: bool = True
+    """Continue from out_dir/checkpoint if it exists."""
+    parallel: str = "ddp"
+    """'ddp' (torch DDP when WORLD_SIZE > 1, plain otherwise) or 'deepspeed'."""
+    deepspeed_config: str = "configs/deepspeed_zero2.json"
+    """DeepSpeed JSON (ZeRO stage 1 or 2); batch size and lr are set from this config."""
+    export_dtype: str = "float16"
+    """Storage dtype of the exported prior weights (float16 or float32)."""
+    sample_png: bool = True
+    """Write samples.png (Heun sampler) at the end of the run."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    stop_at_step: int = 0
+    """Stop (checkpoint, export) after this step although the schedule runs to ``steps`` (0: off);
+    for runs split into chunks, e.g. preemptible jobs."""
+    max_minutes: float = 0.0
+    """Wall-time budget: stop (checkpoint and export) after this many minutes (0: none)."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
+        values = dict(values)
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
+        return cls(**values)
+
+
+@dataclass
+class PriorTrainConfig:
+    """The whole run: model, data and training sections."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    sigma_data: float = 0.5
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PriorTrainConfig":
+        unknown = set(values) - {"model", "data", "train"}
+        if unknown:
+            raise ValueError(f"prior config: unknown sections {sorted(unknown)} (model, data, train)")
+        model = dict(values.get("model", {}))
+        bad = set(model) - {"unet", "sigma_data"}
+        if bad:
+            raise ValueError(f"prior config: unknown keys {sorted(bad)} in 'model' (unet, sigma_data)")
+        return cls(
+            unet=UNetConfig.from_dict(model.get("unet", {})),
+            sigma_data=float(model.get("sigma_data", 0.5)),
+            data=DataConfig.from_dict(values.get("data", {})),
+            train=TrainConfig.from_dict(values.get("train", {})),
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self.data)
+        data["orientations"] = list(self.data.orientations)
+        data["zoom_range"] = list(self.data.zoom_range)
+        train = asdict(self.train)
+        train["adam_betas"] = list(self.train.adam_betas)
+        return {"model": {"unet": self.unet.to_dict(), "sigma_data": self.sigma_data},
+                "data": data, "train": train}
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PriorTrainConfig:
+    """Read a YAML run config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"load_config: {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.steps=10")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.split(".")
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = _parse_value(raw)
+    return PriorTrainConfig.from_dict(values)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * lr_final_fraction at the last step."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    span = max(cfg.steps - cfg.lr_warmup_steps, 1)
+    progress = min((step - cfg.lr_warmup_steps) / span, 1.0)
+    floor = cfg.lr_final_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, halflife: float) -> None:
+    """ema <- beta ema + (1 - beta) model, beta = min(0.5^(1/halflife), (1+step)/(10+step))."""
+    beta = min(0.5 ** (1.0 / halflife), (1.0 + step) / (10.0 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+class _LossCSV:
+    """loss.csv on rank 0; on resume, rows after the resumed step are dropped (exact history)."""
+
+    FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step > 0 and path.is_file():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.FIELDS).writerow(row)
+
+
+def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: RankInfo):
+    """Wrap the model in a DeepSpeed engine (ZeRO-1/2 from cfg.deepspeed_config)."""
+    try:
+        import deepspeed
+    except Exception as err:  # noqa: BLE001 - any import failure means the same to the user
+        raise RuntimeError(f"train.parallel=deepspeed but deepspeed cannot be imported: {err}") from err
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config: {path} does not exist")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.batch_size * info.world_size
+    ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    ds["optimizer"].setdefault("params", {})
+    ds["optimizer"]["params"].update({"lr": cfg.lr, "betas": list(cfg.adam_betas)})
+    if info.device.type == "cpu":
+        # DeepSpeed's fused/CPU Adam needs compiled ops; torch's Adam runs anywhere.
+        ds["optimizer"]["params"]["torch_adam"] = True
+    if cfg.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.grad_clip
+    if cfg.bf16:
+        ds["bf16"] = {"enabled": True}
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    except Exception as err:  # noqa: BLE001 - report which step failed, with the cause
+        raise RuntimeError(f"deepspeed.initialize failed with {path}: {type(err).__name__}: {err}") from err
+    return engine, optimizer
+
+
+def _ensure_process_group(info: RankInfo, init_method: str | None) -> str | None:
+    """DeepSpeed needs a process group even for one rank: start gloo on a temporary file."""
+    import torch.distributed as dist
+
+    # DeepSpeed reads these even for one rank; unlaunched runs are rank 0 of 1.
+    for key, value in (("RANK", info.rank), ("LOCAL_RANK", info.local_rank), ("WORLD_SIZE", info.world_size)):
+        os.environ.setdefault(key, str(value))
+    if dist.is_initialized():
+        return None
+    tmp = tempfile.mkdtemp(prefix="infusion_ds_")
+    method = init_method or ("env://" if "MASTER_ADDR" in os.environ else f"file://{tmp}/rendezvous")
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=method, rank=info.rank, world_size=info.world_size)
+    return tmp
+
+
+def world_any(flag: bool, info: RankInfo) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
+    if info.world_size == 1:
+        return flag
+    return all_reduce_mean(float(flag), info.device) > 0
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves in memory: its summary, the trained model and its EMA copy (this rank)."""
+
+    summary: dict
+    model: EDMPrior
+    ema: EDMPrior
+
+
+def train_prior(cfg: PriorTrainConfig, init_method: str | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary dict (steps, last loss, paths, seconds).
+
+    init_method: process-group rendezvous (default env://, as torchrun sets); tests pass file://.
+    """
+    return run_training(cfg, init_method).summary
+
+
+def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> TrainResult:
+    """:func:`train_prior`, also returning this rank's model and EMA."""
+    tc = cfg.train
+    if tc.parallel not in ("ddp", "deepspeed"):
+        raise ValueError(f"train.parallel must be 'ddp' or 'deepspeed', got {tc.parallel!r}")
+    info = init_distributed(tc.device, None if tc.parallel == "deepspeed" else init_method)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    out = Path(tc.out_dir)
+    ckpt_dir = out / "checkpoint"
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    barrier()
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = EDMPrior(cfg.unet, cfg.sigma_data).to(info.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    data_gen = torch.Generator().manual_seed(tc.seed + 1 + 1000 * info.rank)
+    sampler = PatchSampler(cfg.data)
+
+    engine = None
+    if tc.parallel == "deepspeed":
+        _ensure_process_group(info, init_method)
+        engine, optimizer = _deepspeed_engine(model, tc, info)
+        net = engine
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas)
+        net = model
+        if info.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    start = 0
+    state_path = ckpt_dir / "state.pt"
+    if tc.resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if engine is not None:
+            engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest_state")
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+        rng = torch.load(ckpt_dir / f"rng_rank{info.rank}.pt", map_location="cpu", weights_only=True)
+        data_gen.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+
+    def save_state(step: int) -> None:
+        rng = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
+        _atomic_save(rng, ckpt_dir / f"rng_rank{info.rank}.pt")
+        if engine is not None:
+            engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest_state")
+        if info.is_main:
+            state = {"step": step, "ema": ema.state_dict()}
+            if engine is None:
+                state["model"] = model.state_dict()
+                state["optimizer"] = optimizer.state_dict()
+            _atomic_save(state, state_path)
+        barrier()
+
+    log = _LossCSV(out / "loss.csv", start, info.is_main)
+    bar = None
+    if info.is_main and tc.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="prior", dynamic_ncols=True)
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    t0, window, window_t0, last_loss = time.time(), [], time.time(), float("nan")
+    stopped_at = 0  # step at which the wall-time budget ran out (0: not)
+    for step in range(start, tc.steps):
+        lr = learning_rate(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clean = sampler.sample(tc.batch_size, data_gen).to(info.device)
+        sigma = sample_training_sigma(tc.batch_size, data_gen).to(info.device)
+        noise = torch.randn(clean.shape, generator=data_gen).to(info.device)
+        with autocast:
+            loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.sigma_data)
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+        update_ema(ema, model, step, tc.ema_halflife_steps)
+        window.append(float(loss.detach()))
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            last_loss = all_reduce_mean(sum(window) / len(window), info.device)
+            rate = len(window) * tc.batch_size * info.world_size / max(time.time() - window_t0, 1e-9)
+            log.append({"step": done, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
+                        "images_per_s": f"{rate:.4g}", "elapsed_s": f"{time.time() - t0:.1f}"})
+            window, window_t0 = [], time.time()
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.update(1)
+        out_of_time = tc.max_minutes > 0 and (time.time() - t0) > 60 * tc.max_minutes
+        if world_any(out_of_time, info) or done == tc.stop_at_step:
+            stopped_at = done
+        if done % tc.checkpoint_every == 0 or done == tc.steps or stopped_at:
+            save_state(done)
+        if stopped_at:
+            break
+    if bar is not None:
+        bar.close()
+
+    prior_dir = out / "prior"
+    if info.is_main:
+        extra = {"training": {"steps": tc.steps, "batch_size_per_rank": tc.batch_size,
+                              "world_size": info.world_size, "patch_size": cfg.data.patch_size,
+                              "parameters": count_parameters(model),
+                              "volumes": [asdict(v) for v in cfg.data.volumes],
+                              "orientations": list(cfg.data.orientations),
+                              "stopped_by_time_budget_at_step": stopped_at or None}}
+        save_prior(prior_dir, ema, extra=extra, dtype=getattr(torch, tc.export_dtype))
+        if tc.sample_png and start < tc.steps:
+            from engine.prior.visualise import save_samples_png
+
+            save_samples_png(ema, out / "samples.png")
+    barrier()
+    summary = {"steps": stopped_at or tc.steps, "start_step": start, "last_loss": last_loss,
+               "prior_dir": str(prior_dir), "seconds": time.time() - t0, "rank": info.rank,
+               "world_size": info.world_size}
+    return TrainResult(summary, model, ema)
+
+
+__all__ = ["TrainConfig", "PriorTrainConfig", "TrainResult", "load_config", "learning_rate", "update_ema",
+           "train_prior", "run_training"]

@@ -1,0 +1,41 @@
+"""Train the 2D EDM diffusion prior (logic: engine/prior/train.py).
+
+One process (CPU or one GPU):
+    python launch/train_prior.py --config configs/prior_train.yaml
+Override keys:
+    python launch/train_prior.py --config configs/prior_train.yaml --set train.steps=100 train.out_dir=runs/try
+One node, 4 GPUs (DDP; gloo on CPU):
+    torchrun --standalone --nproc_per_node=4 launch/train_prior.py --config configs/prior_train.yaml
+DeepSpeed ZeRO-2 (configs/deepspeed_zero2.json):
+    torchrun --standalone --nproc_per_node=4 launch/train_prior.py --config configs/prior_train.yaml \
+        --set train.parallel=deepspeed
+Two nodes (SLURM): srun torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER_ADDR:29500 launch/train_prior.py --config ...
+A run resumes from <out_dir>/checkpoint when it exists (train.resume=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.prior.train import load_config, train_prior  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/prior_train.yaml", help="YAML run config")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides")
+    args = parser.parse_args(argv)
+    summary = train_prior(load_config(args.config, args.set))
+    if summary["rank"] == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Tests of the prior trainer: data split and readers, patch sampler, exact resume, DDP, DeepSpeed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from engine.prior import load_prior
+from engine.prior.data import DataConfig, PatchSampler, VolumeSource, read_volume, training_part
+from engine.prior.train import learning_rate, load_config, run_training
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_MODEL = {"unet": {"base_channels": 8, "channel_mult": [1, 2], "attention_levels": [1], "attention_heads": 2,
+                       "groupnorm_groups": 4, "noise_embedding_channels": 16, "embedding_mult": 2},
+              "sigma_data": 0.4}
+
+
+def blob_volume(shape=(24, 24, 24), seed: int = 0) -> np.ndarray:
+    """A few bright balls: a magnitude volume with structure, (X, Y, Z) float32."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    vol = np.zeros(shape, np.float32)
+    for _ in range(6):
+        centre = rng.uniform(4, np.array(shape) - 4)
+        radius = rng.uniform(3, 7)
+        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2
+        vol += rng.uniform(0.3, 1.0) * inside
+    return vol
+
+
+@pytest.fixture(scope="module")
+def volume_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vol") / "blobs.npy"
+    np.save(path, blob_volume())
+    return path
+
+
+def tiny_config(volume: Path, out_dir: Path, **train) -> dict:
+    base = {"out_dir": str(out_dir), "steps": 4, "batch_size": 2, "log_every": 1, "checkpoint_every": 2,
+            "sample_png": False, "progress": False, "threads": 1, "lr_warmup_steps": 2}
+    base.update(train)
+    return {"model": TINY_MODEL,
+            "data": {"volumes": [{"path": str(volume)}], "patch_size": 16, "zoom_range": [0.8, 1.2]},
+            "train": base}
+
+
+def write_config(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_world_z_split_follows_the_affine(tmp_path) -> None:
+    nib = pytest.importorskip("nibabel")
+    k = np.arange(220, dtype=np.float32)
+    vol = np.broadcast_to(k, (3, 4, 220)).copy()  # value = voxel index k
+    for name, affine in [("1mm", np.diag([1.0, 1.0, 1.0, 1.0])), ("half", np.diag([0.5, 0.5, 0.5, 1.0]))]:
+        affine = affine.copy()
+        affine[2, 3] = -71.0 if name == "1mm" else -69.5
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, affine), str(path))
+        data, aff = read_volume(VolumeSource(str(path)))
+        part = training_part(data, aff, VolumeSource(str(path), world_z_max_mm=15.0))
+        kept = np.unique(part)
+        world = aff[2, 3] + aff[2, 2] * kept
+        assert world.max() < 15.0 and kept.min() == 0
+        expected_last = 85 if name == "1mm" else 168  # ARCHITECTURE.md: k < 86 (1 mm), k < 169 (0.5 mm)
+        assert kept.max() == expected_last
+        evaluation = training_part(data, aff, VolumeSource(str(path), world_z_min_mm=25.0))
+        assert (aff[2, 3] + aff[2, 2] * np.unique(evaluation)).min() >= 25.0
+    with pytest.raises(ValueError, match="affine"):
+        training_part(vol, None, VolumeSource("x.npy", world_z_max_mm=15.0))
+
+
+def test_readers_agree(tmp_path, volume_file) -> None:
+    h5py = pytest.importorskip("h5py")
+    zarr = pytest.importorskip("zarr")
+    vol = np.load(volume_file)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["image"] = vol
+    zarr.save_array(str(tmp_path / "v.zarr"), vol)
+    assert np.array_equal(read_volume(VolumeSource(str(tmp_path / "v.h5"), key="image"))[0], vol)
+    assert np.array_equal(read_volume(VolumeSource(str(tmp_path / "v.zarr")))[0], vol)
+    with pytest.raises(KeyError, match="key"):
+        read_volume(VolumeSource(str(tmp_path / "v.h5"), key="nope"))
+    np.save(tmp_path / "flat.npy", vol[0])
+    with pytest.raises(ValueError, match="3D"):
+        read_volume(VolumeSource(str(tmp_path / "flat.npy")))
+    part = training_part(vol, None, VolumeSource("v", voxel_axis=2, voxel_start=0, voxel_stop=10))
+    assert part.shape == (24, 24, 10)
+
+
+def test_patch_sampler(volume_file) -> None:
+    cfg = DataConfig(volumes=[VolumeSource(str(volume_file))], patch_size=16, zoom_range=(0.8, 2.0))
+    sampler = PatchSampler(cfg)
+    assert len(sampler) > 0
+    a = sampler.sample(6, torch.Generator().manual_seed(3))
+    b = sampler.sample(6, torch.Generator().manual_seed(3))
+    assert a.shape == (6, 2, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)  # one generator drives every random choice
+    assert torch.isfinite(a).all()
+    assert a[:, 1].abs().max() > 0.05  # magnitude volumes get a random phase
+    mag = a.norm(dim=1)
+    assert 0.3 < mag.max() < 3.0  # slices scaled to p99 = 1, jitter within [1/1.25, 1.25]
+    real_cfg = DataConfig(volumes=[VolumeSource(str(volume_file))], patch_size=16, phase_order=-1)
+    real = PatchSampler(real_cfg).sample(4, torch.Generator().manual_seed(0))
+    assert real[:, 1].abs().max() == 0
+
+
+def test_learning_rate_schedule() -> None:
+    cfg = load_config(None, ["train.steps=100", "train.lr=0.01", "train.lr_warmup_steps=10",
+                             "train.lr_final_fraction=0.1"]).train
+    assert learning_rate(0, cfg) == pytest.approx(0.001)
+    assert learning_rate(9, cfg) == pytest.approx(0.01)
+    assert learning_rate(100, cfg) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(None, ["train.stepz=3"])
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_is_exact(tmp_path, volume_file) -> None:
+    straight = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
+    cfg_b = tiny_config(volume_file, tmp_path / "b", stop_at_step=2)
+    first = run_training(load_config(write_config(tmp_path, cfg_b)))
+    assert first.summary["steps"] == 2
+    cfg_b["train"]["stop_at_step"] = 0
+    resumed = run_training(load_config(write_config(tmp_path, cfg_b)))
+    assert resumed.summary["start_step"] == 2
+    for mine, theirs in [(resumed.model, straight.model), (resumed.ema, straight.ema)]:
+        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(p, q), name
+    a = torch.load(tmp_path / "a" / "checkpoint" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    def history(run: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r["lr"]) for r in _csv_rows(tmp_path / run / "loss.csv")]
+
+    assert history("a") == history("b") and len(history("a")) == 4
+    # The exported prior is the EMA and loads in the checkpoint format.
+    prior = load_prior(tmp_path / "b" / "prior")
+    torch.testing.assert_close(prior.state_dict()["unet.stem.weight"],
+                               resumed.ema.state_dict()["unet.stem.weight"], rtol=1e-3, atol=1e-3)
+
+
+def _ddp_worker(rank: int, world: int, config_path: str, rendezvous: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    result = run_training(load_config(config_path), init_method=rendezvous)
+    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ddp_two_ranks_gloo(tmp_path, volume_file) -> None:
+    import torch.multiprocessing as mp
+
+    cfg = tiny_config(volume_file, tmp_path / "ddp", steps=2, checkpoint_every=2)
+    path = write_config(tmp_path, cfg)
+    mp.spawn(_ddp_worker, args=(2, str(path), f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name  # gradients were averaged: ranks agree
+    # A single process sees rank 0's data only: its weights differ from the 2-rank average.
+    single = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "one", steps=2))))
+    assert any(not torch.equal(p, r0[n]) for n, p in single.model.state_dict().items())
+    assert len(_csv_rows(tmp_path / "ddp" / "loss.csv")) == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_one_step_or_clear_error(tmp_path, volume_file) -> None:
+    cfg = tiny_config(volume_file, tmp_path / "ds", steps=1, parallel="deepspeed",
+                      deepspeed_config=str(REPO / "configs" / "deepspeed_zero2.json"))
+    path = write_config(tmp_path, cfg)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train_prior.py"), "--config", str(path)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    if proc.returncode == 0:
+        rows = _csv_rows(tmp_path / "ds" / "loss.csv")
+        assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
+        assert load_prior(tmp_path / "ds" / "prior") is not None
+        assert (tmp_path / "ds" / "checkpoint" / "deepspeed").is_dir()
+    else:
+        assert "deepspeed" in proc.stderr.lower() and "RuntimeError" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_deepspeed_missing_config_is_clear(tmp_path, volume_file) -> None:
+    pytest.importorskip("deepspeed")
+    from engine.prior.distributed import RankInfo
+    from engine.prior.edm import EDMPrior
+    from engine.prior.train import TrainConfig, _deepspeed_engine
+
+    cfg = TrainConfig(parallel="deepspeed", deepspeed_config=str(tmp_path / "none.json"))
+    with pytest.raises(FileNotFoundError, match="deepspeed_config"):
+        _deepspeed_engine(EDMPrior(), cfg, RankInfo(0, 1, 0, torch.device("cpu")))
