@@ -1,0 +1,25 @@
+"""INR models: coordinate encodings, MLP trunk, complex heads (2D and z-discretized 3D)."""
+
+from engine.models.encodings import FourierFeatures, HashGridEncoding, coordinate_grid
+from engine.models.inr import (
+    INR2D,
+    INRZ,
+    MLP,
+    ComplexRowHead,
+    EncodingConfig,
+    INRConfig,
+    build_encoding,
+)
+
+__all__ = [
+    "FourierFeatures",
+    "HashGridEncoding",
+    "MLP",
+    "ComplexRowHead",
+    "INRZ",
+    "INR2D",
+    "EncodingConfig",
+    "INRConfig",
+    "build_encoding",
+    "coordinate_grid",
+]

@@ -1,0 +1,345 @@
+"""2D reconstruction: fit an INR to undersampled multicoil k-space, optionally with a diffusion prior.
+
+loss(step) = DC(x) + tv_weight TV(x) + wavelet_weight ||W x||_1 + prior term(x, step), where x is
+the INR's image on the pixel grid, DC is engine.losses.DataConsistency and the prior term is
+engine.losses.PriorTerm (modes "reference" = the paper's recipe, "tweedie", "off").
+
+Units: the data are divided by the 99th percentile of the zero-filled magnitude (`info["scale"]`)
+so the INR works on images of magnitude ~1 whatever the scanner's units; the result is scaled back.
+
+Loop: Adam with a constant / cosine / linear learning-rate schedule (optional warm-up), optional
+bf16 autocast of the INR and the prior (the DC runs in complex64), a guard that skips a step whose
+loss or gradient is not finite and stops after `max_bad_steps` in a row, an early stop when the
+image stops changing (relative change between checks below `tolerance` for `patience` checks),
+tqdm with the loss terms. Everything random is seeded from `config.seed` (INR init from
+`config.model.seed`). The reference image, when given, only feeds the history (NRMSE per logged
+step); it never steers the reconstruction.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from engine.config import config_to_dict
+from engine.losses.dc import DataConsistency
+from engine.losses.prior_term import PriorTerm, PriorTermConfig
+from engine.losses.tv import total_variation
+from engine.losses.wavelet import wavelet_l1
+from engine.models.inr import INR2D, INRConfig
+from engine.physics.fft import ifftc
+
+
+@dataclass
+class OptimConfig:
+    """Adam and its learning-rate schedule."""
+
+    steps: int = 300
+    """maximum number of Adam steps."""
+    lr: float = 1e-2
+    """peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    eps: float = 1e-15
+    """Adam epsilon (hash-grid tables get tiny, sparse gradients; Instant-NGP uses 1e-15)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """learning-rate decay after warm-up, down to lr * final_lr_fraction at the last step."""
+    final_lr_fraction: float = 0.1
+    """cosine / linear: final lr as a fraction of lr."""
+    warmup_steps: int = 0
+    """linear warm-up from 0 over this many steps."""
+    grad_clip: float | None = None
+    """clip the gradient norm to this value (null: no clipping)."""
+
+
+@dataclass
+class DCConfig:
+    """Data-consistency term."""
+
+    normalisation: Literal["samples", "energy", "none", "array"] = "samples"
+    """'samples': mean over measured samples; 'array': mean over the whole k-space array (the
+    paper's MSE); 'energy': relative to ||y||^2; 'none': plain sum (engine.losses.dc)."""
+    backend: Literal["auto", "torch", "kernels"] = "auto"
+    """'kernels': kernels.sense.dc_loss; 'torch': engine.losses.dc's own path; 'auto': kernels if present."""
+
+
+@dataclass
+class RegularisersConfig:
+    """Hand-crafted regularisers on the image (in the working units, |x| ~ 1)."""
+
+    tv_weight: float = 0.0
+    """weight of total variation (0: off)."""
+    tv_kind: Literal["isotropic", "anisotropic"] = "isotropic"
+    """TV flavour."""
+    wavelet_weight: float = 0.0
+    """weight of the db3 wavelet L1 norm (the paper: 1e-8)."""
+    wavelet_levels: int = 3
+    """levels of the db3 transform (the paper: 3)."""
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when the image stops changing."""
+
+    enabled: bool = False
+    """use the criterion."""
+    check_every: int = 25
+    """steps between checks."""
+    tolerance: float = 2e-3
+    """relative change ||x_k - x_(k-check_every)|| / ||x_k|| below which a check counts as converged."""
+    patience: int = 2
+    """consecutive converged checks needed to stop."""
+    min_steps: int = 100
+    """never stop before this step."""
+
+
+@dataclass
+class Recon2DConfig:
+    """Everything that defines a 2D reconstruction run (configs/*2d.yaml)."""
+
+    model: INRConfig = field(default_factory=INRConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dc: DCConfig = field(default_factory=DCConfig)
+    regularisers: RegularisersConfig = field(default_factory=RegularisersConfig)
+    prior: PriorTermConfig = field(default_factory=PriorTermConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    autocast_bf16: bool = False
+    """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32)."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    seed: int = 0
+    """seed of the noise draws of the prior term."""
+    progress: bool = True
+    """tqdm progress bar with the loss terms."""
+    log_every: int = 10
+    """steps between history entries."""
+    max_bad_steps: int = 10
+    """stop after this many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def zero_filled_image(kspace: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """sum_c conj(S_c) ifftc(y_c): `(C, ny, nx)` -> `(ny, nx)` complex."""
+    return (maps.conj() * ifftc(kspace)).sum(0)
+
+
+def robust_scale(image: torch.Tensor, percentile: float = 99.0) -> float:
+    """The `percentile` of |image| (the prior's intensity convention uses 99)."""
+    value = float(torch.quantile(image.abs().flatten().float(), percentile / 100.0))
+    if not value > 0:
+        raise ValueError("the zero-filled image is zero: no data to reconstruct")
+    return value
+
+
+def learning_rate_factor(step: int, config: OptimConfig) -> float:
+    """Multiplier of the peak lr at `step` (warm-up, then the schedule)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps - 1, 1)
+    low = config.final_lr_fraction
+    if config.schedule == "cosine":
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - low) * progress
+
+
+class EarlyStopper:
+    """Relative image change between checks; `update(step, image) -> True` when converged."""
+
+    def __init__(self, config: EarlyStopConfig):
+        self.config = config
+        self.previous: torch.Tensor | None = None
+        self.calm_checks = 0
+        self.last_change = float("nan")
+
+    def update(self, step: int, image: torch.Tensor) -> bool:
+        c = self.config
+        if not c.enabled or (step + 1) % c.check_every:
+            return False
+        current = image.detach().clone()
+        if self.previous is not None:
+            self.last_change = float((current - self.previous).norm() / current.norm().clamp_min(1e-12))
+            self.calm_checks = self.calm_checks + 1 if self.last_change < c.tolerance else 0
+        self.previous = current
+        return step + 1 >= c.min_steps and self.calm_checks >= c.patience
+
+
+class NonFiniteGuard:
+    """Counts consecutive bad steps; `bad()` returns True when the run must stop."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.consecutive = 0
+        self.total = 0
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def bad(self) -> bool:
+        self.consecutive += 1
+        self.total += 1
+        return self.consecutive >= self.max_bad_steps
+
+
+def _as_tensor(array: Any, name: str, complex_expected: bool, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+    if complex_expected and not tensor.is_complex():
+        raise TypeError(f"{name} must be complex, got {tensor.dtype}")
+    dtype = torch.complex64 if complex_expected else torch.float32
+    tensor = tensor.to(device=device, dtype=dtype)
+    if not torch.isfinite(torch.view_as_real(tensor) if tensor.is_complex() else tensor).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return tensor
+
+
+def load_prior_for(config: PriorTermConfig, device: torch.device) -> torch.nn.Module:
+    """The EDM prior named in the config (the shipped one when `path` is null), frozen."""
+    from engine.prior import freeze, load_prior
+
+    return freeze(load_prior(config.path, device=device))
+
+
+def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | None = None,
+                   reference: Any = None, support: Any = None, prior: torch.nn.Module | None = None
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit the INR to `kspace` and return its image.
+
+    Args:
+        kspace: `(C, ny, nx)` complex64, centred, orthonormal; unsampled entries are ignored.
+        maps: coil maps `(C, ny, nx)` complex64.
+        mask: sampling mask `(ny, nx)` 0/1.
+        config: Recon2DConfig (defaults if None).
+        reference, support: optional `(ny, nx)` reference image and 0/1 support: only used to log
+            NRMSE in the history.
+        prior: an already loaded denoiser (else loaded from `config.prior.path` when the prior is on).
+    Returns:
+        image `(ny, nx)` complex64 NumPy in the units of `kspace`, and info: seconds, steps
+        (iterations run, skipped ones included), prior_evals (U-Net evaluations), scale, stopped ("steps" | "early_stop" | "non_finite"), skipped_steps,
+        history (list of dicts: step, lr, total, dc, tv, wavelet, prior[, nrmse_percent]), config.
+    """
+    config = config or Recon2DConfig()
+    device = resolve_device(config.device)
+    kspace_t = _as_tensor(kspace, "kspace", True, device)
+    maps_t = _as_tensor(maps, "maps", True, device)
+    mask_t = _as_tensor(mask, "mask", False, device)
+    if kspace_t.ndim != 3 or maps_t.shape != kspace_t.shape or mask_t.shape != kspace_t.shape[1:]:
+        raise ValueError(f"expected kspace (C, ny, nx), maps of the same shape and mask (ny, nx); got "
+                         f"{tuple(kspace_t.shape)}, {tuple(maps_t.shape)}, {tuple(mask_t.shape)}")
+    shape = tuple(kspace_t.shape[1:])
+    start = time.perf_counter()
+
+    measured = kspace_t * mask_t
+    scale = robust_scale(zero_filled_image(measured, maps_t))
+    dc = DataConsistency(measured / scale, maps_t, mask_t, config.dc.normalisation, config.dc.backend)
+
+    model = INR2D(config.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                 eps=config.optim.eps, fused=True)  # one fused kernel per step (CPU and CUDA)
+    generator = torch.Generator().manual_seed(config.seed)
+    autocast_dtype = torch.bfloat16 if config.autocast_bf16 else None
+    prior_term = None
+    if config.prior.mode != "off":
+        prior = prior if prior is not None else load_prior_for(config.prior, device)
+        prior_term = PriorTerm(config.prior, prior, config.optim.steps, generator, autocast_dtype).to(device)
+    reg = config.regularisers
+    stopper = EarlyStopper(config.early_stop)
+    guard = NonFiniteGuard(config.max_bad_steps)
+    reference_np = None if reference is None else np.asarray(reference)
+    support_np = None if support is None else np.asarray(support)
+
+    history: list[dict[str, float]] = []
+    prior_evals = 0
+    stopped = "steps"
+    steps_done = 0
+    progress = _progress(config.optim.steps, config.progress)
+    for step in range(config.optim.steps):
+        steps_done = step + 1  # iterations run, skipped ones included
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr * learning_rate_factor(step, config.optim)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            image = model.image(shape)  # complex64 (the head casts to float32)
+        terms = {"dc": dc(image)}
+        if reg.tv_weight:
+            terms["tv"] = reg.tv_weight * total_variation(image, reg.tv_kind)
+        if reg.wavelet_weight:
+            terms["wavelet"] = reg.wavelet_weight * wavelet_l1(image, reg.wavelet_levels)
+        if prior_term is not None and prior_term.active(step):
+            terms["prior"], evals = prior_term(image.unsqueeze(0), step)
+            prior_evals += evals
+        total = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(total):
+            if guard.bad():
+                stopped = "non_finite"
+                break
+            continue
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            if guard.bad():
+                stopped = "non_finite"
+                break
+            continue
+        guard.ok()
+        optimizer.step()
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        if step % config.log_every == 0 or step == config.optim.steps - 1:
+            entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], "total": float(total.detach()), **values}
+            if reference_np is not None:
+                entry["nrmse_percent"] = _nrmse(image.detach() * scale, reference_np, support_np)
+            history.append(entry)
+        if progress is not None:
+            progress.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+            progress.update(1)
+        if stopper.update(step, image):
+            stopped = "early_stop"
+            break
+    if progress is not None:
+        progress.close()
+    if stopped == "non_finite":
+        warnings.warn(f"reconstruct_2d stopped at step {step}: {guard.consecutive} consecutive steps had a "
+                      f"non-finite loss or gradient (lower the learning rate or the prior weight)", stacklevel=2)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+        result = (model.image(shape) * scale).to(torch.complex64)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {
+        "seconds": time.perf_counter() - start,
+        "steps": steps_done,
+        "prior_evals": prior_evals,
+        "scale": scale,
+        "stopped": stopped,
+        "skipped_steps": guard.total,
+        "last_change": stopper.last_change,
+        "history": history,
+        "config": config_to_dict(config),
+    }
+    return result.cpu().numpy(), info
+
+
+def _nrmse(image: torch.Tensor, reference: np.ndarray, support: np.ndarray | None) -> float:
+    """NRMSE (%) of magnitudes inside the support (engine.metrics' definition)."""
+    from engine.metrics import nrmse_percent
+
+    return nrmse_percent(image.cpu().numpy(), reference, support)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="recon2d", leave=False, dynamic_ncols=True)

@@ -1,0 +1,177 @@
+"""engine.recon2d: the loop lowers DC, prior modes count U-Net calls, guards and early stop work."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import build_config
+from engine.losses.prior_term import PriorTerm, PriorTermConfig
+from engine.physics import sense_operator
+from engine.recon2d import (
+    OptimConfig,
+    Recon2DConfig,
+    learning_rate_factor,
+    reconstruct_2d,
+)
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A smooth complex 16 x 16 object, 3 smooth coils, ~45 % random sampling plus the centre."""
+    y, x = np.meshgrid(np.linspace(-1, 1, N), np.linspace(-1, 1, N), indexing="ij")
+    image = (np.exp(-(x ** 2 + y ** 2) * 2) * (1 + 0.5 * (x > 0.2)) * np.exp(1j * 0.5 * x)).astype(np.complex64)
+    maps = np.stack([np.exp(-((x - cx) ** 2 + (y - cy) ** 2)) * np.exp(1j * (cx * y))
+                     for cx, cy in [(-1, 0), (1, 0), (0, 1)]]).astype(np.complex64)
+    maps /= np.sqrt((np.abs(maps) ** 2).sum(0, keepdims=True))
+    rng = np.random.default_rng(0)
+    mask = (rng.random((N, N)) < 0.45).astype(np.float32)
+    mask[N // 2 - 2:N // 2 + 2, N // 2 - 2:N // 2 + 2] = 1
+    kspace = sense_operator(torch.from_numpy(maps), torch.from_numpy(mask))(torch.from_numpy(image)).numpy()
+    return kspace, maps, mask, image
+
+
+def small_config(**sections) -> Recon2DConfig:
+    data = {
+        "model": {"encoding": {"kind": "hashgrid", "levels": 4, "log2_table_size": 10, "min_res": 4, "max_res": 32},
+                  "hidden": 16, "layers": 2},
+        "optim": {"steps": 60, "lr": 1e-2},
+        "progress": False,
+        "log_every": 5,
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(Recon2DConfig, data)
+
+
+class TinyDenoiser(torch.nn.Module):
+    """D(x; sigma) = x / (1 + sigma^2): Tweedie's estimate for a unit Gaussian prior; counts calls."""
+
+    def __init__(self, nan_every: int = 0):
+        super().__init__()
+        self.calls = 0
+        self.images = 0
+        self.nan_every = nan_every
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        self.images += x.shape[0]
+        out = x / (1 + torch.as_tensor(sigma).view(-1, 1, 1, 1) ** 2)
+        if self.nan_every and self.calls % self.nan_every == 0:
+            out = out * float("nan")
+        return out
+
+
+def test_loop_lowers_dc_and_returns_image(case):
+    kspace, maps, mask, truth = case
+    image, info = reconstruct_2d(kspace, maps, mask, small_config(), reference=truth)
+    assert image.shape == (N, N) and image.dtype == np.complex64
+    dc = [entry["dc"] for entry in info["history"]]
+    assert dc[-1] < 0.05 * dc[0]
+    assert info["steps"] == 60 and info["prior_evals"] == 0 and info["stopped"] == "steps"
+    assert info["history"][-1]["nrmse_percent"] < info["history"][0]["nrmse_percent"]
+
+
+def test_runs_are_seeded(case):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 10})
+    a, _ = reconstruct_2d(kspace, maps, mask, cfg)
+    b, _ = reconstruct_2d(kspace, maps, mask, cfg)
+    assert np.array_equal(a, b)
+
+
+def test_tv_and_wavelet_terms_are_logged(case):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 6}, regularisers={"tv_weight": 1e-2, "wavelet_weight": 1e-4,
+                                                          "wavelet_levels": 1})
+    _, info = reconstruct_2d(kspace, maps, mask, cfg)
+    assert {"dc", "tv", "wavelet"} <= set(info["history"][0])
+
+
+@pytest.mark.parametrize("mode, every, batch, ode_steps, expected_calls", [
+    ("tweedie", 3, 2, 10, 4),    # steps 0, 3, 6, 9: one batched call each
+    ("reference", 1, 1, 2, 20),  # 10 steps x 2 Euler steps
+])
+def test_prior_modes_count_unet_evaluations(case, mode, every, batch, ode_steps, expected_calls):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 10}, prior={"mode": mode, "every": every, "batch": batch,
+                                                   "ode_steps": ode_steps, "distance": "l2",
+                                                   "noise": "loguniform"})
+    denoiser = TinyDenoiser()
+    _, info = reconstruct_2d(kspace, maps, mask, cfg, prior=denoiser)
+    assert denoiser.calls == expected_calls
+    assert info["prior_evals"] == denoiser.images
+    assert "prior" in info["history"][0]
+
+
+def test_reused_target_keeps_the_term_between_evaluations(case):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 6, "lr": 1e-3}, log_every=1,
+                       prior={"mode": "tweedie", "every": 3, "reuse_target": True, "distance": "l2"})
+    denoiser = TinyDenoiser()
+    _, info = reconstruct_2d(kspace, maps, mask, cfg, prior=denoiser)
+    assert denoiser.calls == 2 and all("prior" in entry for entry in info["history"])
+
+
+def test_nan_guard_skips_bad_steps_and_stops_after_repeats(case):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 12}, max_bad_steps=3,
+                       prior={"mode": "tweedie", "distance": "l2", "noise": "loguniform"})
+    _, info = reconstruct_2d(kspace, maps, mask, cfg, prior=TinyDenoiser(nan_every=3))  # every 3rd step NaN
+    assert info["stopped"] == "steps" and info["skipped_steps"] == 4 and info["steps"] == 12
+    with pytest.warns(UserWarning, match="non-finite"):
+        image, info = reconstruct_2d(kspace, maps, mask, cfg, prior=TinyDenoiser(nan_every=1))
+    assert info["stopped"] == "non_finite" and info["skipped_steps"] == 3
+    assert np.isfinite(image).all()  # the untouched INR is returned, not NaNs
+
+
+def test_early_stop(case):
+    kspace, maps, mask, _ = case
+    cfg = small_config(optim={"steps": 200},
+                       early_stop={"enabled": True, "check_every": 5, "tolerance": 10.0, "patience": 2,
+                                   "min_steps": 20})
+    _, info = reconstruct_2d(kspace, maps, mask, cfg)
+    assert info["stopped"] == "early_stop" and info["steps"] == 20
+
+
+def test_bf16_autocast_runs(case):
+    kspace, maps, mask, _ = case
+    image, info = reconstruct_2d(kspace, maps, mask, small_config(optim={"steps": 5}, autocast_bf16=True))
+    assert image.dtype == np.complex64 and np.isfinite(image).all()
+
+
+def test_bad_inputs(case):
+    kspace, maps, mask, _ = case
+    with pytest.raises(ValueError, match=r"kspace \(C, ny, nx\)"):
+        reconstruct_2d(kspace, maps, mask[:8], small_config())
+    with pytest.raises(TypeError, match="kspace must be complex"):
+        reconstruct_2d(np.abs(kspace), maps, mask, small_config())
+    bad = kspace.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="kspace contains NaN"):
+        reconstruct_2d(bad, maps, mask, small_config())
+
+
+def test_learning_rate_schedules():
+    cfg = OptimConfig(steps=11, schedule="cosine", final_lr_fraction=0.1, warmup_steps=0)
+    assert learning_rate_factor(0, cfg) == pytest.approx(1.0)
+    assert learning_rate_factor(10, cfg) == pytest.approx(0.1)
+    assert learning_rate_factor(5, cfg) == pytest.approx(0.55)
+    warm = OptimConfig(steps=10, warmup_steps=4, schedule="constant")
+    assert [learning_rate_factor(s, warm) for s in (0, 3, 4)] == [0.25, 1.0, 1.0]
+
+
+def test_noise_level_schedules():
+    generator = torch.Generator().manual_seed(0)
+    ref = PriorTerm(PriorTermConfig(mode="tweedie", distance="l2", noise="reference", t_min_start=1.0,
+                                    t_min_end=0.0), TinyDenoiser(), 101, generator)
+    assert torch.all(ref.noise_levels(1000, 0, torch.device("cpu")) == 1.0)  # t_min = 1 at the start
+    late = ref.noise_levels(1000, 50, torch.device("cpu"))
+    assert late.min() >= 0.5 and late.max() <= 1.0 and (late == 0.5).float().mean() > 0.4
+    logu = PriorTerm(PriorTermConfig(mode="tweedie", distance="l2", noise="loguniform", t_low=0.05,
+                                     t_high_start=0.5, t_high_end=0.1), TinyDenoiser(), 11, generator)
+    last = logu.noise_levels(1000, 10, torch.device("cpu"))
+    assert last.min() >= 0.05 and last.max() <= 0.1 + 1e-6
+    assert logu.weight(0) == pytest.approx(1 / 500) and logu.weight(10) == pytest.approx(0.0)
