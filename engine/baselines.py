@@ -1,0 +1,429 @@
+"""Classical 2D baselines: zero-filled, CG-SENSE and L1-wavelet (compressed sensing).
+
+Layouts (docs/ARCHITECTURE.md): k-space `(coils, ny, nx)` complex64, centred and orthonormal;
+coil maps `(coils, ny, nx)` complex64; mask `(ny, nx)` 0/1. Every reconstruction returns a
+complex64 image `(ny, nx)`. Inputs are NumPy arrays (torch tensors are accepted and converted).
+
+Lambda of L1-wavelet. The data's intensity scale is arbitrary (the real 4-coil slices span 7
+orders of magnitude), so an absolute lambda means nothing across inputs. The rule used here is
+scale-invariant: lambda = c * max |W A^H y|, W the db4 wavelet transform that sigpy's
+L1WaveletRecon uses and A^H y the zero-filled SENSE image. The factor c (`L1_RELATIVE_FACTOR`)
+was chosen once on a tuning slice that no benchmark uses: an axial slice of the TRAINING part of
+Colin27 (voxel k = 70 < 86, docs/ARCHITECTURE.md) with simulated coils, phase and noise, at
+Poisson-disc R = 4, 6, 8 without a calibration region (`benchmarks/baselines2d.py --tune-only`
+prints the curves; benchmarks/results/baselines2d.md records them).
+`best_lambda_l1_wavelet` is the oracle (best lambda of a grid, judged against the reference),
+for benchmarks that say "even with its best lambda".
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.metrics import nrmse_percent
+from engine.physics.fft import ifftc
+from engine.physics.operators import sense_operator
+
+# Both tuned on the Colin27 training-part slice (module docstring): lowest mean NRMSE over
+# R = 4, 6, 8 x seeds 0, 1 (c on a 0.25-decade grid: 3.5 % vs 3.6 % at 1.8e-4, 3.8 % at 5.6e-5).
+L1_RELATIVE_FACTOR = 1e-4
+L1_ITERATIONS = 100  # sigpy's default number of proximal-gradient (FISTA) steps
+# Unregularised CG-SENSE is regularised by stopping early (semi-convergence): 8 iterations gave
+# 4.1 % there, 5 gave 5.2 %, 15 gave 5.8 %.
+CG_ITERATIONS = 8
+ESPIRIT_CALIB_WIDTH = 24  # calibration width for the maps of the reference (sigpy's default)
+# Oracle grid of relative factors c (lambda = c * max|W A^H y|), log-spaced around the rule's value.
+BEST_LAMBDA_GRID = tuple(float(c) for c in np.logspace(-5.5, -2.5, 13))
+
+
+def _check_case(kspace: np.ndarray, maps: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
+    if kspace.ndim != 3 or not np.iscomplexobj(kspace):
+        raise ValueError(f"kspace must be complex (coils, ny, nx), got {kspace.dtype} {kspace.shape}")
+    if maps is not None and maps.shape != kspace.shape:
+        raise ValueError(f"coil maps shape {maps.shape} differs from kspace shape {kspace.shape}")
+    if mask is not None and mask.shape != kspace.shape[1:]:
+        raise ValueError(f"mask shape {mask.shape} differs from the kspace plane {kspace.shape[1:]}")
+
+
+def _numpy(array) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def zero_filled(kspace: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """SENSE adjoint combination sum_c conj(S_c) iFFT(y_c) of (zero-filled) k-space -> complex64 (ny, nx).
+
+    No density compensation: unsampled k-space counts as zero, so the image is darker and blurred.
+    """
+    kspace, maps = _numpy(kspace), _numpy(maps)
+    _check_case(kspace, maps)
+    operator = sense_operator(torch.from_numpy(maps.astype(np.complex64)))
+    return operator.adjoint(torch.from_numpy(kspace.astype(np.complex64))).numpy()
+
+
+def zero_filled_rss(kspace: np.ndarray) -> np.ndarray:
+    """Root sum of squares of the coil images, sqrt(sum_c |iFFT(y_c)|^2) -> complex64 (ny, nx), real valued."""
+    kspace = _numpy(kspace)
+    _check_case(kspace)
+    coil_images = ifftc(torch.from_numpy(kspace.astype(np.complex64)))
+    return coil_images.abs().square().sum(0).sqrt().to(torch.complex64).numpy()
+
+
+def conjugate_gradient(
+    normal: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    max_iter: int,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, list[float]]:
+    """Solve normal(x) = rhs for a Hermitian positive (semi-)definite `normal`, starting at x = 0.
+
+    Stops after `max_iter` steps or when ||r|| <= tol * ||rhs||. Returns x and the relative
+    residual norms ||r_k|| / ||rhs|| for k = 0 .. iterations done (Hestenes-Stiefel CG).
+    """
+    x = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rhs_norm = torch.linalg.vector_norm(rhs).item()
+    if rhs_norm == 0:
+        return x, [0.0]
+    residual_sq = torch.vdot(residual.flatten(), residual.flatten()).real
+    history = [1.0]
+    for _ in range(max_iter):
+        if history[-1] <= tol:
+            break
+        normal_direction = normal(direction)
+        step = residual_sq / torch.vdot(direction.flatten(), normal_direction.flatten()).real
+        x = x + step * direction
+        residual = residual - step * normal_direction
+        new_residual_sq = torch.vdot(residual.flatten(), residual.flatten()).real
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+        history.append(float(residual_sq.sqrt().item()) / rhs_norm)
+    return x, history
+
+
+def cg_sense(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    lamda: float = 0.0,
+    max_iter: int = CG_ITERATIONS,
+    tol: float = 1e-6,
+    device: str | torch.device = "cpu",
+    return_residuals: bool = False,
+) -> np.ndarray | tuple[np.ndarray, list[float]]:
+    """CG-SENSE: CG on (A^H A + lamda I) x = A^H y with A = M F S (Pruessmann et al. 2001).
+
+    Args:
+        kspace, maps, mask: the case in the module's layouts; unsampled k-space is masked out.
+        lamda: Tikhonov weight; dimensionless, since A^H A has eigenvalues <= 1 for
+            ESPIRiT-normalised maps (sum_c |S_c|^2 <= 1) and a 0/1 mask.
+        max_iter: CG iterations; few on purpose (early stopping regularises).
+        tol: relative residual at which CG stops before max_iter.
+        device: torch device for the computation.
+        return_residuals: also return the relative residual norms per iteration.
+
+    Returns:
+        complex64 image (ny, nx) [, residual history].
+    """
+    kspace, maps, mask = _numpy(kspace), _numpy(maps), _numpy(mask)
+    _check_case(kspace, maps, mask)
+    as_tensor = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
+    operator = sense_operator(as_tensor(maps, np.complex64), as_tensor(mask, np.float32))
+    rhs = operator.adjoint(as_tensor(kspace, np.complex64))
+    normal = (lambda x: operator.normal(x) + lamda * x) if lamda else operator.normal
+    image, history = conjugate_gradient(normal, rhs, max_iter, tol)
+    image = image.cpu().numpy().astype(np.complex64)
+    return (image, history) if return_residuals else image
+
+
+def max_eigenvalue(
+    normal: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, iterations: int = 30, seed: int = 0
+) -> float:
+    """Largest eigenvalue of a Hermitian positive semi-definite `normal` by power iteration.
+
+    The start vector comes from a seeded generator, so the result (and every step size derived
+    from it) is the same on every run; sigpy's own estimate draws from NumPy's global state.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vector = torch.randn(like.shape, dtype=like.dtype, generator=generator).to(like.device)
+    eigenvalue = 0.0
+    for _ in range(iterations):
+        vector = vector / torch.linalg.vector_norm(vector)
+        image = normal(vector)
+        eigenvalue = float(torch.vdot(vector.flatten(), image.flatten()).real)
+        vector = image
+    return eigenvalue
+
+
+def _wavelet(shape: tuple[int, int], wave_name: str):
+    import sigpy as sp
+
+    return sp.linop.Wavelet(shape, wave_name=wave_name)
+
+
+def l1_wavelet_lamda(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    factor: float = L1_RELATIVE_FACTOR,
+    wave_name: str = "db4",
+) -> float:
+    """The relative rule: lamda = factor * max |W A^H y| (scale-invariant, deterministic)."""
+    zero_filled_image = zero_filled(_numpy(kspace) * _numpy(mask), maps)
+    coefficients = _wavelet(zero_filled_image.shape, wave_name)(zero_filled_image)
+    return float(factor * np.abs(coefficients).max())
+
+
+def l1_wavelet(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    lamda: float | None = None,
+    lamda_rule: str = "relative",
+    factor: float = L1_RELATIVE_FACTOR,
+    max_iter: int = L1_ITERATIONS,
+    wave_name: str = "db4",
+) -> np.ndarray:
+    """L1-wavelet reconstruction, min_x 1/2 ||M F S x - y||^2 + lamda ||W x||_1 (sigpy L1WaveletRecon).
+
+    Args:
+        kspace, maps, mask: the case in the module's layouts.
+        lamda: absolute regularisation weight; None -> chosen by `lamda_rule`.
+        lamda_rule: "relative": lamda = factor * max |W A^H y| (see module docstring).
+        factor: the relative rule's constant c.
+        max_iter: proximal-gradient iterations.
+        wave_name: wavelet (pywt name).
+
+    Returns:
+        complex64 image (ny, nx).
+    """
+    from sigpy.mri.app import L1WaveletRecon
+
+    kspace, maps, mask = _numpy(kspace), _numpy(maps), _numpy(mask)
+    _check_case(kspace, maps, mask)
+    if lamda is None:
+        if lamda_rule != "relative":
+            raise ValueError(f"unknown lamda_rule {lamda_rule!r}; the rule implemented is 'relative'")
+        lamda = l1_wavelet_lamda(kspace, maps, mask, factor, wave_name)
+    weights = mask.astype(np.float32)
+    # FISTA step 1 / L, L = max eig of A^H A, estimated deterministically (sigpy's is random)
+    operator = sense_operator(torch.from_numpy(maps.astype(np.complex64)), torch.from_numpy(weights))
+    lipschitz = max_eigenvalue(operator.normal, torch.zeros(mask.shape, dtype=torch.complex64))
+    app = L1WaveletRecon(
+        (kspace * weights).astype(np.complex64),
+        maps.astype(np.complex64),
+        lamda,
+        weights=weights,
+        wave_name=wave_name,
+        max_iter=max_iter,
+        alpha=1.0 / lipschitz,
+        show_pbar=False,
+    )
+    return np.asarray(app.run()).astype(np.complex64)
+
+
+@dataclass
+class LamdaSearch:
+    """Result of the oracle search: the best image, its lamda and relative factor, the whole curve."""
+
+    image: np.ndarray
+    lamda: float
+    factor: float
+    nrmse_by_factor: dict[float, float]
+
+
+def best_lambda_l1_wavelet(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    reference: np.ndarray,
+    support: np.ndarray | None = None,
+    grid: tuple[float, ...] = BEST_LAMBDA_GRID,
+    max_iter: int = L1_ITERATIONS,
+    wave_name: str = "db4",
+) -> LamdaSearch:
+    """Oracle L1-wavelet: the lamda of `grid` with the lowest magnitude NRMSE against `reference`.
+
+    `grid` holds relative factors c (lamda = c * max |W A^H y|), so one grid serves any scale.
+    Needs the ground truth: for benchmarks only, never for a real reconstruction.
+    """
+    if not grid:
+        raise ValueError("best_lambda_l1_wavelet needs a non-empty grid")
+    scale = l1_wavelet_lamda(kspace, maps, mask, 1.0, wave_name)
+    best: tuple[float, float, np.ndarray] | None = None
+    curve: dict[float, float] = {}
+    for factor in grid:
+        image = l1_wavelet(kspace, maps, mask, lamda=factor * scale, max_iter=max_iter, wave_name=wave_name)
+        curve[factor] = nrmse_percent(image, reference, support)
+        if best is None or curve[factor] < best[0]:
+            best = (curve[factor], factor, image)
+    return LamdaSearch(image=best[2], lamda=best[1] * scale, factor=best[1], nrmse_by_factor=curve)
+
+
+def timed(function: Callable[..., np.ndarray], *args, **kwargs) -> tuple[np.ndarray, float]:
+    """Run `function(*args, **kwargs)` and return (result, wall seconds)."""
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def espirit_reference(
+    kspace_full: np.ndarray, calib_width: int = ESPIRIT_CALIB_WIDTH
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground truth of a fully sampled case: ESPIRiT maps from its centre, the combined image, the support.
+
+    Returns:
+        maps (coils, ny, nx) complex64 (zero outside the support, ESPIRiT crop 0.95),
+        reference = sum_c conj(S_c) x_c (ny, nx) complex64, support (ny, nx) bool.
+    """
+    from engine.physics.coils import espirit_maps, support_mask
+
+    kspace_full = _numpy(kspace_full)
+    _check_case(kspace_full)
+    maps = espirit_maps(kspace_full, calib_width=calib_width)
+    return maps, zero_filled(kspace_full, maps), support_mask(maps).astype(bool)
+
+
+METHODS = ("zero_filled", "zero_filled_rss", "cg_sense", "l1_wavelet")
+
+
+def run_baselines(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    methods: tuple[str, ...] = METHODS,
+    reference: np.ndarray | None = None,
+    support: np.ndarray | None = None,
+) -> dict[str, dict]:
+    """Run the named baselines on one case; each entry is `{"image": (ny, nx) complex64, "seconds": float}`.
+
+    Methods: "zero_filled", "zero_filled_rss", "cg_sense", "l1_wavelet" (relative lamda rule) and
+    "l1_wavelet_best" (oracle grid; needs `reference`; also reports "lamda" and "factor"; its
+    seconds cover the whole grid). `kspace` may be fully sampled: it is masked here.
+    """
+    kspace, maps, mask = _numpy(kspace), _numpy(maps), _numpy(mask)
+    _check_case(kspace, maps, mask)
+    measured = (kspace * mask).astype(np.complex64)
+    runners: dict[str, Callable[[], np.ndarray]] = {
+        "zero_filled": lambda: zero_filled(measured, maps),
+        "zero_filled_rss": lambda: zero_filled_rss(measured),
+        "cg_sense": lambda: cg_sense(measured, maps, mask),
+    }
+    results: dict[str, dict] = {}
+    for method in methods:
+        if method == "l1_wavelet":
+            start = time.perf_counter()
+            lamda = l1_wavelet_lamda(measured, maps, mask)
+            image = l1_wavelet(measured, maps, mask, lamda=lamda)
+            results[method] = {"image": image, "seconds": time.perf_counter() - start, "lamda": lamda,
+                               "factor": L1_RELATIVE_FACTOR}
+        elif method == "l1_wavelet_best":
+            if reference is None:
+                raise ValueError("l1_wavelet_best needs a reference image (a fully sampled input)")
+            search, seconds = timed(best_lambda_l1_wavelet, measured, maps, mask, reference, support)
+            results[method] = {"image": search.image, "seconds": seconds, "lamda": search.lamda,
+                               "factor": search.factor}
+        elif method in runners:
+            image, seconds = timed(runners[method])
+            results[method] = {"image": image, "seconds": seconds}
+        else:
+            known = sorted(runners) + ["l1_wavelet", "l1_wavelet_best"]
+            raise ValueError(f"unknown baseline {method!r}; known: {known}")
+    return results
+
+
+# An input whose k-space is non-zero on at least this fraction of the grid counts as fully sampled.
+FULLY_SAMPLED_FRACTION = 0.95
+
+
+def baseline_job(
+    input_path: str | Path,
+    out_dir: str | Path,
+    mask_kind: str = "poisson",
+    acceleration: float = 6.0,
+    calib: int | None = None,
+    seed: int = 0,
+    mask_file: str | Path | None = None,
+    slice_index: int | None = None,
+    methods: tuple[str, ...] = ("zero_filled", "cg_sense", "l1_wavelet"),
+    best_lambda: bool = False,
+    sampling: str = "auto",
+    calib_width: int = ESPIRIT_CALIB_WIDTH,
+    overwrite: bool = False,
+) -> dict[str, dict]:
+    """Read one 2D case, run the baselines, write recon_*.npy, metrics.json, comparison.png to `out_dir`.
+
+    A fully sampled input is undersampled here with `make_mask(mask_kind, ...)` and scored against
+    its coil-combined image (ESPIRiT maps from the centre, `calib_width`, unless the file carries
+    maps) inside the maps' support. An undersampled input keeps its own sampling pattern (the
+    mask options are ignored), gets ESPIRiT maps from its centre and images but no scores.
+
+    Args:
+        input_path: anything engine.io.readers.read_input reads, holding one 2D slice
+            (a fastMRI volume needs `slice_index`).
+        out_dir: output folder; refused when not empty unless `overwrite`.
+        mask_kind, acceleration, calib, seed, mask_file: see engine.physics.masks.make_mask.
+        methods: baselines to run (engine.baselines.run_baselines names).
+        best_lambda: also run the oracle L1-wavelet (fully sampled input only).
+        sampling: "auto" (fully sampled if >= FULLY_SAMPLED_FRACTION of k-space is non-zero and the
+            file has no mask), "full" or "undersampled".
+    Returns:
+        the per-method entries written to metrics.json.
+    """
+    from engine.io.data import derive_mask
+    from engine.io.readers import read_input
+    from engine.physics.coils import espirit_maps, support_mask
+    from engine.physics.masks import achieved_acceleration, make_mask
+    from engine.report import prepare_output_dir, write_run
+
+    if sampling not in ("auto", "full", "undersampled"):
+        raise ValueError(f"sampling must be 'auto', 'full' or 'undersampled', got {sampling!r}")
+    prepare_output_dir(out_dir, overwrite)  # fail before any computation
+    data = read_input(input_path, slice_index=slice_index)
+    if data.layout != "2d":
+        hint = " (pass a slice index)" if data.layout == "2d-stack" else ""
+        raise ValueError(f"{input_path}: the baselines reconstruct one 2D slice (coils, ny, nx); "
+                         f"got layout {data.layout!r} with k-space {data.kspace.shape}{hint}")
+    kspace = data.kspace.astype(np.complex64)
+    observed = data.mask if data.mask is not None else derive_mask(kspace, "2d", str(input_path))
+    fully_sampled = sampling == "full" or (
+        sampling == "auto" and observed.mean() >= FULLY_SAMPLED_FRACTION and
+        (data.mask is None or bool(np.all(data.mask)))
+    )
+    reference = None
+    if fully_sampled:
+        if data.maps is not None:
+            maps = data.maps.astype(np.complex64)
+            reference, support = zero_filled(kspace, maps), support_mask(maps).astype(bool)
+        else:
+            maps, reference, support = espirit_reference(kspace, calib_width)
+        mask = make_mask(mask_kind, kspace.shape[1:], acceleration, calib, seed, path=mask_file)
+        methods = tuple(methods) + (("l1_wavelet_best",) if best_lambda else ())
+    else:
+        mask = observed
+        maps = data.maps.astype(np.complex64) if data.maps is not None else espirit_maps(kspace * mask, calib_width)
+        support = support_mask(maps).astype(bool)
+    results = run_baselines(kspace, maps, mask, methods, reference, support)
+    metadata = {
+        "input": str(input_path),
+        "slice_index": slice_index,
+        "kspace_shape": list(kspace.shape),
+        "fully_sampled_input": bool(fully_sampled),
+        "mask": {"kind": mask_kind if fully_sampled else "from input", "requested_acceleration":
+                 acceleration if fully_sampled else None, "calib": calib, "seed": seed,
+                 "file": None if mask_file is None else str(mask_file),
+                 "achieved_acceleration": achieved_acceleration(mask)},
+        "maps": "from input" if data.maps is not None else f"ESPIRiT (sigpy), calib_width {calib_width}",
+        "reference": "coil-combined fully sampled image" if fully_sampled else None,
+        "metrics": "magnitude, fastMRI definitions, inside the maps' support, no rescaling",
+        "cg_sense_iterations": CG_ITERATIONS,
+        "l1_wavelet": {"wavelet": "db4", "iterations": L1_ITERATIONS,
+                       "rule": f"lamda = {L1_RELATIVE_FACTOR:g} * max|W A^H y|"},
+    }
+    return write_run(out_dir, results, reference, support, metadata,
+                     arrays={"mask": mask, "reference": reference, "support": support}, overwrite=overwrite)

@@ -1,0 +1,190 @@
+"""Classical baselines on tiny simulated cases, the report files, and the baseline CLI."""
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import baselines
+from engine.metrics import nrmse_percent
+from engine.physics.coils import birdcage_maps
+from engine.physics.fft import fftc
+from engine.physics.masks import poisson_disc_mask
+from engine.report import comparison_png, write_metrics_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shepp_logan(size: int) -> np.ndarray:
+    import sigpy
+
+    return np.abs(sigpy.shepp_logan((size, size))).astype(np.float32)
+
+
+def simulated_case(size: int = 32, coils: int = 4, normalise_maps: bool = True, noise: float = 0.0, seed: int = 0):
+    """Shepp-Logan with a smooth phase ramp, birdcage maps, k-space (coils, size, size) complex64.
+
+    Normalised maps have sum_c |S_c|^2 = 1; otherwise that sum ramps from 0.25 to 2.25 across x.
+    """
+    yy, xx = np.mgrid[:size, :size] / size
+    image = (shepp_logan(size) * np.exp(1j * (xx - yy))).astype(np.complex64)
+    maps = birdcage_maps(coils, (size, size)).astype(np.complex64)
+    maps /= np.sqrt((np.abs(maps) ** 2).sum(0, keepdims=True))
+    if not normalise_maps:
+        maps *= (0.5 + xx).astype(np.float32)
+    kspace = fftc(torch.from_numpy(maps * image)).numpy()
+    rng = np.random.default_rng(seed)
+    kspace += (noise * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))).astype(np.complex64)
+    return kspace, maps, image
+
+
+def test_zero_filled_full_sampling_is_the_image():
+    kspace, maps, image = simulated_case()
+    np.testing.assert_allclose(baselines.zero_filled(kspace, maps), image, atol=1e-5)
+    # normalised maps: RSS of the coil images is |image|
+    np.testing.assert_allclose(baselines.zero_filled_rss(kspace).real, np.abs(image), atol=1e-5)
+    assert baselines.zero_filled(kspace, maps).dtype == np.complex64
+
+
+def test_cg_sense_exact_solution_on_full_sampling():
+    # unnormalised maps: A^H A = diag(sum |S_c|^2), so CG must really iterate to reach x = image
+    kspace, maps, image = simulated_case(normalise_maps=False)
+    mask = np.ones(image.shape, np.float32)
+    x, residuals = baselines.cg_sense(kspace, maps, mask, max_iter=200, tol=1e-6, return_residuals=True)
+    assert x.dtype == np.complex64 and x.shape == image.shape
+    assert residuals[-1] <= 1e-6 < residuals[1]
+    np.testing.assert_allclose(x, image, atol=1e-4 * np.abs(image).max())
+
+
+def test_cg_sense_tikhonov_closed_form():
+    # normalised maps, full sampling: (A^H A + lamda I) x = A^H y has x = image / (1 + lamda)
+    kspace, maps, image = simulated_case()
+    x = baselines.cg_sense(kspace, maps, np.ones(image.shape, np.float32), lamda=0.5, max_iter=5)
+    np.testing.assert_allclose(x, image / 1.5, atol=1e-5)
+
+
+def test_cg_sense_residual_falls_when_undersampled():
+    kspace, maps, image = simulated_case()
+    mask = poisson_disc_mask(image.shape, 2.0, calib=(8, 8), seed=0)
+    x, residuals = baselines.cg_sense(kspace * mask, maps, mask, max_iter=40, tol=0, return_residuals=True)
+    assert len(residuals) == 41
+    assert residuals[-1] < 1e-3 and residuals[-1] < 0.2 * residuals[5] < residuals[0]
+    # the data misfit ||M F S x - y|| falls far below that of the zero-filled image
+    def misfit(candidate):
+        return np.linalg.norm(fftc(torch.from_numpy(maps * candidate)).numpy() * mask - kspace * mask)
+    assert misfit(x) < 0.05 * misfit(baselines.zero_filled(kspace * mask, maps))
+
+
+def test_l1_wavelet_beats_zero_filled():
+    kspace, maps, image = simulated_case(size=64, noise=1e-3)
+    mask = poisson_disc_mask(image.shape, 3.0, calib=(0, 0), seed=1)
+    measured = kspace * mask
+    support = np.abs(image) > 0
+    zf_error = nrmse_percent(baselines.zero_filled(measured, maps), image, support)
+    l1 = baselines.l1_wavelet(measured, maps, mask, max_iter=50)
+    assert l1.dtype == np.complex64 and l1.shape == image.shape
+    l1_error = nrmse_percent(l1, image, support)
+    assert l1_error < 0.5 * zf_error, (l1_error, zf_error)
+
+
+def test_lamda_rule_is_deterministic_and_scale_invariant():
+    kspace, maps, image = simulated_case()
+    mask = poisson_disc_mask(image.shape, 2.0, seed=2)
+    first = baselines.l1_wavelet_lamda(kspace, maps, mask)
+    assert first == baselines.l1_wavelet_lamda(kspace, maps, mask)
+    assert baselines.l1_wavelet_lamda(1000 * kspace, maps, mask) == pytest.approx(1000 * first, rel=1e-5)
+    small = baselines.l1_wavelet(kspace * mask, maps, mask, max_iter=20)
+    large = baselines.l1_wavelet(1000 * kspace * mask, maps, mask, max_iter=20)
+    np.testing.assert_allclose(large / 1000, small, atol=1e-4 * np.abs(small).max())
+
+
+def test_best_lambda_picks_the_grid_minimum():
+    kspace, maps, image = simulated_case(noise=1e-3)
+    mask = poisson_disc_mask(image.shape, 2.0, seed=3)
+    grid = (1e-5, 1e-3, 1e-1)
+    search = baselines.best_lambda_l1_wavelet(kspace * mask, maps, mask, image, grid=grid, max_iter=20)
+    assert set(search.nrmse_by_factor) == set(grid)
+    assert search.factor == min(grid, key=search.nrmse_by_factor.get)
+    assert nrmse_percent(search.image, image) == pytest.approx(search.nrmse_by_factor[search.factor])
+    scale = baselines.l1_wavelet_lamda(kspace * mask, maps, mask, factor=1.0)
+    assert search.lamda == pytest.approx(search.factor * scale)
+
+
+def test_run_baselines_methods_and_errors():
+    kspace, maps, image = simulated_case()
+    mask = poisson_disc_mask(image.shape, 2.0, seed=4)
+    results = baselines.run_baselines(kspace, maps, mask, ("zero_filled", "cg_sense"))
+    assert set(results) == {"zero_filled", "cg_sense"}
+    assert all(r["image"].shape == image.shape and r["seconds"] >= 0 for r in results.values())
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baselines.run_baselines(kspace, maps, mask, ("magic",))
+    with pytest.raises(ValueError, match="reference"):
+        baselines.run_baselines(kspace, maps, mask, ("l1_wavelet_best",))
+
+
+def test_bad_shapes_raise():
+    kspace, maps, image = simulated_case()
+    with pytest.raises(ValueError, match="coil maps shape"):
+        baselines.zero_filled(kspace, maps[:2])
+    with pytest.raises(ValueError, match="mask shape"):
+        baselines.cg_sense(kspace, maps, np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match="complex"):
+        baselines.zero_filled_rss(np.abs(kspace))
+
+
+def test_report_files_and_refusal(tmp_path):
+    path = write_metrics_json(tmp_path / "m.json", {"a": {"psnr_db": np.float64(np.inf), "ssim": np.float32(0.5)}},
+                              metadata={"R": 4})
+    document = json.loads(path.read_text())
+    assert document == {"metadata": {"R": 4}, "methods": {"a": {"psnr_db": "inf", "ssim": 0.5}}}
+    with pytest.raises(FileExistsError):
+        write_metrics_json(path, {})
+    write_metrics_json(path, {"b": {}}, overwrite=True)
+    assert "b" in json.loads(path.read_text())["methods"]
+
+    _, maps, image = simulated_case()
+    png = comparison_png(tmp_path / "c.png", {"x": image * 0.9, "y": image}, reference=image,
+                         support=np.abs(image) > 0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileExistsError):
+        comparison_png(png, {"x": image})
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
+
+
+def test_cli_on_a_fully_sampled_npy(tmp_path):
+    kspace, _, _ = simulated_case(size=48, noise=1e-3)
+    source = tmp_path / "case.npy"
+    np.save(source, kspace)
+    out = tmp_path / "run"
+    main = runpy.run_path(str(REPO / "launch" / "baseline.py"))["main"]
+    arguments = [str(source), "--out", str(out), "--accel", "2", "--calib-width", "16",
+                 "--methods", "zero_filled", "cg_sense"]
+    assert main(arguments) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metadata"]["fully_sampled_input"] is True
+    entries = metrics["methods"]
+    assert set(entries) == {"zero_filled", "cg_sense"}
+    assert entries["cg_sense"]["nrmse_percent"] < entries["zero_filled"]["nrmse_percent"]
+    for name in ("comparison.png", "recon_cg_sense.npy", "mask.npy", "reference.npy", "support.npy"):
+        assert (out / name).exists(), name
+    with pytest.raises(FileExistsError, match="overwrite"):
+        main(arguments)
+    assert main(arguments + ["--overwrite"]) == 0
+
+
+def test_cli_on_an_undersampled_npy_gives_images_without_scores(tmp_path):
+    kspace, _, _ = simulated_case(size=48, noise=1e-3)
+    mask = poisson_disc_mask((48, 48), 2.0, calib=(20, 20), seed=5)
+    source = tmp_path / "undersampled.npy"
+    np.save(source, kspace * mask)
+    out = tmp_path / "run"
+    main = runpy.run_path(str(REPO / "launch" / "baseline.py"))["main"]
+    assert main([str(source), "--out", str(out), "--calib-width", "16", "--methods", "zero_filled", "cg_sense"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metadata"]["fully_sampled_input"] is False
+    assert metrics["metadata"]["mask"]["achieved_acceleration"] == pytest.approx(48 * 48 / mask.sum())
+    assert "nrmse_percent" not in metrics["methods"]["cg_sense"]
+    np.testing.assert_array_equal(np.load(out / "mask.npy"), mask)
+    assert not (out / "reference.npy").exists()
