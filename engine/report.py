@@ -100,6 +100,8 @@ def comparison_png(
     _refuse_existing(path, overwrite)
     if not images:
         raise ValueError("comparison_png needs at least one image")
+    if reference is not None and "reference" in images:
+        raise ValueError("an image is named 'reference'; pass it as `reference` instead")
     panels = ({"reference": reference} if reference is not None else {}) | dict(images)
     magnitudes = {name: np.abs(np.asarray(image)) for name, image in panels.items()}
     shapes = {image.shape for image in magnitudes.values()}
@@ -111,7 +113,7 @@ def comparison_png(
 
     rows = 2 if reference is not None else 1
     columns = len(panels)
-    figure = Figure(figsize=(2.6 * columns, 2.8 * rows))
+    figure = Figure(figsize=(2.6 * columns, 3.0 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
     inside = np.ones(next(iter(shapes)), bool) if support is None else np.asarray(support, bool)
     for column, (name, magnitude) in enumerate(magnitudes.items()):
@@ -120,7 +122,7 @@ def comparison_png(
             title += f"\nNRMSE {nrmse_percent(magnitude, reference, support):.2f} %"
         axes[0, column].imshow(magnitude, cmap="gray", vmin=0, vmax=vmax)
         axes[0, column].set_title(title, fontsize=9)
-        if reference is not None:
+        if reference is not None and name != "reference":
             error = np.abs(magnitude - magnitudes["reference"]) * inside
             axes[1, column].imshow(ERROR_GAIN * error, cmap="inferno", vmin=0, vmax=vmax)
             axes[1, column].set_title(f"|error| x{ERROR_GAIN}", fontsize=9)
