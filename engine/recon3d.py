@@ -15,13 +15,13 @@ The global loss is the sum of the ranks' losses; engine.dist sums the trunk grad
 
 Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K)):
     L = sum_s sum_x w_s [ ||M F S_x p_x - y_x||^2 / (C |M|)          (DC, mean per sample)
-                          + lambda_p(t) mean (p_x - target_x)^2         (prior)
-                          + lambda_tv mean |grad p_x| ]                 (TV on the plane)
+                          + prior_term(p_x, step)                       (engine.losses.prior_term)
+                          + lambda_tv TV(p_x) ]                         (engine.losses.tv)
 w_s makes the drawn-slice DC an unbiased estimate of the mean DC over all nx planes, which is
-what a full-DC step (every plane, `dc.full_every`) computes exactly. The prior target is the
-one-step (Tweedie) denoiser D(p + sigma n; sigma) ("tweedie"), or INFusion's 10-step Euler ODE
-to sigma = 0 ("reference", with an L2 instead of the paper's LPIPS in 3D), sigma =
-max(sigma_max * max(u, t_min), sigma_min), u ~ U(0, 1), t_min falling linearly (DESIGN.md sec. 1).
+what a full-DC step (every plane, `dc.full_every`) computes exactly. The prior term is the 2D
+engine's PriorTerm: the one-step (Tweedie) denoiser target ("tweedie") or INFusion's 10-step
+Euler ODE ("reference"), distance L2/L1/LPIPS, its noise and weight schedules; each shard has
+its own PriorTerm drawing noise from that shard's stream, batched over the shard's K planes.
 
 Memory: a step holds the trunk on the plane grid plus K planes x coils (x the number of local
 shards), independent of nx; full-DC steps evaluate the slab in chunks of `dc.chunk` rows,
@@ -46,6 +46,8 @@ from torch import nn
 from engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from engine.config import config_to_dict
 from engine.dist import DistContext, make_trunk_sync
+from engine.losses.prior_term import PriorTerm, PriorTermConfig
+from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
 from engine.physics.fft import fftc, ifftc
 from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
@@ -66,7 +68,7 @@ class SliceConfig:
     """Readout shards, each with its own random stream; 0 = one per rank. A multiple of the
     world size; keep it fixed to reproduce a run on another number of ranks."""
     seed: int = 0
-    """Seed of the shards' streams (slice draws and prior noise)."""
+    """Seed of the shards' streams (slice draws and the prior's noise)."""
 
 
 @dataclass
@@ -81,32 +83,6 @@ class DCConfig:
     """Planes per chunk in a full-DC pass (bounds its memory)."""
     backend: str = "auto"
     """kernels.sense backend when present ("auto": Triton on CUDA, torch on CPU)."""
-
-
-@dataclass
-class Prior3DConfig:
-    """The 2D diffusion prior on the drawn phase-encode planes."""
-
-    mode: Literal["tweedie", "reference", "off"] = "tweedie"
-    """'tweedie': one-step denoiser target; 'reference': INFusion's Euler ODE to sigma=0; 'off'."""
-    path: str | None = None
-    """Prior folder (weights.pt + arch.json); null = the prior shipped in engine/assets/prior."""
-    weight: float = 0.05
-    """Weight of the prior term at the first step."""
-    weight_final: float = 0.0
-    """Weight at the last step (linear in between, as the paper's decaying weight)."""
-    every: int = 1
-    """Apply the prior every n-th step."""
-    sigma_max: float = 0.3
-    """Noise level at t = 1 (image normalised to a 99th-percentile magnitude of 1)."""
-    sigma_min: float = 0.02
-    """Lowest noise level used."""
-    t_min_start: float = 1.0
-    """t_min at the first step (t = max(u, t_min)); falls linearly to t_min_end."""
-    t_min_end: float = 0.0
-    """t_min at the last step."""
-    ode_steps: int = 10
-    """'reference' mode: Euler steps from sigma to 0 (the paper: 10)."""
 
 
 @dataclass
@@ -181,9 +157,10 @@ class Recon3DConfig:
     """Encoding, trunk and head (engine.models)."""
     slices: SliceConfig = field(default_factory=SliceConfig)
     dc: DCConfig = field(default_factory=DCConfig)
-    prior: Prior3DConfig = field(default_factory=Prior3DConfig)
+    prior: PriorTermConfig = field(default_factory=lambda: PriorTermConfig(mode="tweedie", distance="l2"))
+    """The 2D prior term (engine.losses.prior_term), applied to each shard's drawn planes."""
     tv_weight: float = 0.0
-    """Weight of the TV term on the drawn planes (0: off)."""
+    """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     bf16: bool | None = None
     """bf16 autocast for trunk, head and prior (FFT and losses stay float32/complex64);
@@ -204,8 +181,8 @@ class Recon3DConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.prior.every < 1 or self.dc.chunk < 1 or self.output.log_every < 1:
-            raise ValueError("prior.every, dc.chunk and output.log_every must be >= 1")
+        if self.dc.chunk < 1 or self.output.log_every < 1:
+            raise ValueError("dc.chunk and output.log_every must be >= 1")
 
 
 # Keys that do not change the numbers a run produces: excluded from the checkpoint's config hash.
@@ -268,13 +245,6 @@ def dc_sum(image: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, kspace: 
     return torch.view_as_real(residual).square().sum()
 
 
-def tv_mean(planes: torch.Tensor) -> torch.Tensor:
-    """Per-plane mean isotropic-per-axis TV: (B, ny, nz) complex -> (B,) float32."""
-    dy = (planes[:, 1:, :] - planes[:, :-1, :]).abs()
-    dz = (planes[:, :, 1:] - planes[:, :, :-1]).abs()
-    return dy.mean(dim=(1, 2)) + dz.mean(dim=(1, 2))
-
-
 def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: int = 65536) -> float:
     """q-th percentile (0..100) of non-negative `values` spread over all ranks.
 
@@ -327,9 +297,6 @@ class Preempted(Exception):
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
-
-def _linear(start: float, end: float, step: int, steps: int) -> float:
-    return start + (end - start) * (step / max(steps - 1, 1))
 
 
 # ================================================================================== the loop
@@ -395,29 +362,32 @@ class Recon3D:
         self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=lr_head, betas=cfg.optim.betas)
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
-        self.prior = self._load_prior(prior)
+        self.prior_terms = self._build_prior_terms(prior)
         self.step_index = 0
         self.prior_evals = 0
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _load_prior(self, prior: nn.Module | None) -> nn.Module | None:
-        if self.cfg.prior.mode == "off" or self.cfg.prior.weight == 0 and self.cfg.prior.weight_final == 0:
-            return None
+    def _build_prior_terms(self, prior: nn.Module | None) -> list[PriorTerm]:
+        """One PriorTerm per local shard, each drawing its noise from that shard's stream."""
+        if self.cfg.prior.mode == "off":
+            return []
         if prior is None:
             from engine.prior import load_prior
 
             prior = load_prior(self.cfg.prior.path)
         for p in prior.parameters():
             p.requires_grad_(False)
-        return prior.to(self.device).eval()
-
-    @property
-    def prior_multiple(self) -> int:
-        """Plane sizes are padded to a multiple of the U-Net's total downsampling."""
-        config = getattr(self.prior, "config", None)
-        levels = len(getattr(config, "channel_mult", (1,)))
-        return 2 ** max(levels - 1, 0)
+        prior = prior.to(self.device).eval()
+        dtype = torch.bfloat16 if self.bf16 else None
+        terms = [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype) for s in self.samplers[:1]]
+        for sampler in self.samplers[1:]:  # share the distance module (LPIPS weights) between shards
+            term = PriorTerm.__new__(PriorTerm)
+            nn.Module.__init__(term)
+            term.config, term.prior, term.total_steps = self.cfg.prior, prior, self.cfg.steps
+            term.generator, term.autocast_dtype, term.distance, term.target = sampler.generator, dtype, terms[0].distance, None
+            terms.append(term)
+        return terms
 
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
@@ -436,8 +406,6 @@ class Recon3D:
         d = self.cfg.dc
         return (d.full_every > 0 and (step + 1) % d.full_every == 0) or step >= self.cfg.steps - d.full_final_steps
 
-    def uses_prior(self, step: int) -> bool:
-        return self.prior is not None and step % self.cfg.prior.every == 0
 
     # ------------------------------------------------------------------ one step
 
@@ -456,41 +424,13 @@ class Recon3D:
         kspace, maps = self._slab_data(rows)
         return dc_sum(planes, maps, self.mask, kspace, self.cfg.dc.backend) * (weight / self.measured_per_plane)
 
-    def _prior_targets(self, planes: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Denoised targets (B, 2, ny, nz) float32 of the detached planes at noise levels sigma (B,)."""
-        from engine.prior import complex_to_channels, ode_to_x0
-
-        ny, nz = self.plane
-        m = self.prior_multiple
-        pad = (0, (-nz) % m, 0, (-ny) % m)  # zero padding to the U-Net's multiple (background)
-        x = nn.functional.pad(complex_to_channels(planes.detach()), pad)
-        x_t = x + sigma.view(-1, 1, 1, 1) * noise.to(self.device)
-        with torch.no_grad(), _autocast(self.device, self.bf16):
-            if self.cfg.prior.mode == "tweedie":
-                target = self.prior(x_t, sigma)
-                self.prior_evals += planes.shape[0]
-            else:
-                target = ode_to_x0(self.prior, x_t, sigma, steps=self.cfg.prior.ode_steps)
-                self.prior_evals += planes.shape[0] * self.cfg.prior.ode_steps
-        return target.float()[..., :ny, :nz]
-
     def step(self) -> StepResult:
         """One optimisation step (collective when distributed)."""
         cfg, step = self.cfg, self.step_index
         full = self.is_full_dc_step(step)
-        use_prior = self.uses_prior(step)
         K = cfg.slices.per_step
         draws = [s.draw() for s in self.samplers]
-        weights = [s.shard.size / (self.nx * K) for s in self.samplers]
-        if use_prior:
-            m = self.prior_multiple
-            padded = (-(-self.plane[0] // m) * m, -(-self.plane[1] // m) * m)
-            t_min = _linear(cfg.prior.t_min_start, cfg.prior.t_min_end, step, cfg.steps)
-            sigmas, noises = [], []
-            for sampler in self.samplers:  # each shard's draws from its own stream, in order
-                u = sampler.uniform((K,))
-                sigmas.append(torch.clamp(cfg.prior.sigma_max * torch.clamp(u, min=t_min), min=cfg.prior.sigma_min))
-                noises.append(sampler.normal((K, 2, *padded)))
+        weights = [s.shard.size / (self.nx * K) for s in self.samplers]  # w_s of the module docstring
         for group in self.head_optimizer.param_groups:
             group["lr"] = (cfg.optim.lr if cfg.optim.lr_head is None else cfg.optim.lr_head) * self.lr_factor(step)
         self.sync.set_lr(cfg.optim.lr * self.lr_factor(step))
@@ -499,22 +439,21 @@ class Recon3D:
             features = self.sync.module(self.plane)  # (ny*nz, hidden), the graph through the trunk
         leaf = features.detach().requires_grad_(True)
         rows = torch.cat(draws)
-        w_plane = torch.cat([torch.full((K,), w) for w in weights]).to(self.device)
         planes = self._planes(leaf, rows)
-        terms = {"dc": torch.zeros((), device=self.device), "prior": torch.zeros((), device=self.device),
-                 "tv": torch.zeros((), device=self.device)}
-        if not full:
-            for i, (draw, w) in enumerate(zip(draws, weights)):
-                terms["dc"] = terms["dc"] + self._dc_term(planes[i * K:(i + 1) * K], draw, w)
-        if use_prior:
-            weight = _linear(cfg.prior.weight, cfg.prior.weight_final, step, cfg.steps)
-            targets = self._prior_targets(planes, torch.cat(sigmas).to(self.device), torch.cat(noises))
-            from engine.prior import complex_to_channels
-
-            per_plane = (complex_to_channels(planes) - targets).square().mean(dim=(1, 2, 3))
-            terms["prior"] = weight * (w_plane * per_plane).sum()
-        if cfg.tv_weight > 0:
-            terms["tv"] = cfg.tv_weight * (w_plane * tv_mean(planes)).sum()
+        zero = torch.zeros((), device=self.device)
+        terms = {"dc": zero, "prior": zero, "tv": zero}
+        for i, (draw, w) in enumerate(zip(draws, weights)):
+            shard_planes = planes[i * K:(i + 1) * K]
+            if not full:
+                terms["dc"] = terms["dc"] + self._dc_term(shard_planes, draw, w)
+            if self.prior_terms and self.prior_terms[i].active(step):
+                # PriorTerm and total_variation return means over the K planes: x K for sums.
+                prior_loss, evals = self.prior_terms[i](shard_planes, step)
+                terms["prior"] = terms["prior"] + (w * K) * prior_loss
+                self.prior_evals += evals
+            if cfg.tv_weight > 0:
+                tv = total_variation(shard_planes, "isotropic", scale=1.0)
+                terms["tv"] = terms["tv"] + (cfg.tv_weight * w * K) * tv
         local_loss = terms["dc"] + terms["prior"] + terms["tv"]
         if local_loss.requires_grad:
             local_loss.backward()
@@ -572,6 +511,7 @@ class Recon3D:
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": capture_rng_state(),
             "prior_evals": self.prior_evals,
+            "prior_targets": [t.target for t in self.prior_terms],  # reused when prior.reuse_target
             "slab": [self.x_start, self.x_stop],
         }
         if self.cfg.grad_sync == "deepspeed":  # ZeRO partitions the optimiser: one part per rank
@@ -590,6 +530,8 @@ class Recon3D:
             sampler.load_state_dict(state)
         restore_rng_state(rank_state["rng"])
         self.prior_evals = int(rank_state["prior_evals"])
+        for term, target in zip(self.prior_terms, rank_state["prior_targets"]):
+            term.target = None if target is None else target.to(self.device)
         self.step_index = step
 
 
@@ -826,7 +768,8 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     volume = np.concatenate(pieces)
 
     metrics: dict = {"steps": cfg.steps, "train_seconds": train_seconds, "ranks": ctx.world_size,
-                     "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode}
+                     "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode,
+                     "prior_distance": cfg.prior.distance}
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}

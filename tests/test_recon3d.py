@@ -23,7 +23,7 @@ TINY = {
                                                     "min_res": 4, "max_res": 16}},
     "slices": {"per_step": 2, "num_shards": 2, "seed": 3},
     "dc": {"full_every": 3, "chunk": 3},
-    "prior": {"mode": "tweedie", "weight": 0.1, "weight_final": 0.05},
+    "prior": {"mode": "tweedie", "distance": "l2", "weight_start": 1.0, "weight_end": 0.5, "weight_scale": 0.1},
     "tv_weight": 0.01,
     "optim": {"lr": 0.01},
     "output": {"progress": False, "eval_rows": 4},
