@@ -337,6 +337,16 @@ def run_baselines(
     return results
 
 
+def fully_sampled_centre(mask: np.ndarray, smallest: int = 8) -> int:
+    """Side of the largest centred square (DC at n // 2) that `mask` (ny, nx) samples fully; 0 if < smallest."""
+    ny, nx = mask.shape
+    for width in range(min(ny, nx), smallest - 1, -1):
+        top, left = ny // 2 - width // 2, nx // 2 - width // 2
+        if np.all(mask[top : top + width, left : left + width]):
+            return width
+    return 0
+
+
 # An input whose k-space is non-zero on at least this fraction of the grid counts as fully sampled.
 FULLY_SAMPLED_FRACTION = 0.95
 
@@ -361,7 +371,8 @@ def baseline_job(
     A fully sampled input is undersampled here with `make_mask(mask_kind, ...)` and scored against
     its coil-combined image (ESPIRiT maps from the centre, `calib_width`, unless the file carries
     maps) inside the maps' support. An undersampled input keeps its own sampling pattern (the
-    mask options are ignored), gets ESPIRiT maps from its centre and images but no scores.
+    mask options are ignored), gets ESPIRiT maps from its fully sampled centre (`calib_width`
+    shrunk to the largest fully sampled centred square) and images but no scores.
 
     Args:
         input_path: anything engine.io.readers.read_input reads, holding one 2D slice
@@ -406,7 +417,12 @@ def baseline_job(
         methods = tuple(methods) + (("l1_wavelet_best",) if best_lambda else ())
     else:
         mask = observed
-        maps = data.maps.astype(np.complex64) if data.maps is not None else espirit_maps(kspace * mask, calib_width)
+        if data.maps is not None:
+            maps = data.maps.astype(np.complex64)
+        else:
+            # ESPIRiT needs a fully sampled centre: shrink the calibration to what the mask has
+            calib_width = min(calib_width, fully_sampled_centre(mask)) or calib_width
+            maps = espirit_maps(kspace * mask, calib_width)
         support = support_mask(maps).astype(bool)
     results = run_baselines(kspace, maps, mask, methods, reference, support)
     metadata = {

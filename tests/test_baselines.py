@@ -112,6 +112,14 @@ def test_best_lambda_picks_the_grid_minimum():
     assert search.lamda == pytest.approx(search.factor * scale)
 
 
+def test_fully_sampled_centre():
+    mask = np.zeros((40, 50), np.float32)
+    mask[20 - 6 : 20 + 6, 25 - 6 : 25 + 6] = 1  # a 12 x 12 box around DC (20, 25)
+    assert baselines.fully_sampled_centre(mask) == 12
+    mask[20, 25] = 0
+    assert baselines.fully_sampled_centre(mask) == 0
+
+
 def test_run_baselines_methods_and_errors():
     kspace, maps, image = simulated_case()
     mask = poisson_disc_mask(image.shape, 2.0, seed=4)
