@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.prior.train import load_config, train_prior  # noqa: E402
+from engine.prior.train import load_config, train_prior
 
 
 def main(argv: list[str] | None = None) -> int:

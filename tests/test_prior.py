@@ -42,6 +42,15 @@ def tiny_prior(seed: int = 0, sigma_data: float = 0.5) -> EDMPrior:
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class GaussianDenoiser:
     """Exact denoiser of x0 ~ N(0, sd^2 I): D(x; sigma) = x sd^2 / (sd^2 + sigma^2)."""
 
@@ -234,7 +243,7 @@ def test_normalise_and_channel_layout() -> None:
     torch.testing.assert_close(scaled * scale, image)
     arr, s_np = normalise(image.numpy())
     assert isinstance(arr, np.ndarray) and s_np == pytest.approx(scale, rel=1e-5)
-    batch, scales = normalise(torch.stack([image, 2 * image]))
+    _, scales = normalise(torch.stack([image, 2 * image]))
     torch.testing.assert_close(scales, torch.tensor([scale, 2 * scale]))
     ch = complex_to_channels(image)
     assert ch.shape == (2, 32, 32)
@@ -258,3 +267,15 @@ def test_shipped_prior_loads_and_denoises() -> None:
     assert denoised.shape == x.shape and torch.isfinite(denoised).all()
     # A trained prior removes noise: closer to the clean image than its noisy input.
     assert (denoised - x).square().mean() < 0.7 * (noisy - x).square().mean()
+
+
+def test_bf16_autocast_denoiser_stays_float32() -> None:
+    model = tiny_prior()
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    reference = model(x, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, 0.3)
+        loss = edm_loss(model, x, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=5e-2, atol=5e-2)
+    assert not torch.equal(out, reference)  # the U-Net really ran in bf16

@@ -9,7 +9,13 @@ Typical use (the reconstruction loop):
 """
 
 from engine.prior.checkpoint import default_prior_path, freeze, load_prior, read_arch, save_prior
-from engine.prior.edm import EDMPrior, edm_coefficients, edm_loss, edm_loss_weight, sample_training_sigma
+from engine.prior.edm import (
+    EDMPrior,
+    edm_coefficients,
+    edm_loss,
+    edm_loss_weight,
+    sample_training_sigma,
+)
 from engine.prior.intensity import (
     INTENSITY_NORMALISATION,
     channels_to_complex,
@@ -21,25 +27,25 @@ from engine.prior.sampler import edm_time_steps, ode_to_x0, sample
 from engine.prior.unet import UNet, UNetConfig, count_parameters
 
 __all__ = [
+    "INTENSITY_NORMALISATION",
+    "EDMPrior",
     "UNet",
     "UNetConfig",
-    "count_parameters",
-    "EDMPrior",
-    "edm_coefficients",
-    "edm_loss_weight",
-    "edm_loss",
-    "sample_training_sigma",
-    "edm_time_steps",
-    "sample",
-    "ode_to_x0",
-    "INTENSITY_NORMALISATION",
-    "normalise",
-    "magnitude_scale",
-    "complex_to_channels",
     "channels_to_complex",
-    "save_prior",
-    "load_prior",
-    "read_arch",
+    "complex_to_channels",
+    "count_parameters",
     "default_prior_path",
+    "edm_coefficients",
+    "edm_loss",
+    "edm_loss_weight",
+    "edm_time_steps",
     "freeze",
+    "load_prior",
+    "magnitude_scale",
+    "normalise",
+    "ode_to_x0",
+    "read_arch",
+    "sample",
+    "sample_training_sigma",
+    "save_prior",
 ]

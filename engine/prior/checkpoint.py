@@ -98,4 +98,4 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["WEIGHTS_FILE", "ARCH_FILE", "default_prior_path", "save_prior", "read_arch", "load_prior", "freeze"]
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "default_prior_path", "freeze", "load_prior", "read_arch", "save_prior"]

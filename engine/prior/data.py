@@ -68,7 +68,7 @@ class DataConfig:
     """Redraw (up to 4 times) a patch whose 99th magnitude percentile is below this (background)."""
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
+    def from_dict(cls, values: dict) -> DataConfig:
         values = dict(values)
         known = set(cls.__dataclass_fields__)
         unknown = set(values) - known
@@ -93,7 +93,7 @@ def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray | None]:
         raise FileNotFoundError(f"read_volume: {path} does not exist")
     name = path.name.lower()
     affine = None
-    if name.endswith(".nii") or name.endswith(".nii.gz"):
+    if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
         img = nib.load(str(path))
@@ -101,7 +101,7 @@ def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray | None]:
         affine = np.asarray(img.affine, dtype=np.float64)
     elif name.endswith(".npy"):
         data = np.load(path, allow_pickle=False)
-    elif name.endswith(".h5") or name.endswith(".hdf5"):
+    elif name.endswith((".h5", ".hdf5")):
         import h5py
 
         with h5py.File(path, "r") as f:
@@ -215,7 +215,7 @@ class PatchSampler:
         if level:
             zoom, index = zoom / 2.0, index // 2
         image, scale = pyr.slice(level, axis, index)
-        c, h, w = image.shape
+        h, w = image.shape[-2:]
         theta = math.radians(self._uniform(g, -cfg.rotation_degrees, cfg.rotation_degrees))
         for _ in range(5):
             # Patch centre in pixel coordinates of the slice; grid in align_corners=False units.
@@ -273,4 +273,4 @@ class PatchSampler:
         return torch.stack([self._one(generator) for _ in range(batch)])
 
 
-__all__ = ["VolumeSource", "DataConfig", "read_volume", "training_part", "PatchSampler"]
+__all__ = ["DataConfig", "PatchSampler", "VolumeSource", "read_volume", "training_part"]

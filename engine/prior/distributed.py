@@ -26,9 +26,9 @@ class RankInfo:
 
 def env_rank_info(device: str = "auto") -> RankInfo:
     """Rank, world size and device from the environment (rank 0 of 1 when not launched)."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
@@ -67,4 +67,4 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["RankInfo", "env_rank_info", "init_distributed", "barrier", "all_reduce_mean", "shutdown"]
+__all__ = ["RankInfo", "all_reduce_mean", "barrier", "env_rank_info", "init_distributed", "shutdown"]

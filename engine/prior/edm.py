@@ -104,9 +104,9 @@ def edm_loss(model: nn.Module, clean: torch.Tensor, generator: torch.Generator |
 __all__ = [
     "P_MEAN",
     "P_STD",
-    "edm_coefficients",
-    "edm_loss_weight",
     "EDMPrior",
-    "sample_training_sigma",
+    "edm_coefficients",
     "edm_loss",
+    "edm_loss_weight",
+    "sample_training_sigma",
 ]

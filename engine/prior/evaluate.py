@@ -37,7 +37,7 @@ def colin_eval_slice(path: str = COLIN_1MM, world_z_mm: float = EVAL_WORLD_Z_MM,
     if world_z_mm < EVALUATION_PART_MIN_Z_MM:
         raise ValueError(f"colin_eval_slice: z = {world_z_mm} mm is not in the evaluation part (>= 25 mm)")
     img = nib.load(path)
-    k = int(round((world_z_mm - img.affine[2, 3]) / img.affine[2, 2]))
+    k = round((world_z_mm - img.affine[2, 3]) / img.affine[2, 2])
     mag = np.asarray(img.dataobj[:, :, k], dtype=np.float32)
     out = np.zeros((size, size), np.float32)
     h, w = mag.shape

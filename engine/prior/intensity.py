@@ -64,8 +64,8 @@ def channels_to_complex(channels: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "INTENSITY_NORMALISATION",
     "PERCENTILE",
+    "channels_to_complex",
+    "complex_to_channels",
     "magnitude_scale",
     "normalise",
-    "complex_to_channels",
-    "channels_to_complex",
 ]

@@ -7,7 +7,8 @@ the EDM sampler): dx/dsigma = (x - D(x; sigma)) / sigma.
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -54,7 +55,7 @@ def _integrate(denoiser: Denoiser, x: torch.Tensor, schedule: torch.Tensor, heun
     (N + 1, B) (per-sample sigmas; last row 0). x: (B, C, H, W) at noise level schedule[0]."""
     view = (-1,) + (1,) * (x.ndim - 1)
     x = x.float()
-    for t_cur, t_next in zip(schedule[:-1], schedule[1:]):
+    for t_cur, t_next in itertools.pairwise(schedule):
         t_cur32, t_next32 = t_cur.float(), t_next.float()
         active = t_cur32 > 0  # samples that already reached 0 stay put
         if not torch.any(active):
@@ -116,4 +117,4 @@ def ode_to_x0(denoiser: Denoiser, x_t: torch.Tensor, sigma_start: torch.Tensor |
     return _integrate(denoiser, x_t, schedule, heun)
 
 
-__all__ = ["SIGMA_MIN", "SIGMA_MAX", "RHO", "Denoiser", "edm_time_steps", "sample", "ode_to_x0"]
+__all__ = ["RHO", "SIGMA_MAX", "SIGMA_MIN", "Denoiser", "edm_time_steps", "ode_to_x0", "sample"]

@@ -83,7 +83,7 @@ class TrainConfig:
     """Wall-time budget: stop (checkpoint and export) after this many minutes (0: none)."""
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
@@ -103,7 +103,7 @@ class PriorTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PriorTrainConfig":
+    def from_dict(cls, values: dict) -> PriorTrainConfig:
         unknown = set(values) - {"model", "data", "train"}
         if unknown:
             raise ValueError(f"prior config: unknown sections {sorted(unknown)} (model, data, train)")
@@ -181,7 +181,7 @@ def _atomic_save(obj, path: Path) -> None:
 class _LossCSV:
     """loss.csv on rank 0; on resume, rows after the resumed step are dropped (exact history)."""
 
-    FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+    FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s")
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -206,7 +206,7 @@ def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: RankInfo):
     """Wrap the model in a DeepSpeed engine (ZeRO-1/2 from cfg.deepspeed_config)."""
     try:
         import deepspeed
-    except Exception as err:  # noqa: BLE001 - any import failure means the same to the user
+    except Exception as err:
         raise RuntimeError(f"train.parallel=deepspeed but deepspeed cannot be imported: {err}") from err
     path = Path(cfg.deepspeed_config)
     if not path.is_file():
@@ -228,7 +228,7 @@ def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: RankInfo):
     try:
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
-    except Exception as err:  # noqa: BLE001 - report which step failed, with the cause
+    except Exception as err:
         raise RuntimeError(f"deepspeed.initialize failed with {path}: {type(err).__name__}: {err}") from err
     return engine, optimizer
 
@@ -405,5 +405,13 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     return TrainResult(summary, model, ema)
 
 
-__all__ = ["TrainConfig", "PriorTrainConfig", "TrainResult", "load_config", "learning_rate", "update_ema",
-           "train_prior", "run_training"]
+__all__ = [
+    "PriorTrainConfig",
+    "TrainConfig",
+    "TrainResult",
+    "learning_rate",
+    "load_config",
+    "run_training",
+    "train_prior",
+    "update_ema",
+]

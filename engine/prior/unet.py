@@ -44,7 +44,7 @@ class UNetConfig:
     """Dropout inside residual blocks."""
 
     @classmethod
-    def from_dict(cls, values: dict) -> "UNetConfig":
+    def from_dict(cls, values: dict) -> UNetConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
@@ -239,4 +239,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["UNetConfig", "UNet", "PositionalEmbedding", "count_parameters"]
+__all__ = ["PositionalEmbedding", "UNet", "UNetConfig", "count_parameters"]
