@@ -96,7 +96,10 @@ def conjugate_gradient(
         if history[-1] <= tol:
             break
         normal_direction = normal(direction)
-        step = residual_sq / torch.vdot(direction.flatten(), normal_direction.flatten()).real
+        curvature = torch.vdot(direction.flatten(), normal_direction.flatten()).real
+        if curvature <= 0:  # exact solution reached (or direction in the null space): nothing left
+            break
+        step = residual_sq / curvature
         x = x + step * direction
         residual = residual - step * normal_direction
         new_residual_sq = torch.vdot(residual.flatten(), residual.flatten()).real
