@@ -28,9 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import baselines  # noqa: E402
-from engine.metrics import all_metrics, nrmse_percent  # noqa: E402
-from engine.physics.fft import fftc  # noqa: E402
+from engine import baselines
+from engine.metrics import all_metrics, nrmse_percent
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("INFUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -95,9 +94,9 @@ def tuning_section(accelerations, seeds) -> list[str]:
     lines = [
         "## Tuning slice (not used in evaluation)",
         "",
-        f"Colin27 1 mm axial k = {TUNING_SLICE_INDEX} (training part of the split), simulated 4 birdcage coils,"
+        (f"Colin27 1 mm axial k = {TUNING_SLICE_INDEX} (training part of the split), simulated 4 birdcage coils,"
         f" smooth random phase, SNR {TUNING_SNR:g} (engine.physics.simulate); NRMSE % inside the ESPIRiT support,"
-        f" per setting ({settings}) and mean.",
+        f" per setting ({settings}) and mean."),
         "",
         "| CG-SENSE iterations | NRMSE % per setting | mean |",
         "|---|---|---|",
@@ -111,8 +110,8 @@ def tuning_section(accelerations, seeds) -> list[str]:
         lines.append(f"| {c:.2e}{chosen} | {' / '.join(f'{v:.2f}' for v in values)} | {np.mean(values):.2f} |")
     best_n = min(cg_curve, key=lambda n: np.mean(cg_curve[n]))
     best_c = min(l1_curve, key=lambda c: np.mean(l1_curve[c]))
-    lines += ["", f"Lowest mean: CG-SENSE {best_n} iterations, L1-wavelet c = {best_c:.2e}. Constants in use:"
-              f" CG_ITERATIONS = {baselines.CG_ITERATIONS}, L1_RELATIVE_FACTOR = {baselines.L1_RELATIVE_FACTOR:g}.", ""]
+    lines += ["", (f"Lowest mean: CG-SENSE {best_n} iterations, L1-wavelet c = {best_c:.2e}. Constants in use:"
+              f" CG_ITERATIONS = {baselines.CG_ITERATIONS}, L1_RELATIVE_FACTOR = {baselines.L1_RELATIVE_FACTOR:g}."), ""]
     print("\n".join(lines), flush=True)
     return lines
 
@@ -192,10 +191,10 @@ def machine_lines() -> list[str]:
     import torch
 
     return [
-        f"Machine: {cpu}, {os.cpu_count()} cores visible (shared), {platform.platform()}; Python {platform.python_version()},"
-        f" torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, sigpy {sigpy.__version__}.",
-        f"Load average at start (1/5/15 min, other jobs share the cores, so seconds are indicative):"
-        f" {' / '.join(f'{v:.1f}' for v in os.getloadavg())}.",
+        (f"Machine: {cpu}, {os.cpu_count()} cores visible (shared), {platform.platform()}; Python {platform.python_version()},"
+        f" torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, sigpy {sigpy.__version__}."),
+        (f"Load average at start (1/5/15 min, other jobs share the cores, so seconds are indicative):"
+        f" {' / '.join(f'{v:.1f}' for v in os.getloadavg())}."),
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. Command: `nice -n 5 python benchmarks/baselines2d.py {' '.join(sys.argv[1:])}`.",
         "",
     ]
@@ -212,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerations = [int(a) if float(a).is_integer() else a for a in args.accelerations]
 
     lines = ["# Classical 2D baselines", "", *machine_lines(),
-             f"Constants: CG-SENSE {baselines.CG_ITERATIONS} iterations, no Tikhonov; L1-wavelet db4,"
+             (f"Constants: CG-SENSE {baselines.CG_ITERATIONS} iterations, no Tikhonov; L1-wavelet db4,"
              f" {baselines.L1_ITERATIONS} iterations, lambda = {baselines.L1_RELATIVE_FACTOR:g} x max|W A^H y|;"
              " zero-filled = SENSE adjoint (no density compensation). Metrics: magnitude, fastMRI definitions,"
-             " inside the ESPIRiT support, no rescaling.", ""]
+             " inside the ESPIRiT support, no rescaling."), ""]
     if not args.skip_tuning:
         lines += tuning_section(accelerations, args.seeds)
     if not args.tune_only:

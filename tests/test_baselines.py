@@ -138,7 +138,7 @@ def test_run_baselines_methods_and_errors():
 
 
 def test_bad_shapes_raise():
-    kspace, maps, image = simulated_case()
+    kspace, maps, _image = simulated_case()
     with pytest.raises(ValueError, match="coil maps shape"):
         baselines.zero_filled(kspace, maps[:2])
     with pytest.raises(ValueError, match="mask shape"):
@@ -157,7 +157,7 @@ def test_report_files_and_refusal(tmp_path):
     write_metrics_json(path, {"b": {}}, overwrite=True)
     assert "b" in json.loads(path.read_text())["methods"]
 
-    _, maps, image = simulated_case()
+    _, _maps, image = simulated_case()
     png = comparison_png(tmp_path / "c.png", {"x": image * 0.9, "y": image}, reference=image,
                          support=np.abs(image) > 0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
