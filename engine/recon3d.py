@@ -682,7 +682,7 @@ def run_recon3d(
     from engine.io.ome_zarr import VolumeWriter
 
     paths = RunPaths.for_output(output_path)
-    if ctx.is_main and paths.volume.exists() and not (overwrite or resume):
+    if paths.volume.exists() and not (overwrite or resume):  # every rank checks: no rank waits alone
         raise FileExistsError(f"{paths.volume} exists; pass --overwrite to replace it or --resume to continue")
     source = HybridStore(store if store is not None else input_path)
     if source.shape[0] < ctx.world_size:
@@ -841,11 +841,71 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
     return Path(path)
 
 
+# ================================================================================== the job
+
+
+def default_output(config_path: str | Path | None, ctx: DistContext, root: str | Path = "outputs") -> Path:
+    """outputs/recon3d-<config stem>-<UTC time>.zarr, the time taken on rank 0 and shared."""
+    stamp = ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S", time.gmtime()) if ctx.is_main else None)
+    stem = Path(config_path).stem if config_path else "default"
+    return Path(root) / f"recon3d-{stem}-{stamp}.zarr"
+
+
+def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), input_path: str | Path | None = None,
+                output_path: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> int:
+    """The whole command of launch/recon3d.py on this rank; returns the process exit code.
+
+    0: done; REQUEUE_EXIT_CODE: preempted after a checkpoint (rerun with resume); 2: bad input,
+    config or output path (one line on stderr naming what is wrong).
+    """
+    import sys
+
+    from engine.checkpoint import CheckpointMismatch
+    from engine.config import ConfigError, load_config
+    from engine.dist import init_distributed, set_cpu_threads, shutdown
+    from engine.io.errors import InputError
+
+    try:
+        cfg = load_config(Recon3DConfig, config_path, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(device=cfg.device)
+    threads = set_cpu_threads(ctx)
+    ctx.print0(f"[recon3d] {ctx.world_size} rank(s) via {ctx.launcher}, backend {ctx.backend or 'none'}, "
+               f"device {ctx.device}" + (f", {threads} CPU threads per rank" if ctx.device.type == "cpu" else ""))
+    try:
+        if input_path is None:
+            input_path = prepare_bundled_store(cfg.bundled, Path("outputs") / "bundled", ctx)
+            ctx.print0(f"[recon3d] no --input: the bundled 3D example (real Colin27 anatomy, simulated "
+                       f"coils and phase), {cfg.bundled.mask} R={cfg.bundled.acceleration:g}: {input_path}")
+        if output_path is None:
+            output_path = default_output(config_path, ctx)
+        metrics = run_recon3d(cfg, input_path, output_path, ctx, overwrite=overwrite, resume=resume)
+    except Preempted as preempted:
+        ctx.print0(f"[recon3d] {preempted}: exit {REQUEUE_EXIT_CODE} (requeue, then rerun with --resume)")
+        return REQUEUE_EXIT_CODE
+    except (InputError, ConfigError, CheckpointMismatch, FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"error (rank {ctx.rank}): {error}", file=sys.stderr)
+        return 2
+    paths = RunPaths.for_output(output_path)
+    if ctx.is_main:
+        print(f"[recon3d] volume: {paths.volume} (OME-Zarr; open with zarr or napari)")
+        print(f"[recon3d] montage {paths.montage}, log {paths.log_csv}, metrics {paths.metrics}")
+        if "nrmse_percent_infusion" in metrics:
+            line = f"NRMSE vs the fully sampled reference: INFusion {metrics['nrmse_percent_infusion']:.2f} %"
+            if "nrmse_percent_l1_wavelet" in metrics:
+                line += f", L1-wavelet {metrics['nrmse_percent_l1_wavelet']:.2f} %"
+            line += f", zero-filled {metrics['nrmse_percent_zero_filled']:.2f} %"
+            print(line + f" ({metrics['train_seconds']:.1f} s, {metrics['steps']} steps)")
+    shutdown(ctx)
+    return 0
+
+
 __all__ = [
     "REQUEUE_EXIT_CODE",
     "SliceConfig",
     "DCConfig",
-    "Prior3DConfig",
     "OptimConfig",
     "OutputConfig",
     "CheckpointConfig",
@@ -861,5 +921,6 @@ __all__ = [
     "RunPaths",
     "run_recon3d",
     "prepare_bundled_store",
+    "recon3d_job",
     "gather_planes",
 ]
