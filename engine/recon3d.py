@@ -49,7 +49,7 @@ from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
-from engine.physics.fft import fftc, ifftc
+from engine.physics.fft import ifftc
 from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
 
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again later"; the sbatch file requeues on it
@@ -186,7 +186,8 @@ class Recon3DConfig:
 
 
 # Keys that do not change the numbers a run produces: excluded from the checkpoint's config hash.
-_NOT_HASHED = ("output", "checkpoint", "baseline", "bundled", "grad_sync", "zero_stage", "data_on_host")
+# (grad_sync stays in: where the trunk's optimiser state lives depends on it.)
+_NOT_HASHED = ("output", "checkpoint", "baseline", "bundled", "data_on_host")
 
 
 def result_config(cfg: Recon3DConfig, input_desc: dict) -> dict:
@@ -233,16 +234,12 @@ def dc_sum(image: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, kspace: 
     """sum |M F (S image) - y|^2 over a batch of planes (differentiable, float32 scalar).
 
     image (B, ny, nz) complex64; maps, kspace (B, C, ny, nz) complex64 (kspace zero outside the
-    mask); mask (ny, nz) float32. Uses kernels.sense.dc_loss (fused on CUDA) when available.
+    mask); mask (ny, nz) float32. The engine's one DC call: kernels.sense.dc_loss (fused Triton
+    kernels on CUDA, the torch reference on CPU; backend "auto" | "torch" | "triton").
     """
-    try:
-        from kernels.sense import dc_loss  # the fused path of the kernels issue
-    except ImportError:
-        dc_loss = None
-    if dc_loss is not None:
-        return dc_loss(image, maps, mask, kspace, backend=backend)
-    residual = fftc(maps * image.unsqueeze(1)) * mask - kspace
-    return torch.view_as_real(residual).square().sum()
+    from kernels.sense import dc_loss
+
+    return dc_loss(image, maps, mask, kspace, backend=backend)
 
 
 def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: int = 65536) -> float:
@@ -304,7 +301,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 @dataclass
 class StepResult:
-    """What one step did (rank-local draws, global loss terms when synchronised)."""
+    """What one step did on this rank: its shards' draws and its (rank-local) loss terms."""
 
     step: int
     rows: torch.Tensor  # global readout indices drawn by this rank's shards, (K * local shards,)
@@ -684,6 +681,17 @@ def run_recon3d(
     paths = RunPaths.for_output(output_path)
     if paths.volume.exists() and not (overwrite or resume):  # every rank checks: no rank waits alone
         raise FileExistsError(f"{paths.volume} exists; pass --overwrite to replace it or --resume to continue")
+    if resume and paths.volume.exists():
+        from engine.io.errors import InputError
+        from engine.io.ome_zarr import open_volume
+
+        try:
+            finished = open_volume(paths.volume)
+        except InputError:  # incomplete: the run is to be continued and the volume rewritten
+            finished = None
+        if finished is not None:
+            ctx.print0(f"[recon3d] {paths.volume} is already complete; nothing to resume")
+            return finished.metrics
     source = HybridStore(store if store is not None else input_path)
     if source.shape[0] < ctx.world_size:
         raise ValueError(f"{input_path}: {source.shape[0]} readout positions for {ctx.world_size} ranks")
