@@ -365,7 +365,10 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
         update_ema(ema, model, step, tc.ema_halflife_steps)
         window.append(float(loss.detach()))
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
+        out_of_time = tc.max_minutes > 0 and (time.time() - t0) > 60 * tc.max_minutes
+        if world_any(out_of_time, info) or done == tc.stop_at_step:
+            stopped_at = done
+        if done % tc.log_every == 0 or done == tc.steps or stopped_at:
             last_loss = all_reduce_mean(sum(window) / len(window), info.device)
             rate = len(window) * tc.batch_size * info.world_size / max(time.time() - window_t0, 1e-9)
             log.append({"step": done, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
@@ -375,9 +378,6 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
         if bar is not None:
             bar.update(1)
-        out_of_time = tc.max_minutes > 0 and (time.time() - t0) > 60 * tc.max_minutes
-        if world_any(out_of_time, info) or done == tc.stop_at_step:
-            stopped_at = done
         if done % tc.checkpoint_every == 0 or done == tc.steps or stopped_at:
             save_state(done)
         if stopped_at:
@@ -387,7 +387,8 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
 
     prior_dir = out / "prior"
     if info.is_main:
-        extra = {"training": {"steps": tc.steps, "batch_size_per_rank": tc.batch_size,
+        extra = {"training": {"steps": stopped_at or tc.steps, "scheduled_steps": tc.steps,
+                              "batch_size_per_rank": tc.batch_size,
                               "world_size": info.world_size, "patch_size": cfg.data.patch_size,
                               "parameters": count_parameters(model),
                               "volumes": [asdict(v) for v in cfg.data.volumes],
