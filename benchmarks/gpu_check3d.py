@@ -31,12 +31,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def run_one(case: Path, k: int, bf16: bool, full_dc: bool, steps: int, warmup: int, device: str) -> dict:
     import torch
+    from scale3d import INR, PRIOR, ArraySource
 
     from engine.config import build_config
     from engine.dist import init_distributed
     from engine.prior import EDMPrior, UNetConfig, default_prior_path, load_prior
     from engine.recon3d import Recon3D, Recon3DConfig
-    from scale3d import INR, PRIOR, ArraySource
 
     ctx = init_distributed(device=device, env={})
     cfg = build_config(Recon3DConfig, {"steps": 10_000, "inr": INR, "slices": {"per_step": k}, "prior": PRIOR,
@@ -76,7 +76,6 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny case on CPU: checks the script, not the GPU")
     args = parser.parse_args()
     import torch
-
     from scale3d import make_case
 
     if not torch.cuda.is_available() and not args.cpu_smoke:
@@ -103,8 +102,8 @@ def main() -> int:
         f"# 3D engine on {name} (benchmarks/gpu_check3d.py)",
         "",
         f"- Date: {started}; torch {torch.__version__}; total wall time {time.perf_counter() - t0:.0f} s.",
-        f"- Case: {'x'.join(map(str, shape))}, {coils} coils (Colin27 anatomy, simulated coils), Poisson R = 4;"
-        f" one process; {steps} timed steps after {warmup} warm-up steps.",
+        (f"- Case: {'x'.join(map(str, shape))}, {coils} coils (Colin27 anatomy, simulated coils), Poisson R = 4;"
+         f" one process; {steps} timed steps after {warmup} warm-up steps."),
         "- Model: hash grid 16 levels -> MLP 2 x 64 -> head; prior 'tweedie' (shipped architecture), L2.",
         "",
         "| K | bf16 | full DC every step | ms / step | resident GiB | per-step GiB | peak GiB |",

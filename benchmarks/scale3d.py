@@ -147,8 +147,9 @@ def fit_memory_model(rows: list[dict]) -> np.ndarray:
 def gpu_model_lines(coef: np.ndarray, nx=512, ny=512, nz=160, coils=16, k=4) -> list[str]:
     p = ny * nz
     step_mib = coef[0] * p + coef[1] * k * coils * p + coef[2] * k * p
-    lines = ["| ranks (GPUs) | slab (readout positions) | k-space + maps of the slab | per-step (model, K = 4) | "
-             "full-DC pass, 16 planes per chunk (model) | total |", "|---|---|---|---|---|---|"]
+    header = ("| ranks (GPUs) | slab (readout positions) | k-space + maps of the slab | per-step (model, K = 4) | "
+              "full-DC pass, 16 planes per chunk (model) | total |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for ranks in (1, 8):
         slab = nx // ranks
         data_gib = slab * coils * p * 8 * 2 / 2**30  # complex64 k-space and maps
@@ -218,16 +219,16 @@ def write_report(path: Path, rows: list[dict], coef: np.ndarray, efficiency: flo
     lines = [
         "# 3D engine scaling on CPU (benchmarks/scale3d.py)",
         "",
-        f"- Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
-        f"torch {torch.__version__}, 1 thread per rank; shared with other jobs (load average at start "
-        f"{load_before[0]:.1f}; per-row load in the table), so absolute times are noisy.",
-        f"- Date: {started}. {steps} timed steps after {warmup} warm-up steps per row"
-        + (" (--quick smoke run: not the reported numbers)" if quick else "") + ".",
-        f"- Model: hash grid (16 levels, T = 2^16, 16..512) -> MLP 2 x 64 -> complex head; prior term "
-        f"'tweedie' with the shipped prior's architecture (U-Net base 32, mult 1-2-2-2), L2 distance; "
-        f"float32 (bf16 is a GPU measurement: benchmarks/gpu_check3d.py).",
-        "- Cases: Colin27 anatomy resampled, 8 birdcage coils (4 in the 'coils' row), SNR 40, "
-        "Poisson-disc R = 4; per-step memory = peak RSS during the steps minus RSS after set-up.",
+        (f"- Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
+         f"torch {torch.__version__}, 1 thread per rank; shared with other jobs (load average at start "
+         f"{load_before[0]:.1f}; per-row load in the table), so absolute times are noisy."),
+        (f"- Date: {started}. {steps} timed steps after {warmup} warm-up steps per row"
+         + (" (--quick smoke run: not the reported numbers)" if quick else "") + "."),
+        ("- Model: hash grid (16 levels, T = 2^16, 16..512) -> MLP 2 x 64 -> complex head; prior term "
+         "'tweedie' with the shipped prior's architecture (U-Net base 32, mult 1-2-2-2), L2 distance; "
+         "float32 (bf16 is a GPU measurement: benchmarks/gpu_check3d.py)."),
+        ("- Cases: Colin27 anatomy resampled, 8 birdcage coils (4 in the 'coils' row), SNR 40, "
+         "Poisson-disc R = 4; per-step memory = peak RSS during the steps minus RSS after set-up."),
         "",
         "| what | volume x*y*z | coils | K | ranks | prior | s / step | set-up RSS MiB | per-step MiB | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -238,24 +239,24 @@ def write_report(path: Path, rows: list[dict], coef: np.ndarray, efficiency: flo
                      f"{r['step_mib']:.1f} | {r['load']} |")
     lines += [
         "",
-        f"Weak scaling (32 readout positions and K = 4 per rank; 2 ranks = twice the volume): "
-        f"efficiency t(1 rank) / t(2 ranks) = **{efficiency:.2f}**. Both ranks share the machine's "
-        f"2 cores with other jobs, so this is a lower bound of what separate cores or GPUs give.",
+        ("Weak scaling (32 readout positions and K = 4 per rank; 2 ranks = twice the volume): "
+         f"efficiency t(1 rank) / t(2 ranks) = **{efficiency:.2f}**. Both ranks share the machine's "
+         "2 cores with other jobs, so this is a lower bound of what separate cores or GPUs give."),
         "",
         "## Memory model for 512 x 512 x 160, 16 coils",
         "",
-        f"Fitted to the rows above (prior on): per-step MiB = a P + b K C P + c K P with P = ny nz: "
-        f"a = {coef[0]:.3e}, b = {coef[1]:.3e}, c = {coef[2]:.3e} MiB (b is about "
-        f"{coef[1] * 2**20 / 8:.1f} complex64 copies per coil-plane sample). The resident data is "
-        f"exact arithmetic (complex64 k-space and maps of the slab). CPU RSS stands in for GPU memory; "
-        f"cuFFT workspaces and the caching allocator add to it, so measure with "
-        f"benchmarks/gpu_check3d.py before sizing a job. DESIGN.md's estimate: a step touching k "
-        f"slices of 512 x 160 x 16 coils costs k x 10.5 MB per copy.",
+        ("Fitted to the rows above (prior on): per-step MiB = a P + b K C P + c K P with P = ny nz: "
+         f"a = {coef[0]:.3e}, b = {coef[1]:.3e}, c = {coef[2]:.3e} MiB (b is about "
+         f"{coef[1] * 2**20 / 8:.1f} complex64 copies per coil-plane sample). The resident data is "
+         "exact arithmetic (complex64 k-space and maps of the slab). CPU RSS stands in for GPU memory; "
+         "cuFFT workspaces and the caching allocator add to it, so measure with "
+         "benchmarks/gpu_check3d.py before sizing a job. DESIGN.md's estimate: a step touching k "
+         "slices of 512 x 160 x 16 coils costs k x 10.5 MB per copy."),
         "",
         *gpu_model_lines(coef),
         "",
-        "With 1 GPU the slab's data (10.7 GiB) fits an 80 GB card; `data_on_host: true` keeps it in "
-        "host memory and moves only the drawn planes each step. Per-step memory does not depend on nx.",
+        ("With 1 GPU the slab's data (10.7 GiB) fits an 80 GB card; `data_on_host: true` keeps it in "
+         "host memory and moves only the drawn planes each step. Per-step memory does not depend on nx."),
         "",
         "Raw rows (JSON):",
         "",

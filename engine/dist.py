@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -153,7 +153,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     launcher: str = "single"
     owns_group: bool = False
@@ -495,10 +495,10 @@ def _local_worker(fn, rank, world_size, init_method, args, queue, threads):
         # Plain pickle bytes: torch's queue would pass tensors as shared-memory handles, which die
         # with the process that made them.
         queue.put((rank, True, pickle.dumps(fn(ctx, *args))))
-    except SystemExit as exit_request:  # e.g. a preemption exit code: report it, then exit with it
+    except SystemExit:  # e.g. a preemption exit code: report it, then exit with it
         queue.put((rank, True, pickle.dumps(None)))
-        raise exit_request
-    except BaseException:
+        raise
+    except BaseException:  # noqa: BLE001 - any failure of the rank is reported to the parent
         queue.put((rank, False, traceback.format_exc()))
         raise SystemExit(1)
     finally:

@@ -35,9 +35,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -269,7 +270,7 @@ class PreemptionFlag:
     def _handler(self, signum, _frame) -> None:
         self.raised = True
 
-    def install(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> "PreemptionFlag":
+    def install(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> PreemptionFlag:
         for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -543,9 +544,9 @@ class RunPaths:
     side: Path
 
     @classmethod
-    def for_output(cls, volume: str | Path) -> "RunPaths":
+    def for_output(cls, volume: str | Path) -> RunPaths:
         volume = Path(volume)
-        stem = volume.name[:-5] if volume.name.endswith(".zarr") else volume.name
+        stem = volume.name.removesuffix(".zarr")
         return cls(volume, volume.with_name(stem + "_run"))
 
     @property
@@ -576,7 +577,7 @@ class _CsvLog:
         if resume_step > 0 and path.is_file():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) < resume_step]
-        self.handle = open(path, "w", newline="")
+        self.handle = open(path, "w", newline="")  # noqa: SIM115 - kept open for the whole run
         self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS)
         self.writer.writeheader()
         self.writer.writerows(rows)
@@ -912,23 +913,23 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
 
 __all__ = [
     "REQUEUE_EXIT_CODE",
-    "SliceConfig",
+    "BaselineConfig",
+    "BundledCaseConfig",
+    "CheckpointConfig",
     "DCConfig",
+    "GridTrunk",
     "OptimConfig",
     "OutputConfig",
-    "CheckpointConfig",
-    "BundledCaseConfig",
-    "BaselineConfig",
+    "Preempted",
+    "Recon3D",
     "Recon3DConfig",
-    "GridTrunk",
+    "RunPaths",
+    "SliceConfig",
+    "StepResult",
     "build_sharded_inr",
     "dc_sum",
-    "Recon3D",
-    "StepResult",
-    "Preempted",
-    "RunPaths",
-    "run_recon3d",
+    "gather_planes",
     "prepare_bundled_store",
     "recon3d_job",
-    "gather_planes",
+    "run_recon3d",
 ]

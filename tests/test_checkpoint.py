@@ -5,11 +5,11 @@ import json
 import os
 import random
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_recon3d import make_tiny_store, tiny_config, tiny_prior
 
 from engine.checkpoint import (
     CheckpointManager,
@@ -21,7 +21,6 @@ from engine.checkpoint import (
 )
 from engine.dist import DistContext, init_distributed, launch_local
 from engine.recon3d import REQUEUE_EXIT_CODE, Preempted, run_recon3d
-from test_recon3d import make_tiny_store, tiny_config, tiny_prior
 
 
 def _ctx() -> DistContext:

@@ -121,7 +121,7 @@ def test_mpiexec_bootstrap_two_ranks():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "MASTER_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", MPI_SCRIPT], env=env, cwd=REPO,
+    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", MPI_SCRIPT], env=env, cwd=REPO, check=False,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
