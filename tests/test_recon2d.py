@@ -175,3 +175,47 @@ def test_noise_level_schedules():
     last = logu.noise_levels(1000, 10, torch.device("cpu"))
     assert last.min() >= 0.05 and last.max() <= 0.1 + 1e-6
     assert logu.weight(0) == pytest.approx(1 / 500) and logu.weight(10) == pytest.approx(0.0)
+
+
+def test_job_writes_the_run_folder(tmp_path, case):
+    """recon2d_job on a small fully sampled .npy: retrospective mask, scores, config saved, refusal."""
+    import json
+
+    from engine.config import load_config
+    from engine.recon2d import recon2d_job
+
+    y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
+    image = (np.exp(-(x ** 2 + y ** 2) * 3) * (1 + 0.3 * (x > 0))).astype(np.complex64)
+    maps = np.stack([np.exp(-((x - cx) ** 2 + (y - cy) ** 2)) for cx, cy in [(-1, 0), (1, 0), (0, 1), (0, -1)]])
+    coil_images = (maps * image).astype(np.complex64)
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coil_images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    source = tmp_path / "case.npy"
+    np.save(source, kspace.astype(np.complex64))
+    config = small_config(optim={"steps": 3})
+    out = tmp_path / "run"
+    metrics = recon2d_job(config, str(out), str(source), acceleration=3.0, seed=0, calib_width=12,
+                          compare=("zero_filled", "inr"))
+    assert set(metrics) == {"zero_filled", "inr", "infusion"}
+    for method in metrics.values():
+        assert {"nrmse_percent", "psnr_db", "ssim", "seconds", "prior_evals"} <= set(method)
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["metadata"]["fully_sampled_input"] is True
+    assert (out / "comparison.png").is_file() and np.load(out / "recon_infusion.npy").shape == (32, 32)
+    from engine.recon2d import Recon2DConfig
+
+    assert load_config(Recon2DConfig, out / "config.yaml") == config
+    with pytest.raises(FileExistsError, match="not empty"):
+        recon2d_job(config, str(out), str(source))
+
+
+def test_launcher_rejects_a_bad_override(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "recon2d.py"
+    spec = importlib.util.spec_from_file_location("launch_recon2d", path)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.main(["--out", str(tmp_path / "x"), "--set", "optim.stepz=3"]) == 2
+    assert "'optim.stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -63,6 +63,9 @@ class PriorTermConfig:
     """loguniform noise: upper bound of t at the first step."""
     t_high_end: float = 0.1
     """loguniform noise: upper bound of t at the last step."""
+    inject_noise: bool = True
+    """add t * noise before denoising (the paper); false: denoise the plane itself at level t
+    (regularisation by denoising, RED)."""
     ode_steps: int = 10
     """reference mode: Euler steps of the EDM ODE from t to 0."""
     rho: float = 7.0
@@ -178,7 +181,8 @@ class PriorTerm(torch.nn.Module):
             clean = complex_to_channels(scaled.detach()).repeat_interleave(c.batch, dim=0)  # (B*batch, 2, H, W)
             t = self.noise_levels(clean.shape[0], step, planes.device)
             noise = torch.randn(clean.shape, generator=self.generator).to(planes.device)
-            x0 = self._denoise(clean + t.view(-1, 1, 1, 1) * noise, t)
+            noisy = clean + t.view(-1, 1, 1, 1) * noise if c.inject_noise else clean
+            x0 = self._denoise(noisy, t)
             self.target = channels_to_complex(x0).view(b, c.batch, *planes.shape[-2:])
             evals = clean.shape[0] * (c.ode_steps if c.mode == "reference" else 1)
         elif not (c.reuse_target and self.target is not None):

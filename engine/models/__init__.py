@@ -9,6 +9,7 @@ from engine.models.inr import (
     EncodingConfig,
     INRConfig,
     build_encoding,
+    resolve_encoding,
 )
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "EncodingConfig",
     "INRConfig",
     "build_encoding",
+    "resolve_encoding",
     "coordinate_grid",
 ]

@@ -41,7 +41,7 @@ class EncodingConfig:
     min_res: int = 16
     """hashgrid: coarsest grid resolution."""
     max_res: int = 512
-    """hashgrid: finest grid resolution (about twice the image size works well)."""
+    """hashgrid: finest grid resolution; 0 = twice the image's larger side (resolved by the recon loop)."""
     seed: int = 0
     """seed of the frequencies / table initialisation."""
 
@@ -61,11 +61,23 @@ class INRConfig:
     """seed of the trunk and head initialisation."""
 
 
+def resolve_encoding(config: INRConfig, grid_shape: Sequence[int]) -> INRConfig:
+    """`config` with an automatic hash-grid max_res (0) replaced by 2 x max(grid_shape)."""
+    import dataclasses
+
+    if config.encoding.kind != "hashgrid" or config.encoding.max_res > 0:
+        return config
+    encoding = dataclasses.replace(config.encoding, max_res=max(config.encoding.min_res, 2 * max(grid_shape)))
+    return dataclasses.replace(config, encoding=encoding)
+
+
 def build_encoding(config: EncodingConfig, in_dim: int) -> nn.Module:
     """The encoding module described by `config` (has `.out_dim`)."""
     if config.kind == "fourier":
         return FourierFeatures(in_dim, n_freq=config.n_freq, sigma=config.sigma, seed=config.seed)
     if config.kind == "hashgrid":
+        if config.max_res <= 0:
+            raise ValueError("hash-grid max_res 0 (automatic) must be resolved with resolve_encoding first")
         return HashGridEncoding(in_dim, levels=config.levels, features_per_level=config.features_per_level,
                                 log2_table_size=config.log2_table_size, min_res=config.min_res,
                                 max_res=config.max_res, seed=config.seed)

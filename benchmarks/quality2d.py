@@ -1,0 +1,232 @@
+"""Quality of 2D INFusion against zero-filled, L1-wavelet, the plain INR and INR + TV.
+
+Protocol (issue 4's Benchmark section): every fully sampled slice gets ESPIRiT maps from its centre
+(calibration width 24); its reference is the ESPIRiT-combined image; metrics (magnitude, fastMRI
+definitions, no rescaling) are taken inside the ESPIRiT support. Masks: 2D Poisson-disc R = 4, 6, 8
+without a calibration region (the paper's setting), seeds 0 and 1. To fit 2 CPU cores, k-space is
+centre-cropped to 128 x 128 (same field of view, half the resolution) except in the "256" part.
+
+Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
+- real: 4h_GE and 4h_mpr (real 4-coil brain slices), 4h_Ph (real resolution phantom, own rows);
+- sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
+  axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
+- 256: 4h_GE at full 256 x 256, R = 6, seed 0.
+Methods: zero_filled; l1_wavelet (engine.baselines' rule, tuned once on a Colin27 training slice);
+l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
+(configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); reference
+(configs/reference2d.yaml with --reference-steps iterations instead of 8000, only on the rows
+named by --reference-rows, because one iteration costs seconds on CPU).
+
+Results are appended to a JSON-lines file (one line per case, R, seed, method) so the benchmark can
+run in parts and resume; `report` turns them into benchmarks/results/quality2d.md.
+
+Commands (repository root; the real slices stay in ../shared/data and are never committed):
+    nice -n 5 python benchmarks/quality2d.py run --part real --methods zero_filled l1_wavelet l1_wavelet_best inr inr_tv fast
+    nice -n 5 python benchmarks/quality2d.py run --part sim
+    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods l1_wavelet_best inr_tv fast
+    nice -n 5 python benchmarks/quality2d.py run --part real --methods reference --reference-steps 500 --reference-rows 4h_GE:6:0
+    python benchmarks/quality2d.py report
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATA = Path(os.environ.get("INFUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
+RUNS = REPO / "benchmarks" / "results" / "quality2d_runs.jsonl"
+REPORT = REPO / "benchmarks" / "results" / "quality2d.md"
+ACCELERATIONS = (4, 6, 8)
+SEEDS = (0, 1)
+CROP = 128
+METHODS = ("zero_filled", "l1_wavelet", "l1_wavelet_best", "inr", "inr_tv", "fast", "reference")
+CONFIGS = {"inr": "inr2d.yaml", "inr_tv": "inr_tv2d.yaml", "fast": "demo2d.yaml", "reference": "reference2d.yaml"}
+PARTS = {
+    "real": ("4h_GE", "4h_mpr", "4h_Ph"),
+    "sim": ("bundled_colin27_z45", "mni152_axial"),
+    "256": ("4h_GE_256",),
+}
+NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
+MNI_SLICE = 110  # axial voxel index of the 1 mm MNI152 volume (evaluation-only data)
+
+
+def centre_crop(kspace: np.ndarray, size: int) -> np.ndarray:
+    """k-space `(C, ny, nx)` -> `(C, size, size)` around the centre (DC at n // 2 stays at size // 2)."""
+    _, ny, nx = kspace.shape
+    top, left = ny // 2 - size // 2, nx // 2 - size // 2
+    return np.ascontiguousarray(kspace[:, top:top + size, left:left + size])
+
+
+def load_case(name: str) -> np.ndarray:
+    """Fully sampled k-space `(C, ny, nx)` complex64 of a benchmark case."""
+    if name.startswith("4h_"):
+        base = name.removesuffix("_256")
+        kspace = np.load(DATA / "real2d" / f"{base}_kspace_c4_256x256.npy").astype(np.complex64)
+        return kspace if name.endswith("_256") else centre_crop(kspace, CROP)
+    if name == "bundled_colin27_z45":
+        from engine.examples import bundled_case_2d
+
+        return centre_crop(np.asarray(bundled_case_2d()["kspace"], np.complex64), CROP)
+    if name == "mni152_axial":
+        import nibabel as nib
+
+        from engine.physics.simulate import simulate_multicoil
+
+        volume = nib.load(DATA / "volumes" / "mni152_2009a_t1_1mm.nii.gz")
+        plane = np.asarray(volume.dataobj[:, :, MNI_SLICE], dtype=np.float64).T[::-1]
+        magnitude = np.zeros((256, 256))
+        top, left = (256 - plane.shape[0]) // 2, (256 - plane.shape[1]) // 2
+        magnitude[top:top + plane.shape[0], left:left + plane.shape[1]] = plane / plane.max()
+        kspace = simulate_multicoil(magnitude, ncoils=4, snr=50.0, seed=0).kspace
+        return centre_crop(kspace.astype(np.complex64), CROP)
+    raise ValueError(f"unknown case {name!r}")
+
+
+def done_keys(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            keys.add((row["case"], row["R"], row["seed"], row["method"]))
+    return keys
+
+
+def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
+    from engine import baselines
+    from engine.config import load_config
+    from engine.recon2d import Recon2DConfig, reconstruct_2d
+
+    if method in ("zero_filled", "l1_wavelet", "l1_wavelet_best"):
+        result = baselines.run_baselines(kspace, maps, mask, (method,), reference, support)[method]
+        return {"image": result["image"], "seconds": result["seconds"], "prior_evals": 0, "steps": None}
+    overrides = ["progress=false"]
+    if method == "reference":
+        overrides.append(f"optim.steps={reference_steps}")
+    config = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], overrides)
+    image, info = reconstruct_2d(kspace, maps, mask, config)
+    return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
+            "steps": info["steps"], "stopped": info["stopped"]}
+
+
+def run(part: str, methods: list[str], out: Path, reference_steps: int, reference_rows: list[str],
+        cases: list[str] | None) -> None:
+    import torch
+
+    from engine.baselines import espirit_reference
+    from engine.metrics import all_metrics
+    from engine.physics.masks import poisson_disc_mask
+
+    torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
+    done = done_keys(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for case in cases or PARTS[part]:
+        kspace = load_case(case)
+        maps, reference, support = espirit_reference(kspace)
+        rows = [(6, 0)] if part == "256" else [(r, s) for r in ACCELERATIONS for s in SEEDS]
+        for acceleration, seed in rows:
+            mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)
+            for method in methods:
+                key = (case, acceleration, seed, method)
+                if key in done:
+                    continue
+                if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
+                    continue
+                result = run_method(method, kspace, maps, mask, reference, support, reference_steps)
+                row = {"case": case, "R": acceleration, "seed": seed, "method": method,
+                       "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
+                       **{k: v for k, v in result.items() if k != "image"},
+                       "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+                with open(out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{case} R={acceleration} seed={seed} {method}: NRMSE {row['nrmse_percent']:.2f} % "
+                      f"in {row['seconds']:.1f} s, {row['prior_evals']} prior evals", flush=True)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def report(runs: Path, out: Path) -> None:
+    rows = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
+    by_key: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_key.setdefault((row["case"], row["size"], row["R"], row["method"]), []).append(row)
+    cases = sorted({(r["case"], r["size"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    dates = sorted(r["date"] for r in rows)
+    lines = [
+        "# 2D quality benchmark (benchmarks/quality2d.py)",
+        "",
+        f"Machine: {rows[0]['machine']}; runs between {dates[0]} and {dates[-1]} (UTC). Wall times were",
+        "measured while other jobs shared the 2 cores, so they are noisy; compare methods within a row.",
+        "",
+        "Protocol: ESPIRiT maps and reference from the fully sampled slice, metrics on magnitudes inside",
+        "the ESPIRiT support; Poisson-disc masks without calibration region; values are means over the",
+        "mask seeds listed. k-space centre-cropped to 128 x 128 except rows marked 256.",
+        "",
+    ]
+    for case, size in cases:
+        lines += [f"## {case} ({size} x {size})", "",
+                  "| R | method | seeds | NRMSE % | PSNR dB | SSIM | seconds | prior evals | steps |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for acceleration in ACCELERATIONS:
+            for method in METHODS:
+                entries = by_key.get((case, size, acceleration, method))
+                if not entries:
+                    continue
+                mean = {k: float(np.mean([e[k] for e in entries])) for k in ("nrmse_percent", "psnr_db", "ssim", "seconds")}
+                evals = int(np.mean([e["prior_evals"] for e in entries]))
+                steps = [e.get("steps") for e in entries if e.get("steps")]
+                lines.append(f"| {acceleration} | {method} | {','.join(str(e['seed']) for e in entries)} | "
+                             f"{mean['nrmse_percent']:.2f} | {mean['psnr_db']:.2f} | {mean['ssim']:.4f} | "
+                             f"{mean['seconds']:.1f} | {evals} | {int(np.mean(steps)) if steps else '-'} |")
+        lines.append("")
+    # hand-written notes (experiments, conclusions) below the marker survive a regeneration
+    previous = out.read_text() if out.exists() else ""
+    notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
+    out.write_text("\n".join(lines) + "\n" + notes)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="run (part of) the benchmark, appending to the runs file")
+    run_parser.add_argument("--part", choices=sorted(PARTS), required=True)
+    run_parser.add_argument("--cases", nargs="*", default=None, help="subset of the part's cases")
+    run_parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "reference"],
+                            choices=METHODS)
+    run_parser.add_argument("--reference-steps", type=int, default=500,
+                            help="iterations of the reference mode (the paper: 8000)")
+    run_parser.add_argument("--reference-rows", nargs="*", default=["4h_GE:6:0"],
+                            help="case:R:seed rows on which the reference mode runs")
+    run_parser.add_argument("--runs", type=Path, default=RUNS)
+    report_parser = sub.add_parser("report", help="write the markdown table from the runs file")
+    report_parser.add_argument("--runs", type=Path, default=RUNS)
+    report_parser.add_argument("--out", type=Path, default=REPORT)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        start = time.time()
+        run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases)
+        print(f"part {args.part} took {time.time() - start:.0f} s")
+    else:
+        report(args.runs, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
