@@ -102,17 +102,20 @@ def test_slurm_environment_bootstrap_two_ranks():
 
 
 MPI_SCRIPT = """
+import sys
 import torch
 from engine.dist import init_distributed, shutdown
 ctx = init_distributed(device="cpu", timeout_s=60)
 total = ctx.all_reduce_sum(torch.tensor([float(ctx.rank + 1)]))
-print(f"RESULT {ctx.launcher} {ctx.rank} {ctx.world_size} {ctx.backend} {float(total)}", flush=True)
+# one file per rank: mpiexec may interleave the ranks' stdout within a line
+with open(f"{sys.argv[1]}/rank{ctx.rank}.txt", "w") as out:
+    out.write(f"{ctx.launcher} {ctx.rank} {ctx.world_size} {ctx.backend} {float(total)}")
 shutdown(ctx)
 """
 
 
 @pytest.mark.dist
-def test_mpiexec_bootstrap_two_ranks():
+def test_mpiexec_bootstrap_two_ranks(tmp_path):
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         mpiexec = shutil.which("mpiexec")
@@ -121,11 +124,11 @@ def test_mpiexec_bootstrap_two_ranks():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "MASTER_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", MPI_SCRIPT], env=env, cwd=REPO, check=False,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", MPI_SCRIPT, str(tmp_path)], env=env,
+                         cwd=REPO, check=False, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
-    assert lines == ["RESULT mpi 0 2 gloo 3.0", "RESULT mpi 1 2 gloo 3.0"]
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert results == ["mpi 0 2 gloo 3.0", "mpi 1 2 gloo 3.0"]
 
 
 # ------------------------------------------------------------------ trunk gradient sums
