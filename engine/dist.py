@@ -439,10 +439,25 @@ class DeepSpeedTrunkSync(TrunkSync):
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
+    # Entries of ZeRO's state_dict that are Python objects rather than tensors and numbers: kept
+    # out of checkpoints (which load with weights_only=True) and taken from the live optimiser.
+    _LIVE_OBJECTS = ("loss_scaler", "param_slice_mappings")
+
     def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+        """This rank's ZeRO partition of the optimiser state, as tensors and plain values."""
+        state = {k: v for k, v in self.optimizer.state_dict().items() if k not in self._LIVE_OBJECTS}
+        if "zero_stage" in state:
+            state["zero_stage"] = int(state["zero_stage"])
+        return state
 
     def load_optimizer_state(self, state: dict) -> None:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        state = dict(state)
+        state["loss_scaler"] = self.optimizer.loss_scaler
+        state["param_slice_mappings"] = self.optimizer._param_slice_mappings
+        if "zero_stage" in state:
+            state["zero_stage"] = ZeroStageEnum(state["zero_stage"])
         # ZeRO's loader takes one state per rank and picks its own partition by dp rank.
         states = [None] * self.ctx.world_size
         states[self.ctx.rank] = state

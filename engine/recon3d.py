@@ -336,7 +336,7 @@ class Recon3D:
         slab = source.read_slab(self.x_start, self.x_stop)
         if slab.maps is None:
             raise ValueError(f"{getattr(source, 'path', 'input')}: the hybrid store has no coil maps "
-                             "(prepare it with maps or ESPIRiT: launch/prepare.py --espirit)")
+                             "(prepare it again with launch/prepare.py --maps-from espirit, or --maps FILE)")
         mask = torch.as_tensor(np.asarray(source.mask, dtype=np.float32))
         kspace = torch.as_tensor(np.asarray(slab.kspace, dtype=np.complex64)) * mask
         maps = torch.as_tensor(np.asarray(slab.maps, dtype=np.complex64))
@@ -378,14 +378,7 @@ class Recon3D:
             p.requires_grad_(False)
         prior = prior.to(self.device).eval()
         dtype = torch.bfloat16 if self.bf16 else None
-        terms = [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype) for s in self.samplers[:1]]
-        for sampler in self.samplers[1:]:  # share the distance module (LPIPS weights) between shards
-            term = PriorTerm.__new__(PriorTerm)
-            nn.Module.__init__(term)
-            term.config, term.prior, term.total_steps = self.cfg.prior, prior, self.cfg.steps
-            term.generator, term.autocast_dtype, term.distance, term.target = sampler.generator, dtype, terms[0].distance, None
-            terms.append(term)
-        return terms
+        return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype) for s in self.samplers]
 
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
@@ -403,7 +396,6 @@ class Recon3D:
     def is_full_dc_step(self, step: int) -> bool:
         d = self.cfg.dc
         return (d.full_every > 0 and (step + 1) % d.full_every == 0) or step >= self.cfg.steps - d.full_final_steps
-
 
     # ------------------------------------------------------------------ one step
 
