@@ -903,6 +903,31 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
     return 0
 
 
+def build_parser(description: str | None = None):
+    """The command line of launch/recon3d.py (and of a console entry point)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description or "Distributed 3D INFusion reconstruction.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/demo3d.yaml"),
+                        help="YAML config (default configs/demo3d.yaml)")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="hybrid-space Zarr store from launch/prepare.py (default: the bundled example)")
+    parser.add_argument("--out", type=Path, default=None, help="output OME-Zarr volume (*.zarr)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. steps=200 prior.mode=off")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint (a fresh start if there is none)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Parse the command line and run `recon3d_job`; returns the exit code."""
+    args = build_parser(description).parse_args(argv)
+    return recon3d_job(args.config, args.set, args.input, args.out, overwrite=args.overwrite, resume=args.resume)
+
+
 __all__ = [
     "REQUEUE_EXIT_CODE",
     "BaselineConfig",
@@ -918,9 +943,11 @@ __all__ = [
     "RunPaths",
     "SliceConfig",
     "StepResult",
+    "build_parser",
     "build_sharded_inr",
     "dc_sum",
     "gather_planes",
+    "main",
     "prepare_bundled_store",
     "recon3d_job",
     "run_recon3d",

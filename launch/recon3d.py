@@ -24,36 +24,12 @@ Commands (from the repository root):
 Exit codes: 0 done; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue and rerun
 with --resume); 2 bad config, input or output path (one line naming the problem).
 """
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/demo3d.yaml"),
-                        help="YAML config (default configs/demo3d.yaml)")
-    parser.add_argument("--input", type=Path, default=None,
-                        help="hybrid-space Zarr store from launch/prepare.py (default: the bundled example)")
-    parser.add_argument("--out", type=Path, default=None, help="output OME-Zarr volume (*.zarr)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. steps=200 prior.mode=off")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint (a fresh start if there is none)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from engine.recon3d import recon3d_job
-
-    return recon3d_job(args.config, args.set, args.input, args.out, overwrite=args.overwrite, resume=args.resume)
-
+from engine.recon3d import main  # after the path set-up: runs from a plain clone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))
