@@ -94,6 +94,7 @@ def _resume_worker(ctx: DistContext, store: str, out: str, resume: bool, kill_at
     return None
 
 
+@pytest.mark.slow  # 20-40 s on 2 shared cores: three 2-rank launches
 @pytest.mark.dist
 def test_killed_and_preempted_run_resumes_bit_identically(tmp_path):
     """2 ranks: SIGKILL after step 5 (checkpoint at 3), resume, SIGTERM to rank 0 after step 7

@@ -172,6 +172,7 @@ def _sync_modes_worker(ctx: DistContext, modes: tuple[str, ...]) -> dict:
     return out
 
 
+@pytest.mark.slow  # about 20 s on 2 shared cores: one 2-rank launch importing DeepSpeed
 @pytest.mark.dist
 def test_trunk_sync_sums_gradients_over_ranks():
     """allreduce, DDP and DeepSpeed ZeRO-2: trunk gradients (and the Adam step) equal the

@@ -122,6 +122,7 @@ def _equivalence_worker(ctx: DistContext, store: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # 20-40 s on 2 shared cores: a 2-rank launch with DeepSpeed, then one process
 @pytest.mark.dist
 def test_two_ranks_equal_one_process(tiny_store):
     """Same shards and seed: identical drawn slices, summed trunk gradients equal the
