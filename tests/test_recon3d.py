@@ -248,3 +248,20 @@ def test_clear_errors_for_impossible_splits(tiny_store):
         Recon3D(tiny_config(slices={"per_step": 9}), HybridStore(tiny_store), single_process())
     with pytest.raises(ValueError, match="cannot be split over 8"):
         Recon3D(tiny_config(slices={"num_shards": 8}), HybridStore(tiny_store), single_process())
+
+
+def test_job_reports_bad_config_and_existing_output_with_exit_code_2(tiny_store, tmp_path, capsys):
+    import yaml
+
+    from engine.recon3d import recon3d_job
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 2\nnot_a_key: 1\n")
+    assert recon3d_job(bad) == 2
+    assert "not_a_key" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({**TINY, "prior": {"mode": "off"}}))
+    existing = tmp_path / "exists.zarr"
+    existing.mkdir()
+    assert recon3d_job(good, [], tiny_store, existing) == 2
+    assert "--overwrite" in capsys.readouterr().err
