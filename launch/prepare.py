@@ -9,6 +9,7 @@ Commands:
     python launch/prepare.py case.h5 --out case.zarr --echo 1 --chunk-x 4 --maps-from file
     python launch/prepare.py ksp.cfl --out case.zarr --maps sens.cfl       # BART k-space and maps
     python launch/prepare.py case.npy --out case.zarr --maps-from none --overwrite
+    python launch/prepare.py full.npy --out case.zarr --mask mask_ky_kz.npy   # retrospective mask
 
 Inputs: SKM-TEA-style .h5 (kspace [x, ky, kz, echo, coil], optional maps), BART .cfl/.hdr,
 .npy (coils, kx, ky, kz) centred complex, MATLAB v7.3 .mat coil images. Exit code 2 with a

@@ -12,6 +12,8 @@ Store layout (Zarr format 3, one group):
     attrs["infusion_hybrid"]: format, format_version, convention, shape, chunk_x, source,
         acquisition, mask / maps / reference provenance, reader attrs.
 The k-space stored is zero outside the mask (a supplied mask is applied to fully sampled data).
+Every array has the fill value NaN and every chunk is stored, so a chunk missing from a truncated
+or partly copied store reads as NaN and is refused by name instead of passing as zero k-space.
 """
 from __future__ import annotations
 
@@ -166,8 +168,10 @@ def prepare_hybrid_store(data: MulticoilData, out_path: str | Path, maps: np.nda
 
 def _write(group: zarr.Group, name: str, array: np.ndarray, chunks: tuple[int, ...]) -> None:
     chunks = tuple(min(c, s) for c, s in zip(chunks, array.shape))
+    # Fill NaN: an absent chunk (truncated copy) must not read as valid zeros. The data are
+    # checked finite before writing, so every chunk differs from the fill value and is stored.
     target = group.create_array(name, shape=array.shape, chunks=chunks, dtype=array.dtype,
-                                fill_value=0)
+                                fill_value=np.nan)
     target[...] = array
 
 
@@ -278,7 +282,11 @@ class HybridStore:
     def mask(self) -> np.ndarray:
         """(ky, kz) float32 0/1, read once and validated."""
         if self._mask is None:
-            self._mask = check_mask(self._array("mask")[...], self.plane_shape, self.path, "mask")
+            values = _read_array(self._array("mask"), ..., self.path, "mask")
+            if values.size and np.isnan(values).all():
+                raise InputError(self.path, "no stored chunk (the store is truncated or was copied "
+                                 "in part)", "mask")
+            self._mask = check_mask(values, self.plane_shape, self.path, "mask")
         return self._mask
 
     def read_slab(self, x_start: int, x_stop: int, check_values: bool = True) -> HybridSlab:
@@ -290,10 +298,15 @@ class HybridStore:
             raise ValueError(f"slab [{x_start}, {x_stop}) outside the readout range "
                              f"[0, {self.n_readout}) of {self.path}")
         where = f"{self.path} [x {x_start}:{x_stop}]"
-        kspace = self._kspace[x_start:x_stop]
-        maps = self._maps[x_start:x_stop] if self._maps is not None else None
-        reference = self._reference[x_start:x_stop] if self._reference is not None else None
+        rows = slice(x_start, x_stop)
+        kspace = _read_array(self._kspace, rows, where, "kspace")
+        maps = _read_array(self._maps, rows, where, "maps") if self._maps is not None else None
+        reference = (_read_array(self._reference, rows, where, "reference")
+                     if self._reference is not None else None)
         if check_values:
+            for name, values in (("kspace", kspace), ("maps", maps), ("reference", reference)):
+                if values is not None:
+                    _check_chunks_present(values, x_start, where, name)
             check_finite(kspace, where, "kspace")
             if maps is not None:
                 check_finite(maps, where, "maps")
@@ -302,3 +315,21 @@ class HybridStore:
     def __repr__(self) -> str:
         return (f"HybridStore({self.path!r}, shape(x, coils, ky, kz)={self.shape}, "
                 f"chunk_x={self.chunk_x}, maps={self.has_maps}, reference={self.has_reference})")
+
+
+def _read_array(array: zarr.Array, selection, where: str, name: str) -> np.ndarray:
+    """array[selection]; a chunk that cannot be decoded (truncated file) becomes InputError."""
+    try:
+        return array[selection]
+    except Exception as err:  # codecs raise RuntimeError / ValueError for truncated bytes
+        raise InputError(where, f"read failed (truncated or corrupt chunk?): {err}", name) from err
+
+
+def _check_chunks_present(values: np.ndarray, x_start: int, where: str, name: str) -> None:
+    """Refuse readout positions whose values are all NaN: the fill value of an absent chunk."""
+    per_position = np.isnan(values.reshape(values.shape[0], -1)).all(axis=1)
+    if per_position.any():
+        missing = np.flatnonzero(per_position) + x_start
+        raise InputError(where, f"no stored chunk for {missing.size} readout positions (x "
+                         f"{missing[0]}..{missing[-1]}): the store is truncated or was copied in "
+                         f"part", name)

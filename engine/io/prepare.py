@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from engine.io.bart import read_cfl
+from engine.io.data import check_finite, check_shape
 from engine.io.errors import InputError
 from engine.io.hybrid_store import HybridStore, prepare_hybrid_store
 from engine.io.readers import read_input
@@ -21,7 +21,8 @@ MAPS_SOURCES = ("espirit", "file", "none")
 
 def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0, chunk_x: int = 8,
                  maps_from: str = "espirit", maps_path: str | Path | None = None,
-                 calib_width: int = 24, overwrite: bool = False) -> Path:
+                 calib_width: int = 24, overwrite: bool = False,
+                 mask_path: str | Path | None = None) -> Path:
     """Convert a 3D multicoil case to a hybrid-space store (engine.io.hybrid_store).
 
     Args:
@@ -34,6 +35,8 @@ def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0,
         maps_path: coil maps (coils, x, y, z) as .npy, or BART .cfl [x, y, z, coils]; implies "file".
         calib_width: ESPIRiT calibration width (phase-encode samples per axis).
         overwrite: replace an existing store.
+        mask_path: sampling mask (ky, kz) 0/1 (.npy, .npz or .h5 dataset `mask`) applied to the
+            input (retrospective undersampling of fully sampled data); default: the input's.
     """
     if maps_from not in MAPS_SOURCES:
         raise ValueError(f"maps_from must be one of {MAPS_SOURCES}, got {maps_from!r}")
@@ -41,9 +44,17 @@ def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0,
     if out_path.exists() and not overwrite:  # fail before reading a large input
         raise InputError(out_path, "output exists; pass overwrite=True (--overwrite) to replace it")
     data = read_input(input_path, echo=echo)
+    if data.layout != "3d":
+        raise InputError(data.source, f"prepare needs 3D k-space (coils, kx, ky, kz), got layout "
+                         f"{data.layout!r} with shape {tuple(data.kspace.shape)}", "kspace")
+    mask = None
+    if mask_path is not None:
+        from engine.physics.masks import load_mask  # lazy: sigpy is heavy
+
+        mask = load_mask(mask_path, data.mask_shape)
     maps, estimate = None, None
     if maps_path is not None:
-        maps = read_maps(maps_path)
+        maps = read_maps(maps_path, expected_shape=data.kspace.shape)
     elif maps_from == "file" and data.maps is None:
         raise InputError(data.source, "no coil maps in the input (use --maps-from espirit, or "
                          "--maps FILE)", "maps")
@@ -57,15 +68,20 @@ def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0,
 
             return espirit_maps_hybrid(hybrid, calib_width=calib_width)
 
-    return prepare_hybrid_store(data, out_path, maps=maps, chunk_x=chunk_x, overwrite=overwrite,
-                                estimate_maps=estimate,
+    return prepare_hybrid_store(data, out_path, maps=maps, mask=mask, chunk_x=chunk_x,
+                                overwrite=overwrite, estimate_maps=estimate,
                                 extra_attrs={"maps_from": "file" if maps_path else maps_from,
                                              "maps_path": str(maps_path) if maps_path else None,
+                                             "mask_path": str(mask_path) if mask_path else None,
                                              "calib_width": calib_width, "echo": echo})
 
 
-def read_maps(path: str | Path) -> np.ndarray:
-    """Coil maps (coils, x, y, z) complex64 from a .npy (coils first) or BART .cfl [x, y, z, coils]."""
+def read_maps(path: str | Path, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Coil maps (coils, x, y, z) complex64 from a .npy (coils first) or BART .cfl [x, y, z, coils].
+
+    Refuses (InputError naming the maps file) real or non-4D arrays, NaN/Inf, and a shape other
+    than `expected_shape` (the k-space's (coils, kx, ky, kz)) when given.
+    """
     path = Path(path)
     if path.suffix in (".cfl", ".hdr"):
         maps = read_cfl(path)
@@ -83,6 +99,9 @@ def read_maps(path: str | Path) -> np.ndarray:
     if not np.iscomplexobj(maps) or maps.ndim != 4:
         raise InputError(path, f"expected complex maps (coils, x, y, z), got {maps.dtype} "
                          f"{maps.shape}", "maps")
+    if expected_shape is not None:
+        check_shape(maps, expected_shape, str(path), "maps", "k-space (coils, x, y, z)")
+    check_finite(maps, str(path), "maps")
     return np.ascontiguousarray(maps, dtype=np.complex64)
 
 
@@ -99,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="coil maps: ESPIRiT estimate, the input file's maps, or none")
     parser.add_argument("--maps", default=None,
                         help="coil maps file (.npy (coils, x, y, z) or BART .cfl); implies file")
+    parser.add_argument("--mask", default=None,
+                        help="sampling mask (ky, kz) 0/1 (.npy, .npz or .h5 dataset 'mask') applied "
+                        "to the input; default: the input's own sampling")
     parser.add_argument("--calib-width", type=int, default=24, help="ESPIRiT calibration width")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     return parser
@@ -106,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: prints the store summary; exit 2 with a one-line error on bad input."""
+    from engine.validate import run_cli  # lazy: engine.validate imports engine.io
+
     args = build_parser().parse_args(argv)
-    try:
-        out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=args.chunk_x,
-                           maps_from=args.maps_from, maps_path=args.maps,
-                           calib_width=args.calib_width, overwrite=args.overwrite)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _prepare_and_summarise(args))
+
+
+def _prepare_and_summarise(args: argparse.Namespace) -> int:
+    out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=args.chunk_x,
+                       maps_from=args.maps_from, maps_path=args.maps, calib_width=args.calib_width,
+                       overwrite=args.overwrite, mask_path=args.mask)
     store = HybridStore(out)
     mask = store.attrs["mask"]
     print(f"wrote {out}: (x, coils, ky, kz) = {store.shape}, chunk_x = {store.chunk_x}, "

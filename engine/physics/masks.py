@@ -156,23 +156,32 @@ def load_mask(
     if not path.exists():
         raise FileNotFoundError(f"mask file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".h5", ".hdf5"):
+        raise ValueError(f"mask file {path}: unsupported format {suffix!r} (use .npy, .npz or .h5)")
+    try:
+        mask = _read_mask_file(path, suffix, key)
+    except (OSError, EOFError, ValueError) as err:
+        if str(path) in str(err):  # already names the file (e.g. a missing key)
+            raise
+        raise ValueError(f"mask file {path} cannot be read (truncated or not {suffix}): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return validate_mask(mask, shape, name=str(path))
+
+
+def _read_mask_file(path: Path, suffix: str, key: str) -> np.ndarray:
     if suffix == ".npy":
-        mask = np.load(path)
-    elif suffix == ".npz":
-        with np.load(path) as archive:
+        return np.load(path, allow_pickle=False)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
             if key not in archive:
                 raise ValueError(f"mask file {path} has no array {key!r} (has {list(archive)})")
-            mask = archive[key]
-    elif suffix in (".h5", ".hdf5"):
-        import h5py
+            return archive[key]
+    import h5py
 
-        with h5py.File(path, "r") as f:
-            if key not in f:
-                raise ValueError(f"mask file {path} has no dataset {key!r} (has {list(f)})")
-            mask = f[key][()]
-    else:
-        raise ValueError(f"mask file {path}: unsupported format {suffix!r} (use .npy, .npz or .h5)")
-    return validate_mask(mask, shape, name=str(path))
+    with h5py.File(path, "r") as f:
+        if key not in f:
+            raise ValueError(f"mask file {path} has no dataset {key!r} (has {list(f)})")
+        return f[key][()]
 
 
 def validate_mask(
