@@ -426,12 +426,13 @@ def baseline_job(
     )
     reference = None
     if fully_sampled:
+        # the mask (a user's file may be refused) before the ESPIRiT maps, the slow part
+        mask = make_mask(mask_kind, kspace.shape[1:], acceleration, calib, seed, path=mask_file)
         if data.maps is not None:
             maps = data.maps.astype(np.complex64)
             reference, support = zero_filled(kspace, maps), support_mask(maps).astype(bool)
         else:
             maps, reference, support = espirit_reference(kspace, calib_width)
-        mask = make_mask(mask_kind, kspace.shape[1:], acceleration, calib, seed, path=mask_file)
         methods = tuple(methods) + (("l1_wavelet_best",) if best_lambda else ())
     else:
         mask = observed

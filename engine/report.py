@@ -2,6 +2,7 @@
 
 Both are written to a temporary file in the target folder and renamed into place, so a reader
 never sees a half-written file, and both refuse to replace an existing file unless asked.
+In a run folder (`write_run`) metrics.json is written last: it marks the folder complete.
 """
 from __future__ import annotations
 
@@ -135,13 +136,17 @@ def comparison_png(
 
 
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Create `out_dir`; refuse one that already holds files unless `overwrite` (FileExistsError)."""
+    """Check, before any work, that `out_dir` may be written; returns it as a Path.
+
+    Refuses (FileExistsError) a path that is not a folder, and a folder that already holds files
+    unless `overwrite`. Creates nothing: `write_run` creates the folder once there are results,
+    so a run refused or failed later (bad input) leaves no output behind.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {out_dir} is not empty; pass --overwrite to write into it")
-    out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -157,8 +162,10 @@ def write_run(
     """Write one run's outputs into `out_dir` and return the per-method metrics written.
 
     Files: `recon_<method>.npy` (complex64 (ny, nx)) per method, `<name>.npy` per entry of
-    `arrays` (e.g. mask, reference, support; None entries skipped), `metrics.json`
-    (`write_metrics_json`) and `comparison.png` (`comparison_png`).
+    `arrays` (e.g. mask, reference, support; None entries skipped), `comparison.png`
+    (`comparison_png`) and, last, `metrics.json` (`write_metrics_json`): a folder without it is
+    incomplete. Each file is written under a temporary name and renamed; when overwriting, the
+    old metrics.json is deleted first, so an interrupted rewrite never looks complete.
 
     Args:
         results: method -> {"image": (ny, nx), "seconds": float, other scalars (e.g. lamda)},
@@ -169,18 +176,26 @@ def write_run(
     from engine.metrics import all_metrics
 
     out_dir = prepare_output_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / "metrics.json"
+    if overwrite and marker.exists():
+        marker.unlink()  # from here until the new one is written the folder reads as incomplete
     per_method: dict[str, dict] = {}
     images: dict[str, np.ndarray] = {}
     for method, result in results.items():
         image = np.asarray(result["image"])
         images[method] = image
-        np.save(out_dir / f"recon_{method}.npy", image)
+        _save_npy(out_dir / f"recon_{method}.npy", image)
         scalars = {key: value for key, value in result.items() if key != "image"}
         scores = all_metrics(image, reference, support) if reference is not None else {}
         per_method[method] = scores | scalars
     for name, array in (arrays or {}).items():
         if array is not None:
-            np.save(out_dir / f"{name}.npy", np.asarray(array))
-    write_metrics_json(out_dir / "metrics.json", per_method, overwrite, metadata)
+            _save_npy(out_dir / f"{name}.npy", np.asarray(array))
     comparison_png(out_dir / "comparison.png", images, reference, support, overwrite)
+    write_metrics_json(marker, per_method, overwrite, metadata)
     return per_method
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _write_atomically(path, lambda file: np.save(file, array, allow_pickle=False), binary=True)

@@ -16,6 +16,9 @@ Commands (from the repository root):
     python launch/baseline.py case.npy --mask file --mask-file my_mask.npy --out runs/case_file
     # an already undersampled input (BART .cfl): images, no scores
     python launch/baseline.py ../shared/data/raw/bart_brain_undersampled/ksp.cfl --out runs/bart
+
+Exit codes: 0 done; 2 refused (bad input file or mask, existing --out without --overwrite), with
+one line on stderr naming the file, the array and the problem.
 """
 from __future__ import annotations
 
@@ -49,9 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 with a one-line error for a refused input,
+    config or output path: engine.validate.run_cli)."""
     args = build_parser().parse_args(argv)
     if args.mask == "file" and args.mask_file is None:
         build_parser().error("--mask file needs --mask-file")
+    from engine.validate import run_cli
+
+    return run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     from engine.baselines import baseline_job
 
     per_method = baseline_job(
