@@ -12,6 +12,9 @@ DeepSpeed ZeRO-2 (configs/deepspeed_zero2.json):
 Two nodes (SLURM): srun torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER_ADDR:29500 launch/train_prior.py --config ...
 A run resumes from <out_dir>/checkpoint when it exists (train.resume=true).
+Exit codes: 0 done; 2 refused (unknown config key or wrong type, missing or unreadable volume);
+3 stopped after train.max_bad_steps non-finite steps in a row (the last checkpoint is kept). Both
+with one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.prior.train import load_config, train_prior
+from engine.prior.train import NonFiniteTraining, load_config, train_prior
+from engine.validate import run_cli
+
+NON_FINITE_EXIT_CODE = 3  # as launch/recon3d.py: not worth a requeue, it would recur
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/prior_train.yaml", help="YAML run config")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides")
     args = parser.parse_args(argv)
-    summary = train_prior(load_config(args.config, args.set))
+    return run_cli(lambda: _train(args.config, args.set))
+
+
+def _train(config: str, overrides: list[str]) -> int:
+    try:
+        summary = train_prior(load_config(config, overrides))
+    except NonFiniteTraining as stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        return NON_FINITE_EXIT_CODE
     if summary["rank"] == 0:
         print(json.dumps(summary, indent=2))
     return 0

@@ -74,16 +74,13 @@ class DataConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"DataConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        vols = []
-        for v in values.pop("volumes", []):
-            extra = set(v) - set(VolumeSource.__dataclass_fields__)
+        for v in values.get("volumes") or []:
+            extra = set(v) - set(VolumeSource.__dataclass_fields__) if isinstance(v, dict) else set()
             if extra:
                 raise ValueError(f"DataConfig.volumes: unknown keys {sorted(extra)} in {v}")
-            vols.append(VolumeSource(**v))
-        for key in ("orientations", "zoom_range"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(volumes=vols, **values)
+        from engine.config import build_config  # checks every value's type, naming the key
+
+        return build_config(cls, values, prefix="data")
 
 
 def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray | None]:

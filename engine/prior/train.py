@@ -81,16 +81,20 @@ class TrainConfig:
     for runs split into chunks, e.g. preemptible jobs."""
     max_minutes: float = 0.0
     """Wall-time budget: stop (checkpoint and export) after this many minutes (0: none)."""
+    max_bad_steps: int = 10
+    """A step whose loss or gradient is NaN/Inf on some rank is skipped on every rank (no weight,
+    optimiser or EMA update) and counted in loss.csv; this many in a row stop the run with
+    NonFiniteTraining, the last checkpoint (written from good weights) kept. DDP path only:
+    DeepSpeed steps are not checked."""
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
-        values = dict(values)
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
-        return cls(**values)
+        from engine.config import build_config  # checks every value's type, naming the key
+
+        return build_config(cls, values, prefix="train")
 
 
 @dataclass
@@ -111,9 +115,14 @@ class PriorTrainConfig:
         bad = set(model) - {"unet", "sigma_data"}
         if bad:
             raise ValueError(f"prior config: unknown keys {sorted(bad)} in 'model' (unet, sigma_data)")
+        sigma_data = model.get("sigma_data", 0.5)
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
+            from engine.config import ConfigError  # a ValueError, like the other refusals here
+
+            raise ConfigError(f"config key 'model.sigma_data' must be a number, got {sigma_data!r}")
         return cls(
             unet=UNetConfig.from_dict(model.get("unet", {})),
-            sigma_data=float(model.get("sigma_data", 0.5)),
+            sigma_data=float(sigma_data),
             data=DataConfig.from_dict(values.get("data", {})),
             train=TrainConfig.from_dict(values.get("train", {})),
         )
@@ -172,6 +181,10 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, halflife
         e.copy_(b)
 
 
+def _saved_step(state_path: Path) -> int:
+    return int(torch.load(state_path, map_location="cpu", weights_only=True)["step"])
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -181,7 +194,7 @@ def _atomic_save(obj, path: Path) -> None:
 class _LossCSV:
     """loss.csv on rank 0; on resume, rows after the resumed step are dropped (exact history)."""
 
-    FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s")
+    FIELDS = ("step", "loss", "lr", "images_per_s", "elapsed_s", "skipped")
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -249,6 +262,10 @@ def _ensure_process_group(info: RankInfo, init_method: str | None) -> str | None
     return tmp
 
 
+class NonFiniteTraining(RuntimeError):
+    """`max_bad_steps` consecutive steps had a non-finite loss or gradient."""
+
+
 def world_any(flag: bool, info: RankInfo) -> bool:
     """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
     if info.world_size == 1:
@@ -281,6 +298,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     info = init_distributed(tc.device, None if tc.parallel == "deepspeed" else init_method)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    sampler = PatchSampler(cfg.data)  # reads the volumes: a bad one is refused before any output
     out = Path(tc.out_dir)
     ckpt_dir = out / "checkpoint"
     if info.is_main:
@@ -292,7 +310,6 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     model = EDMPrior(cfg.unet, cfg.sigma_data).to(info.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     data_gen = torch.Generator().manual_seed(tc.seed + 1 + 1000 * info.rank)
-    sampler = PatchSampler(cfg.data)
 
     engine = None
     if tc.parallel == "deepspeed":
@@ -344,6 +361,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     t0, window, window_t0, last_loss = time.time(), [], time.time(), float("nan")
     stopped_at = 0  # step at which the wall-time budget ran out (0: not)
+    skipped_in_window, bad_in_a_row = 0, 0
     for step in range(start, tc.steps):
         lr = learning_rate(step, tc)
         for group in optimizer.param_groups:
@@ -353,27 +371,43 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
         noise = torch.randn(clean.shape, generator=data_gen).to(info.device)
         with autocast:
             loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.sigma_data)
+        bad = False
         if engine is not None:
             engine.backward(loss)
             engine.step()
         else:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-        update_ema(ema, model, step, tc.ema_halflife_steps)
-        window.append(float(loss.detach()))
+            # max_norm inf only measures (the gradients are multiplied by exactly 1)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            bad = world_any(not (torch.isfinite(loss.detach()) and torch.isfinite(norm)), info)
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
         done = step + 1
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        if bad:
+            skipped_in_window += 1
+            if bad_in_a_row >= tc.max_bad_steps:
+                kept = (f"{ckpt_dir} keeps the checkpoint of step {_saved_step(state_path)}"
+                        if state_path.is_file() else "no checkpoint was written yet")
+                raise NonFiniteTraining(f"stopped at step {done}: {bad_in_a_row} consecutive steps had a "
+                                        f"non-finite loss or gradient (lower train.lr); {kept}")
+        else:
+            update_ema(ema, model, step, tc.ema_halflife_steps)
+            window.append(float(loss.detach()))
         out_of_time = tc.max_minutes > 0 and (time.time() - t0) > 60 * tc.max_minutes
         if world_any(out_of_time, info) or done == tc.stop_at_step:
             stopped_at = done
         if done % tc.log_every == 0 or done == tc.steps or stopped_at:
-            last_loss = all_reduce_mean(sum(window) / len(window), info.device)
+            # every rank skipped the same steps, so the windows agree in length
+            last_loss = all_reduce_mean(sum(window) / len(window), info.device) if window else float("nan")
             rate = len(window) * tc.batch_size * info.world_size / max(time.time() - window_t0, 1e-9)
             log.append({"step": done, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
-                        "images_per_s": f"{rate:.4g}", "elapsed_s": f"{time.time() - t0:.1f}"})
-            window, window_t0 = [], time.time()
+                        "images_per_s": f"{rate:.4g}", "elapsed_s": f"{time.time() - t0:.1f}",
+                        "skipped": skipped_in_window})
+            window, window_t0, skipped_in_window = [], time.time(), 0
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
         if bar is not None:
@@ -407,6 +441,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
 
 
 __all__ = [
+    "NonFiniteTraining",
     "PriorTrainConfig",
     "TrainConfig",
     "TrainResult",

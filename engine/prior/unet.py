@@ -49,11 +49,9 @@ class UNetConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"UNetConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(values)
-        for key in ("channel_mult", "attention_levels"):
-            if key in values:
-                values[key] = tuple(int(v) for v in values[key])
-        return cls(**values)
+        from engine.config import build_config  # checks every value's type, naming the key
+
+        return build_config(cls, values, prefix="model.unet")
 
     def to_dict(self) -> dict:
         values = asdict(self)
