@@ -292,7 +292,9 @@ class HybridStore:
     def read_slab(self, x_start: int, x_stop: int, check_values: bool = True) -> HybridSlab:
         """Read readout positions [x_start, x_stop): only the chunks that overlap them are fetched.
 
-        With `check_values`, NaN/Inf in the slab's k-space or maps raise InputError.
+        With `check_values`, NaN/Inf in the slab's k-space or maps, and readout positions whose
+        chunk is absent from the store (they read as the fill value NaN), raise InputError; a
+        chunk that cannot be decoded always does.
         """
         if not 0 <= x_start < x_stop <= self.n_readout:
             raise ValueError(f"slab [{x_start}, {x_stop}) outside the readout range "
