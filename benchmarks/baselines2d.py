@@ -143,7 +143,8 @@ def evaluation_section(accelerations, seeds) -> list[str]:
         + " (NRMSE per seed in brackets). Seconds: wall time of one reconstruction on this machine;"
         " for L1-wavelet (best lambda) the whole oracle search (a half-decade grid of"
         f" {len(baselines.BEST_LAMBDA_GRID)} factors c from {min(baselines.BEST_LAMBDA_GRID):.1e} to"
-        f" {max(baselines.BEST_LAMBDA_GRID):.1e}, then the two quarter-decade neighbours of the best).",
+        f" {max(baselines.BEST_LAMBDA_GRID):.1e}, extended by half decades while its best value sits at an"
+        " end, then the two quarter-decade neighbours of the best).",
         "",
     ]
     for case_name, kspace in evaluation_cases().items():

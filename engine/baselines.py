@@ -249,14 +249,17 @@ def best_lambda_l1_wavelet(
     support: np.ndarray | None = None,
     grid: tuple[float, ...] = BEST_LAMBDA_GRID,
     refine: bool = True,
+    max_extensions: int = 4,
     max_iter: int = L1_ITERATIONS,
     wave_name: str = "db4",
 ) -> LamdaSearch:
     """Oracle L1-wavelet: the lamda with the lowest magnitude NRMSE against `reference`.
 
     `grid` holds relative factors c (lamda = c * max |W A^H y|), so one grid serves any scale.
+    While the best value sits at an end of the grid, the grid is extended past that end by its
+    own step, up to `max_extensions` times (so the optimum is not cut off by the grid's range).
     With `refine`, the geometric midpoints between the best grid value and its neighbours are
-    tried as well (a log-spaced grid's resolution doubles for two more solves).
+    then tried as well (a log-spaced grid's resolution doubles for two more solves).
     Needs the ground truth: for benchmarks only, never for a real reconstruction.
     """
     grid = tuple(sorted(grid))
@@ -274,6 +277,16 @@ def best_lambda_l1_wavelet(
 
     for factor in grid:
         evaluate(factor)
+    for _ in range(max_extensions if len(grid) > 1 else 0):
+        best_index = grid.index(min(grid, key=curve.get))
+        if best_index == 0:
+            grid = (grid[0] ** 2 / grid[1],) + grid
+            evaluate(grid[0])
+        elif best_index == len(grid) - 1:
+            grid = grid + (grid[-1] ** 2 / grid[-2],)
+            evaluate(grid[-1])
+        else:
+            break
     if refine and len(grid) > 1:
         best_index = grid.index(min(grid, key=curve.get))
         for neighbour in (best_index - 1, best_index + 1):

@@ -104,7 +104,8 @@ def test_best_lambda_picks_the_grid_minimum():
     kspace, maps, image = simulated_case(noise=1e-3)
     mask = poisson_disc_mask(image.shape, 2.0, seed=3)
     grid = (1e-5, 1e-3, 1e-1)
-    search = baselines.best_lambda_l1_wavelet(kspace * mask, maps, mask, image, grid=grid, max_iter=20)
+    search = baselines.best_lambda_l1_wavelet(kspace * mask, maps, mask, image, grid=grid, refine=True,
+                                              max_extensions=0, max_iter=20)
     # the grid plus one or two geometric midpoints next to the best grid value
     tried = set(search.nrmse_by_factor)
     assert set(grid) < tried and len(tried) in (4, 5)
@@ -123,6 +124,17 @@ def test_fully_sampled_centre():
     assert baselines.fully_sampled_centre(mask) == 12
     mask[20, 25] = 0
     assert baselines.fully_sampled_centre(mask) == 0
+
+
+def test_best_lambda_extends_a_grid_whose_end_is_best():
+    kspace, maps, image = simulated_case(noise=1e-3)
+    mask = poisson_disc_mask(image.shape, 2.0, seed=3)
+    # far too strong lambdas: the smallest must win, so the grid grows downwards by its step
+    grid = (1.0, 10.0)
+    search = baselines.best_lambda_l1_wavelet(kspace * mask, maps, mask, image, grid=grid, refine=False,
+                                              max_extensions=2, max_iter=10)
+    assert sorted(search.nrmse_by_factor) == pytest.approx([0.01, 0.1, 1.0, 10.0])
+    assert search.factor == pytest.approx(0.01)
 
 
 def test_run_baselines_methods_and_errors():
