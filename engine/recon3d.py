@@ -722,16 +722,16 @@ def run_recon3d(
                 on_step_end(recon, result)
             # One small all-reduce per step: the loss terms for the log and the stop flag.
             packed = torch.tensor([result.terms["dc"], result.terms["prior"], result.terms["tv"],
-                                   float(flag.raised)], dtype=torch.float64)
-            ctx.all_reduce_sum(packed.to(ctx.device) if ctx.backend == "nccl" else packed)
-            packed = packed.cpu()
-            dc, prior_term, tv, stop = packed.tolist()
+                                   float(result.prior_evals), float(flag.raised)], dtype=torch.float64)
+            if ctx.backend == "nccl":  # NCCL reduces device tensors only
+                packed = packed.to(ctx.device)
+            dc, prior_term, tv, prior_evals, stop = ctx.all_reduce_sum(packed).cpu().tolist()
             step_done = recon.step_index
-            if ctx.is_main and (step_done % cfg.output.log_every == 0 or step_done == cfg.steps):
+            if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps):
                 log.write({"step": result.step, "seconds": f"{time.perf_counter() - t_start:.3f}",
                            "loss": dc + prior_term + tv, "dc": dc, "prior": prior_term, "tv": tv,
                            "lr": cfg.optim.lr * recon.lr_factor(result.step), "full_dc": int(result.full_dc),
-                           "prior_evals": result.prior_evals})
+                           "prior_evals": int(prior_evals)})
                 if bar is not None:
                     bar.set_postfix(dc=f"{dc:.3g}", prior=f"{prior_term:.3g}", tv=f"{tv:.3g}", refresh=False)
             if bar is not None:

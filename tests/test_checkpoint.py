@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from test_recon3d import make_tiny_store, tiny_config, tiny_prior
+from test_recon3d import make_tiny_store, one_thread, tiny_config, tiny_prior  # noqa: F401 (fixture)
 
 from engine.checkpoint import (
     CheckpointManager,
