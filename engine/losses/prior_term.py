@@ -66,6 +66,10 @@ class PriorTermConfig:
     inject_noise: bool = True
     """add t * noise before denoising (the paper); false: denoise the plane itself at level t
     (regularisation by denoising, RED)."""
+    upsample: int = 1
+    """show the prior the planes at this many times their resolution (k-space zero-padding, same
+    field of view) and bring its estimate back the same way: matches the prior's training pixel size
+    when the planes are coarser (e.g. 2 for the benchmark's 128 x 128 crops of 256 x 256 slices)."""
     ode_steps: int = 10
     """reference mode: Euler steps of the EDM ODE from t to 0."""
     rho: float = 7.0
@@ -88,10 +92,29 @@ class PriorTermConfig:
     """constant factor of the weight (the paper: 1/500)."""
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.batch < 1 or self.ode_steps < 1:
-            raise ValueError("prior every, batch and ode_steps must be >= 1")
+        if self.every < 1 or self.batch < 1 or self.ode_steps < 1 or self.upsample < 1:
+            raise ValueError("prior every, batch, ode_steps and upsample must be >= 1")
         if self.t_low <= 0 or self.t_high_start < self.t_low or self.t_high_end < self.t_low:
             raise ValueError("loguniform noise needs 0 < t_low <= t_high_start, t_high_end")
+
+
+def resample_kspace(planes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Band-limited resampling of complex planes `(B, H, W)` to `(B, *shape)` on the same field of
+    view: centred k-space zero-padded or cropped; values keep their magnitude (orthonormal FFTs
+    rescaled by sqrt of the size ratio)."""
+    from engine.physics.fft import fftc, ifftc
+
+    h, w = planes.shape[-2:]
+    if (h, w) == tuple(shape):
+        return planes
+    kspace = fftc(planes)
+    out = torch.zeros(*planes.shape[:-2], *shape, dtype=kspace.dtype, device=kspace.device)
+    ch, cw = min(h, shape[0]), min(w, shape[1])
+    src = (slice(h // 2 - ch // 2, h // 2 - ch // 2 + ch), slice(w // 2 - cw // 2, w // 2 - cw // 2 + cw))
+    dst = (slice(shape[0] // 2 - ch // 2, shape[0] // 2 - ch // 2 + ch),
+           slice(shape[1] // 2 - cw // 2, shape[1] // 2 - cw // 2 + cw))
+    out[(..., *dst)] = kspace[(..., *src)]
+    return ifftc(out) * ((shape[0] * shape[1]) / (h * w)) ** 0.5
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:
@@ -178,12 +201,17 @@ class PriorTerm(torch.nn.Module):
         evals = 0
         if (step - c.start_step) % c.every == 0:
             b = planes.shape[0]
-            clean = complex_to_channels(scaled.detach()).repeat_interleave(c.batch, dim=0)  # (B*batch, 2, H, W)
+            shown = scaled.detach()
+            if c.upsample > 1:
+                shown = resample_kspace(shown, (planes.shape[-2] * c.upsample, planes.shape[-1] * c.upsample))
+            clean = complex_to_channels(shown).repeat_interleave(c.batch, dim=0)  # (B*batch, 2, H', W')
             t = self.noise_levels(clean.shape[0], step, planes.device)
             noise = torch.randn(clean.shape, generator=self.generator).to(planes.device)
             noisy = clean + t.view(-1, 1, 1, 1) * noise if c.inject_noise else clean
-            x0 = self._denoise(noisy, t)
-            self.target = channels_to_complex(x0).view(b, c.batch, *planes.shape[-2:])
+            x0 = channels_to_complex(self._denoise(noisy, t))
+            if c.upsample > 1:
+                x0 = resample_kspace(x0, tuple(planes.shape[-2:]))
+            self.target = x0.view(b, c.batch, *planes.shape[-2:])
             evals = clean.shape[0] * (c.ode_steps if c.mode == "reference" else 1)
         elif not (c.reuse_target and self.target is not None):
             return zero, 0
