@@ -179,16 +179,24 @@ class DistContext:
         """A per-rank seed (base + 1,000,003 x rank, a prime stride so nearby seeds never collide)."""
         return (base_seed + 1_000_003 * (self.rank if offset is None else offset)) % (2**63)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place sum over ranks (no-op on one rank); returns the tensor."""
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if not self.distributed:
+            return tensor
+        if self.backend == "nccl" and tensor.device.type != "cuda":  # NCCL reduces GPU tensors only
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=op)
+            tensor.copy_(on_device.cpu())
+        else:
+            dist.all_reduce(tensor, op=op)
         return tensor
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (no-op on one rank; CPU tensors work with NCCL too); returns it."""
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
+        """In-place maximum over ranks; returns the tensor."""
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
 
     def broadcast_object(self, obj):
         """Rank 0's Python object on every rank."""

@@ -723,9 +723,7 @@ def run_recon3d(
             # One small all-reduce per step: the loss terms for the log and the stop flag.
             packed = torch.tensor([result.terms["dc"], result.terms["prior"], result.terms["tv"],
                                    float(result.prior_evals), float(flag.raised)], dtype=torch.float64)
-            if ctx.backend == "nccl":  # NCCL reduces device tensors only
-                packed = packed.to(ctx.device)
-            dc, prior_term, tv, prior_evals, stop = ctx.all_reduce_sum(packed).cpu().tolist()
+            dc, prior_term, tv, prior_evals, stop = ctx.all_reduce_sum(packed).tolist()
             step_done = recon.step_index
             if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps):
                 log.write({"step": result.step, "seconds": f"{time.perf_counter() - t_start:.3f}",
