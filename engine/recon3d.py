@@ -54,6 +54,7 @@ from engine.physics.fft import ifftc
 from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
 
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again later"; the sbatch file requeues on it
+NON_FINITE_EXIT_CODE = 3  # max_bad_steps non-finite steps in a row (as the prior trainer)
 
 
 # ================================================================================== configs
@@ -174,6 +175,9 @@ class Recon3DConfig:
     """'auto' (CUDA if visible), 'cuda' or 'cpu'."""
     data_on_host: bool = False
     """Keep the slab's k-space and maps in host memory and move only the drawn planes each step."""
+    max_bad_steps: int = 3
+    """A step with a non-finite loss or gradient on any rank is skipped (no update) and logged;
+    this many in a row stop the run (exit code 3), keeping the checkpoints written so far."""
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bundled: BundledCaseConfig = field(default_factory=BundledCaseConfig)
@@ -182,13 +186,13 @@ class Recon3DConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.dc.chunk < 1 or self.output.log_every < 1:
-            raise ValueError("dc.chunk and output.log_every must be >= 1")
+        if self.dc.chunk < 1 or self.output.log_every < 1 or self.max_bad_steps < 1:
+            raise ValueError("dc.chunk, output.log_every and max_bad_steps must be >= 1")
 
 
 # Keys that do not change the numbers a run produces: excluded from the checkpoint's config hash.
 # (grad_sync stays in: where the trunk's optimiser state lives depends on it.)
-_NOT_HASHED = ("output", "checkpoint", "baseline", "bundled", "data_on_host")
+_NOT_HASHED = ("output", "checkpoint", "baseline", "bundled", "data_on_host", "max_bad_steps")
 
 
 def result_config(cfg: Recon3DConfig, input_desc: dict) -> dict:
@@ -292,6 +296,17 @@ class Preempted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+class NonFiniteStop(RuntimeError):
+    """`max_bad_steps` steps in a row had a non-finite loss or gradient; exit with code 3."""
+
+    def __init__(self, step: int, in_a_row: int, checkpoint_step: int | None):
+        kept = (f"the last checkpoint (step {checkpoint_step}) is kept" if checkpoint_step is not None
+                else "no checkpoint was written (checkpoint.every is 0 or none was due yet)")
+        super().__init__(f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss or "
+                         f"gradient (every update was skipped); {kept}")
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -302,13 +317,15 @@ def _autocast(device: torch.device, enabled: bool):
 
 @dataclass
 class StepResult:
-    """What one step did on this rank: its shards' draws and its (rank-local) loss terms."""
+    """What one step did: this rank's draws, and the loss terms summed over ranks."""
 
     step: int
     rows: torch.Tensor  # global readout indices drawn by this rank's shards, (K * local shards,)
-    terms: dict[str, float]
+    terms: dict[str, float]  # dc, prior, tv: the global loss terms (sums over ranks)
     full_dc: bool
-    prior_evals: int
+    prior_evals: int  # U-Net evaluations so far, all ranks
+    skipped: bool  # a non-finite loss or gradient on some rank: no parameter was updated
+    stop_requested: bool  # some rank had `request_stop` set (a preemption signal)
 
 
 class Recon3D:
@@ -363,6 +380,7 @@ class Recon3D:
         self.prior_terms = self._build_prior_terms(prior)
         self.step_index = 0
         self.prior_evals = 0
+        self.request_stop = False  # set by the run loop on SIGTERM/SIGUSR1; shared in the step's all-reduce
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -458,13 +476,33 @@ class Recon3D:
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         # d/d(features) of sum(features * grad) is grad: the trunk's backward of the whole loss.
         self.sync.backward((features * grad.to(features.dtype)).sum())
-        self.sync.step()
-        self.head_optimizer.step()
+        # One small all-reduce per step: the loss terms, the U-Net count, the non-finite guard and
+        # the stop request, so that every rank takes the same decisions.
+        values = [float(terms[k].detach()) for k in ("dc", "prior", "tv")]
+        local_bad = not (all(math.isfinite(v) for v in values) and self._gradients_finite())
+        packed = torch.tensor([*values, float(self.prior_evals), float(local_bad), float(self.request_stop)],
+                              dtype=torch.float64)
+        dc, prior_term, tv, prior_evals, bad, stop = self.ctx.all_reduce_sum(packed).tolist()
+        skipped = bad > 0 or not math.isfinite(bad)
+        if skipped:  # leave every parameter and optimiser state as it was (issue 5's NaN guard)
+            if self.cfg.grad_sync == "deepspeed":
+                self.sync.step()  # ZeRO finds the non-finite gradient norm itself, skips and clears
+        else:
+            self.sync.step()
+            self.head_optimizer.step()
         self.sync.zero_grad()
         self.head_optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
-        return StepResult(step, rows, {k: float(v.detach()) for k, v in terms.items()}, full,
-                          self.prior_evals)
+        return StepResult(step, rows, {"dc": dc, "prior": prior_term, "tv": tv}, full, int(prior_evals),
+                          skipped, stop > 0)
+
+    def _gradients_finite(self) -> bool:
+        """Head gradients, and trunk gradients (already summed over ranks) unless ZeRO holds them."""
+        params = list(self.head.parameters())
+        if self.cfg.grad_sync != "deepspeed":
+            params += list(self.trunk.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     # ------------------------------------------------------------------ evaluation
 
@@ -561,7 +599,7 @@ class RunPaths:
 class _CsvLog:
     """Rank 0's per-step CSV; on resume, rows after the resumed step are dropped first."""
 
-    FIELDS = ("step", "seconds", "loss", "dc", "prior", "tv", "lr", "full_dc", "prior_evals")
+    FIELDS = ("step", "seconds", "loss", "dc", "prior", "tv", "lr", "full_dc", "prior_evals", "skipped")
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
@@ -715,26 +753,32 @@ def run_recon3d(
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc="recon3d", dynamic_ncols=True)
     t_start = time.perf_counter()
+    bad_in_a_row, skipped_steps = 0, 0
     try:
         while recon.step_index < cfg.steps:
+            recon.request_stop = flag.raised  # a signal during this step is seen in the next one
             result = recon.step()
             if on_step_end is not None:
                 on_step_end(recon, result)
-            # One small all-reduce per step: the loss terms for the log and the stop flag.
-            packed = torch.tensor([result.terms["dc"], result.terms["prior"], result.terms["tv"],
-                                   float(result.prior_evals), float(flag.raised)], dtype=torch.float64)
-            dc, prior_term, tv, prior_evals, stop = ctx.all_reduce_sum(packed).tolist()
             step_done = recon.step_index
-            if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps):
+            bad_in_a_row = bad_in_a_row + 1 if result.skipped else 0
+            skipped_steps += int(result.skipped)
+            if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps
+                                or result.skipped):
+                t = result.terms
                 log.write({"step": result.step, "seconds": f"{time.perf_counter() - t_start:.3f}",
-                           "loss": dc + prior_term + tv, "dc": dc, "prior": prior_term, "tv": tv,
+                           "loss": t["dc"] + t["prior"] + t["tv"], **t,
                            "lr": cfg.optim.lr * recon.lr_factor(result.step), "full_dc": int(result.full_dc),
-                           "prior_evals": int(prior_evals)})
+                           "prior_evals": result.prior_evals, "skipped": int(result.skipped)})
                 if bar is not None:
-                    bar.set_postfix(dc=f"{dc:.3g}", prior=f"{prior_term:.3g}", tv=f"{tv:.3g}", refresh=False)
+                    bar.set_postfix(dc=f"{t['dc']:.3g}", prior=f"{t['prior']:.3g}", tv=f"{t['tv']:.3g}",
+                                    refresh=False)
             if bar is not None:
                 bar.update(1)
-            if stop > 0:
+            if bad_in_a_row >= cfg.max_bad_steps:
+                steps = manager.complete_steps()
+                raise NonFiniteStop(result.step, bad_in_a_row, steps[-1] if steps else None)
+            if result.stop_requested:
                 folder = manager.save(step_done, recon.trunk_state(), recon.rank_state(), hashed)
                 ctx.print0(f"[recon3d] preemption signal: checkpoint at step {step_done} in {folder}")
                 raise Preempted(step_done, folder)
@@ -747,11 +791,12 @@ def run_recon3d(
         if log is not None:
             log.close()
     train_seconds = time.perf_counter() - t_start
-    return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter)
+    return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
+                      {"skipped_steps": skipped_steps})
 
 
 def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,
-               train_seconds: float, writer_cls) -> dict:
+               train_seconds: float, writer_cls, extra_metrics: dict | None = None) -> dict:
     """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker."""
     attrs = {"config": config_to_dict(cfg), "input": recon.input_description()}
     writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, overwrite=overwrite,
@@ -768,7 +813,7 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
 
     metrics: dict = {"steps": cfg.steps, "train_seconds": train_seconds, "ranks": ctx.world_size,
                      "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode,
-                     "prior_distance": cfg.prior.distance}
+                     "prior_distance": cfg.prior.distance, **(extra_metrics or {})}
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
@@ -884,6 +929,10 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
     except Preempted as preempted:
         ctx.print0(f"[recon3d] {preempted}: exit {REQUEUE_EXIT_CODE} (requeue, then rerun with --resume)")
         return REQUEUE_EXIT_CODE
+    except NonFiniteStop as stop:
+        if ctx.is_main:
+            print(f"error: {stop}", file=sys.stderr)
+        return NON_FINITE_EXIT_CODE
     except (InputError, ConfigError, CheckpointMismatch, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error (rank {ctx.rank}): {error}", file=sys.stderr)
         return 2
@@ -927,12 +976,14 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
 
 
 __all__ = [
+    "NON_FINITE_EXIT_CODE",
     "REQUEUE_EXIT_CODE",
     "BaselineConfig",
     "BundledCaseConfig",
     "CheckpointConfig",
     "DCConfig",
     "GridTrunk",
+    "NonFiniteStop",
     "OptimConfig",
     "OutputConfig",
     "Preempted",

@@ -21,8 +21,10 @@ Commands (from the repository root):
     # config overrides
     python launch/recon3d.py --config configs/demo3d.yaml --set steps=200 slices.per_step=8 bf16=false
 
-Exit codes: 0 done; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue and rerun
-with --resume); 2 bad config, input or output path (one line naming the problem).
+Exit codes: 0 done; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written at the end of the
+next step; requeue and rerun with --resume); 2 bad config, input or output path (one line naming
+the problem); 3 max_bad_steps steps in a row had a non-finite loss or gradient (skipped steps are
+logged in log.csv; the checkpoints written so far are kept).
 """
 import sys
 from pathlib import Path

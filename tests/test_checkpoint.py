@@ -98,8 +98,8 @@ def _resume_worker(ctx: DistContext, store: str, out: str, resume: bool, kill_at
 @pytest.mark.dist
 def test_killed_and_preempted_run_resumes_bit_identically(tmp_path):
     """2 ranks: SIGKILL after step 5 (checkpoint at 3), resume, SIGTERM to rank 0 after step 7
-    (checkpoints at 6 and 7, requeue exit code), resume to step 9: the volume equals an uninterrupted
-    run bit for bit."""
+    (seen by both ranks in step 8's all-reduce: checkpoints at 6 and 8, requeue exit code), resume
+    to step 9: the volume equals an uninterrupted run bit for bit."""
     from engine.io.ome_zarr import open_volume
 
     store = make_tiny_store(tmp_path / "tiny.zarr")
@@ -111,7 +111,7 @@ def test_killed_and_preempted_run_resumes_bit_identically(tmp_path):
     preempted = launch_local(_resume_worker, 2, args=(str(store), str(out), True, None, 7, None),
                              check=False, timeout_s=240)
     assert preempted.exitcodes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
-    assert CheckpointManager(tmp_path / "run_run" / "checkpoints", _ctx()).complete_steps() == [6, 7]
+    assert CheckpointManager(tmp_path / "run_run" / "checkpoints", _ctx()).complete_steps() == [6, 8]
     launch_local(_resume_worker, 2, args=(str(store), str(out), True, None, None, None), timeout_s=240)
     resumed, uninterrupted = open_volume(out), open_volume(reference)
     assert np.array_equal(resumed.complex[...], uninterrupted.complex[...])

@@ -275,3 +275,27 @@ def test_job_reports_bad_config_and_existing_output_with_exit_code_2(tiny_store,
     existing.mkdir()
     assert recon3d_job(good, [], tiny_store, existing) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_non_finite_step_is_skipped_on_every_shard(tiny_store, monkeypatch):
+    """A NaN loss on one step changes no parameter; the next steps update again."""
+    import engine.recon3d as recon3d_module
+
+    original = recon3d_module.total_variation
+    calls = []
+
+    def nan_on_third_call(image, *args, **kwargs):  # 2 shards: call 2 is step 1, shard 0
+        calls.append(1)
+        value = original(image, *args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(recon3d_module, "total_variation", nan_on_third_call)
+    recon = Recon3D(tiny_config(prior={"mode": "off"}), HybridStore(tiny_store), single_process())
+    assert not recon.step().skipped
+    before = [p.detach().clone() for p in [*recon.trunk.parameters(), *recon.head.parameters()]]
+    result = recon.step()
+    assert result.skipped and recon.step_index == 2
+    after = [p.detach() for p in [*recon.trunk.parameters(), *recon.head.parameters()]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not recon.step().skipped
+    assert not all(torch.equal(a, b) for a, b in zip(before, recon.trunk.parameters()))
