@@ -611,9 +611,6 @@ def test_2d_guard_skips_a_bad_step_and_stops_with_the_last_good_state(kind, monk
     np.testing.assert_array_equal(stopped, clean5)  # exactly the state after the 5 good steps
 
 
-@pytest.mark.xfail(strict=True, reason="engine/recon3d.py has no NaN/Inf guard: a non-finite loss "
-                   "updates the weights, later checkpoints hold NaN and the final write refuses the "
-                   "volume; patch proposed in the issue #5 report")
 def test_3d_guard_skips_a_bad_step(good_store, tmp_path, monkeypatch):
     from engine import recon3d
     from engine.config import build_config, merge_dicts
@@ -628,8 +625,6 @@ def test_3d_guard_skips_a_bad_step(good_store, tmp_path, monkeypatch):
     assert "skipped" in log[0] and [row.split(",")[-1] for row in log[1:]] == ["0", "1", "0", "0"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine/recon3d.py has no NaN/Inf guard (no max_bad_steps key); "
-                   "patch proposed in the issue #5 report")
 def test_3d_guard_stops_after_repeated_failures_keeping_the_good_checkpoints(good_store, recon3d, tmp_path,
                                                                             monkeypatch):
     from engine import recon3d as recon3d_module
