@@ -17,6 +17,7 @@ step); it never steers the reconstruction.
 """
 from __future__ import annotations
 
+import collections
 import math
 import time
 import warnings
@@ -108,8 +109,9 @@ class Recon2DConfig:
     regularisers: RegularisersConfig = field(default_factory=RegularisersConfig)
     prior: PriorTermConfig = field(default_factory=PriorTermConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
-    autocast_bf16: bool = False
-    """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32)."""
+    autocast_bf16: bool | Literal["auto"] = "auto"
+    """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32); 'auto':
+    on CUDA only (CPUs without bf16 units gain nothing)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     seed: int = 0
@@ -120,6 +122,9 @@ class Recon2DConfig:
     """steps between history entries."""
     max_bad_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient."""
+    average_last: int = 0
+    """return the mean of the images of the last N steps (Polyak averaging: removes the step-to-step
+    jitter of Adam at a constant learning rate); 0 = the final image."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,11 +253,13 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                  eps=config.optim.eps, fused=True)  # one fused kernel per step (CPU and CUDA)
     generator = torch.Generator().manual_seed(config.seed)
-    autocast_dtype = torch.bfloat16 if config.autocast_bf16 else None
+    use_bf16 = device.type == "cuda" if config.autocast_bf16 == "auto" else bool(config.autocast_bf16)
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
     prior_term = None
     if config.prior.mode != "off":
         prior = prior if prior is not None else load_prior_for(config.prior, device)
-        prior_term = PriorTerm(config.prior, prior, config.optim.steps, generator, autocast_dtype).to(device)
+        prior_term = PriorTerm(config.prior, prior, config.optim.steps, generator, autocast_dtype,
+                               mask=mask_t).to(device)
     reg = config.regularisers
     stopper = EarlyStopper(config.early_stop)
     guard = NonFiniteGuard(config.max_bad_steps)
@@ -260,6 +267,7 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
     support_np = None if support is None else np.asarray(support)
 
     history: list[dict[str, float]] = []
+    recent = collections.deque(maxlen=config.average_last or 1)  # images of the last steps
     prior_evals = 0
     stopped = "steps"
     steps_done = 0
@@ -268,7 +276,7 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
         steps_done = step + 1  # iterations run, skipped ones included
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * learning_rate_factor(step, config.optim)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             image = model.image(shape)  # complex64 (the head casts to float32)
         terms = {"dc": dc(image)}
         if reg.tv_weight:
@@ -295,6 +303,8 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
             continue
         guard.ok()
         optimizer.step()
+        if config.average_last:
+            recent.append(image.detach())
         values = {name: float(value.detach()) for name, value in terms.items()}
         if step % config.log_every == 0 or step == config.optim.steps - 1:
             entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], "total": float(total.detach()), **values}
@@ -312,8 +322,11 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
     if stopped == "non_finite":
         warnings.warn(f"reconstruct_2d stopped at step {step}: {guard.consecutive} consecutive steps had a "
                       f"non-finite loss or gradient (lower the learning rate or the prior weight)", stacklevel=2)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-        result = (model.image(shape) * scale).to(torch.complex64)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        final = model.image(shape)
+    if config.average_last and recent and stopped != "non_finite":
+        final = (torch.stack(list(recent)).sum(0) + final) / (len(recent) + 1)
+    result = (final * scale).to(torch.complex64)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {

@@ -70,6 +70,9 @@ class PriorTermConfig:
     """show the prior the planes at this many times their resolution (k-space zero-padding, same
     field of view) and bring its estimate back the same way: matches the prior's training pixel size
     when the planes are coarser (e.g. 2 for the benchmark's 128 x 128 crops of 256 x 256 slices)."""
+    unmeasured_only: bool = False
+    """l2 / l1 distance: compare image and target only on the k-space points the mask did not
+    measure (the centred FFT of the plane), leaving the measured ones to the data term."""
     ode_steps: int = 10
     """reference mode: Euler steps of the EDM ODE from t to 0."""
     rho: float = 7.0
@@ -131,14 +134,19 @@ class PriorTerm(torch.nn.Module):
         total_steps: length of the run (for the schedules).
         generator: torch.Generator of the noise draws (seeded by the caller).
         autocast_dtype: run the U-Net under this autocast dtype (None: float32).
+        mask: sampling mask `(H, W)`, needed by `unmeasured_only`.
     `evals` is the number of U-Net evaluations spent (planes x noise levels x ODE steps).
     """
 
     def __init__(self, config: PriorTermConfig, prior: torch.nn.Module, total_steps: int,
-                 generator: torch.Generator, autocast_dtype: torch.dtype | None = None):
+                 generator: torch.Generator, autocast_dtype: torch.dtype | None = None,
+                 mask: torch.Tensor | None = None):
         super().__init__()
         if config.mode == "off":
             raise ValueError("PriorTerm needs mode 'reference' or 'tweedie'")
+        if config.unmeasured_only and (mask is None or config.distance == "lpips"):
+            raise ValueError("prior unmeasured_only needs the sampling mask and an l2 / l1 distance")
+        self.unmeasured = None if not config.unmeasured_only else (1.0 - mask.float())
         self.config = config
         self.prior = prior
         self.total_steps = total_steps
@@ -217,4 +225,9 @@ class PriorTerm(torch.nn.Module):
             return zero, 0
         target = self.target.reshape(-1, *planes.shape[-2:])
         image = scaled.repeat_interleave(c.batch, dim=0)
+        if self.unmeasured is not None:
+            from engine.physics.fft import fftc
+
+            # orthonormal FFT: the same distance, restricted to the unmeasured frequencies
+            image, target = fftc(image) * self.unmeasured, fftc(target) * self.unmeasured
         return self.weight(step) * self.distance(image, target), evals
