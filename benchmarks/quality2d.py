@@ -15,7 +15,9 @@ Methods: zero_filled; l1_wavelet (engine.baselines' rule, tuned once on a Colin2
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); reference
 (configs/reference2d.yaml with --reference-steps iterations instead of 8000, only on the rows
-named by --reference-rows, because one iteration costs seconds on CPU).
+named by --reference-rows, because one iteration costs seconds on CPU). On the 128 px crops the
+two prior modes get `prior.upsample=2`: the crops' ~2 mm pixels are coarser than the prior's
+training data, so the prior sees them at 256 px, as it would see the full slice.
 
 Results are appended to a JSON-lines file (one line per case, R, seed, method) so the benchmark can
 run in parts and resume; `report` turns them into benchmarks/results/quality2d.md.
@@ -104,6 +106,7 @@ def done_keys(path: Path) -> set[tuple]:
 
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
+    """One method on one case: {"image", "seconds", "prior_evals", "steps"[, "stopped"]}."""
     from engine import baselines
     from engine.config import load_config
     from engine.recon2d import Recon2DConfig, reconstruct_2d
@@ -114,6 +117,10 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
     overrides = ["progress=false"]
     if method == "reference":
         overrides.append(f"optim.steps={reference_steps}")
+    if method in ("fast", "reference") and kspace.shape[-1] == CROP:
+        # the 128 px crops have ~2 mm pixels, coarser than the prior's training data: it sees them
+        # at 2x (k-space zero-padding; engine.losses.prior_term), 256 px, as it would see the full slice
+        overrides.append("prior.upsample=2")
     config = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], overrides)
     image, info = reconstruct_2d(kspace, maps, mask, config)
     return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],

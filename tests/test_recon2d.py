@@ -134,6 +134,19 @@ def test_early_stop(case):
                                    "min_steps": 20})
     _, info = reconstruct_2d(kspace, maps, mask, cfg)
     assert info["stopped"] == "early_stop" and info["steps"] == 20
+    strict = small_config(optim={"steps": 30}, early_stop={"enabled": True, "check_every": 5, "tolerance": 0.0})
+    _, info = reconstruct_2d(kspace, maps, mask, strict)
+    assert info["stopped"] == "steps" and info["steps"] == 30
+
+
+def test_early_stopper_uses_window_means():
+    from engine.recon2d import EarlyStopConfig, EarlyStopper
+
+    stopper = EarlyStopper(EarlyStopConfig(enabled=True, check_every=2, tolerance=0.1, patience=2, min_steps=0))
+    # windows: [10, 8] -> 9, [5, 5] -> 5 (change 0.8), [5, 5] -> 5 (0), [4.8, 5.2] -> 5 (0): stop at the 4th check
+    losses = [10, 8, 5, 5, 5, 5, 4.8, 5.2]
+    stops = [stopper.update(step, loss) for step, loss in enumerate(losses)]
+    assert stops == [False] * 7 + [True]
 
 
 def test_bf16_autocast_runs(case):
