@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ import torch
 from engine.dist import DistContext
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written (not part of a run's config hash)."""
+
+    every: int = 0
+    """Checkpoint every n steps (0: only on SIGTERM / SIGUSR1 and, in 2D, at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept."""
 
 
 class CheckpointMismatch(RuntimeError):

@@ -21,12 +21,15 @@ import collections
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from engine.checkpoint import CheckpointConfig, capture_rng_state, restore_rng_state
 from engine.config import config_to_dict
 from engine.losses.dc import DataConsistency
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
@@ -34,6 +37,7 @@ from engine.losses.tv import total_variation
 from engine.losses.wavelet import wavelet_l1
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
 from engine.physics.fft import ifftc
+from engine.preemption import Preempted, PreemptionFlag
 
 
 @dataclass
@@ -115,6 +119,9 @@ class Recon2DConfig:
     regularisers: RegularisersConfig = field(default_factory=RegularisersConfig)
     prior: PriorTermConfig = field(default_factory=PriorTermConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
+    """checkpoints of launch/recon2d.py runs (every n steps, at the end and on SIGTERM / SIGUSR1);
+    not part of the config hash a resumed run is checked against."""
     autocast_bf16: bool | Literal["auto"] = "auto"
     """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32); 'auto':
     on CUDA only (CPUs without bf16 units gain nothing)."""
@@ -227,9 +234,157 @@ def load_prior_for(config: PriorTermConfig, device: torch.device) -> torch.nn.Mo
     return freeze(load_prior(config.path, device=device))
 
 
+class INRFit2D:
+    """The state of one 2D fit (model, optimiser, prior term, RNGs, counters) and its step.
+
+    Split from `reconstruct_2d` so that the whole state can be checkpointed and restored
+    (`state_dict` / `load_state_dict`) and a resumed run continues bit-identically.
+    """
+
+    def __init__(self, kspace_t: torch.Tensor, maps_t: torch.Tensor, mask_t: torch.Tensor,
+                 config: Recon2DConfig, device: torch.device, prior: torch.nn.Module | None,
+                 reference: np.ndarray | None, support: np.ndarray | None):
+        self.config, self.device = config, device
+        self.shape = tuple(kspace_t.shape[1:])
+        measured = kspace_t * mask_t
+        self.scale = robust_scale(zero_filled_image(measured, maps_t))
+        self.dc = DataConsistency(measured / self.scale, maps_t, mask_t, config.dc.normalisation, config.dc.backend)
+        self.model = INR2D(resolve_encoding(config.model, self.shape)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                          eps=config.optim.eps, fused=True)  # one fused kernel per step
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.use_bf16 = device.type == "cuda" if config.autocast_bf16 == "auto" else bool(config.autocast_bf16)
+        self.prior_term = None
+        if config.prior.mode != "off":
+            prior = prior if prior is not None else load_prior_for(config.prior, device)
+            self.prior_term = PriorTerm(config.prior, prior, config.optim.steps, self.generator,
+                                        torch.bfloat16 if self.use_bf16 else None, mask=mask_t).to(device)
+        self.stopper = EarlyStopper(config.early_stop)
+        self.guard = NonFiniteGuard(config.max_bad_steps)
+        self.reference, self.support = reference, support
+        self.history: list[dict[str, Any]] = []
+        self.recent: collections.deque = collections.deque(maxlen=config.average_last or 1)
+        self.prior_evals = 0
+        self.next_step = 0
+        self.stopped: str | None = None  # "steps" | "early_stop" | "non_finite" once finished
+        self.seconds_before = 0.0  # wall time spent by earlier processes of a resumed run
+
+    def step(self) -> dict[str, float] | None:
+        """One Adam step at `self.next_step`; returns the loss terms, or None when it was skipped."""
+        config, step = self.config, self.next_step
+        self.next_step += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.optim.lr * learning_rate_factor(step, config.optim)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            image = self.model.image(self.shape)  # complex64 (the head casts to float32)
+        terms = {"dc": self.dc(image)}
+        reg = config.regularisers
+        if reg.tv_weight:
+            terms["tv"] = reg.tv_weight * total_variation(image, reg.tv_kind)
+        if reg.wavelet_weight:
+            terms["wavelet"] = reg.wavelet_weight * wavelet_l1(image, reg.wavelet_levels)
+        if self.prior_term is not None and self.prior_term.active(step):
+            terms["prior"], evals = self.prior_term(image.unsqueeze(0), step)
+            self.prior_evals += evals
+        total = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(total):
+            return self._skip(step, "non-finite loss")
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(step, "non-finite gradient")
+        self.guard.ok()
+        self.optimizer.step()
+        if config.average_last:
+            self.recent.append(image.detach())
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        if step % config.log_every == 0 or step == config.optim.steps - 1:
+            entry = {"step": step, "lr": self.optimizer.param_groups[0]["lr"], "total": float(total.detach()), **values}
+            if self.reference is not None:
+                entry["nrmse_percent"] = _nrmse(image.detach() * self.scale, self.reference, self.support)
+            self.history.append(entry)
+        if self.stopper.update(step, float(total.detach())):
+            self.stopped = "early_stop"
+        elif self.next_step >= config.optim.steps:
+            self.stopped = "steps"
+        return values
+
+    def _skip(self, step: int, why: str) -> None:
+        self.history.append({"step": step, "skipped": why})
+        if self.guard.bad():
+            self.stopped = "non_finite"
+        elif self.next_step >= self.config.optim.steps:
+            self.stopped = "steps"
+
+    def final_image(self) -> torch.Tensor:
+        """The image in the units of the data (complex64), averaged over the last steps if configured."""
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            final = self.model.image(self.shape)
+        if self.config.average_last and self.recent and self.stopped != "non_finite":
+            final = (torch.stack(list(self.recent)).sum(0) + final) / (len(self.recent) + 1)
+        return (final * self.scale).to(torch.complex64)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self, seconds: float) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (torch.load weights_only)."""
+        stopper, target = self.stopper, getattr(self.prior_term, "target", None)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": capture_rng_state(),
+            "prior_target": None if target is None else target.detach().cpu(),
+            "stopper": {"window": list(stopper.window), "previous_mean": stopper.previous_mean,
+                        "calm_checks": stopper.calm_checks, "last_change": stopper.last_change},
+            "guard": {"consecutive": self.guard.consecutive, "total": self.guard.total},
+            "recent": [image.cpu() for image in self.recent],
+            "history": self.history,
+            "prior_evals": self.prior_evals,
+            "next_step": self.next_step,
+            "stopped": self.stopped,
+            "seconds": seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        restore_rng_state(state["rng"])
+        if self.prior_term is not None and state["prior_target"] is not None:
+            self.prior_term.target = state["prior_target"].to(self.device)
+        for key, value in state["stopper"].items():
+            setattr(self.stopper, key, value)
+        self.guard.consecutive, self.guard.total = state["guard"]["consecutive"], state["guard"]["total"]
+        self.recent.clear()
+        self.recent.extend(image.to(self.device) for image in state["recent"])
+        self.history = list(state["history"])
+        self.prior_evals, self.next_step = state["prior_evals"], state["next_step"]
+        self.stopped, self.seconds_before = state["stopped"], state["seconds"]
+
+
+# Config keys that do not change the numbers a run produces: left out of the checkpoint hash.
+_NOT_HASHED = ("progress", "checkpoint")
+
+
+def fit_description(config: Recon2DConfig, kspace_t: torch.Tensor, mask_t: torch.Tensor) -> dict:
+    """What a checkpoint must match to be resumed: the config and the data (shape and hashes)."""
+    import hashlib
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    hashed = {key: value for key, value in config_to_dict(config).items() if key not in _NOT_HASHED}
+    return {"config": hashed, "input": {"shape": list(kspace_t.shape), "kspace_sha256": digest(kspace_t * mask_t),
+                                        "mask_sha256": digest(mask_t)}}
+
+
 def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | None = None,
-                   reference: Any = None, support: Any = None, prior: torch.nn.Module | None = None
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
+                   reference: Any = None, support: Any = None, prior: torch.nn.Module | None = None,
+                   checkpoint_dir: str | Path | None = None, resume: bool = False,
+                   on_step_end: Callable[[INRFit2D], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit the INR to `kspace` and return its image.
 
     Args:
@@ -240,10 +395,17 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
         reference, support: optional `(ny, nx)` reference image and 0/1 support: only used to log
             NRMSE in the history.
         prior: an already loaded denoiser (else loaded from `config.prior.path` when the prior is on).
+        checkpoint_dir: when given, the fit is checkpointed there every `config.checkpoint.every`
+            steps, at the end, and on SIGTERM / SIGUSR1 (then `Preempted` is raised).
+        resume: continue from the newest complete checkpoint in `checkpoint_dir` (refused with a
+            diff when it was written with another config or other data; a fresh start if none).
+        on_step_end: called with the fit after every step (tests use it to interrupt a run).
     Returns:
         image `(ny, nx)` complex64 NumPy in the units of `kspace`, and info: seconds, steps
-        (iterations run, skipped ones included), prior_evals (U-Net evaluations), scale, stopped ("steps" | "early_stop" | "non_finite"), skipped_steps,
-        history (list of dicts: step, lr, total, dc, tv, wavelet, prior[, nrmse_percent]), config.
+        (iterations run, skipped ones included), prior_evals (U-Net evaluations), scale, stopped
+        ("steps" | "early_stop" | "non_finite"), skipped_steps, history (list of dicts: step, lr,
+        total, dc, tv, wavelet, prior[, nrmse_percent]; a skipped step logs {step, skipped: why}),
+        resumed_from (step or None), config.
     """
     config = config or Recon2DConfig()
     device = resolve_device(config.device)
@@ -253,102 +415,68 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
     if kspace_t.ndim != 3 or maps_t.shape != kspace_t.shape or mask_t.shape != kspace_t.shape[1:]:
         raise ValueError(f"expected kspace (C, ny, nx), maps of the same shape and mask (ny, nx); got "
                          f"{tuple(kspace_t.shape)}, {tuple(maps_t.shape)}, {tuple(mask_t.shape)}")
-    shape = tuple(kspace_t.shape[1:])
     start = time.perf_counter()
+    fit = INRFit2D(kspace_t, maps_t, mask_t, config, device, prior,
+                   None if reference is None else np.asarray(reference),
+                   None if support is None else np.asarray(support))
+    manager, description, resumed_from = None, None, None
+    if checkpoint_dir is not None:
+        from engine.checkpoint import CheckpointManager
+        from engine.dist import DistContext
 
-    measured = kspace_t * mask_t
-    scale = robust_scale(zero_filled_image(measured, maps_t))
-    dc = DataConsistency(measured / scale, maps_t, mask_t, config.dc.normalisation, config.dc.backend)
+        manager = CheckpointManager(checkpoint_dir, DistContext(), config.checkpoint.keep_last)
+        description = fit_description(config, kspace_t, mask_t)
+        loaded = manager.load_latest(description) if resume else None
+        if loaded is not None:
+            resumed_from, state, _ = loaded
+            fit.load_state_dict(state)
 
-    model = INR2D(resolve_encoding(config.model, shape)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                 eps=config.optim.eps, fused=True)  # one fused kernel per step (CPU and CUDA)
-    generator = torch.Generator().manual_seed(config.seed)
-    use_bf16 = device.type == "cuda" if config.autocast_bf16 == "auto" else bool(config.autocast_bf16)
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
-    prior_term = None
-    if config.prior.mode != "off":
-        prior = prior if prior is not None else load_prior_for(config.prior, device)
-        prior_term = PriorTerm(config.prior, prior, config.optim.steps, generator, autocast_dtype,
-                               mask=mask_t).to(device)
-    reg = config.regularisers
-    stopper = EarlyStopper(config.early_stop)
-    guard = NonFiniteGuard(config.max_bad_steps)
-    reference_np = None if reference is None else np.asarray(reference)
-    support_np = None if support is None else np.asarray(support)
+    def elapsed() -> float:
+        return fit.seconds_before + time.perf_counter() - start
 
-    history: list[dict[str, float]] = []
-    recent = collections.deque(maxlen=config.average_last or 1)  # images of the last steps
-    prior_evals = 0
-    stopped = "steps"
-    steps_done = 0
-    progress = _progress(config.optim.steps, config.progress)
-    for step in range(config.optim.steps):
-        steps_done = step + 1  # iterations run, skipped ones included
-        for group in optimizer.param_groups:
-            group["lr"] = config.optim.lr * learning_rate_factor(step, config.optim)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            image = model.image(shape)  # complex64 (the head casts to float32)
-        terms = {"dc": dc(image)}
-        if reg.tv_weight:
-            terms["tv"] = reg.tv_weight * total_variation(image, reg.tv_kind)
-        if reg.wavelet_weight:
-            terms["wavelet"] = reg.wavelet_weight * wavelet_l1(image, reg.wavelet_levels)
-        if prior_term is not None and prior_term.active(step):
-            terms["prior"], evals = prior_term(image.unsqueeze(0), step)
-            prior_evals += evals
-        total = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total):
-            if guard.bad():
-                stopped = "non_finite"
-                break
-            continue
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            if guard.bad():
-                stopped = "non_finite"
-                break
-            continue
-        guard.ok()
-        optimizer.step()
-        if config.average_last:
-            recent.append(image.detach())
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        if step % config.log_every == 0 or step == config.optim.steps - 1:
-            entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], "total": float(total.detach()), **values}
-            if reference_np is not None:
-                entry["nrmse_percent"] = _nrmse(image.detach() * scale, reference_np, support_np)
-            history.append(entry)
+    def save() -> Path:
+        return manager.save(fit.next_step, fit.state_dict(elapsed()), {}, description)
+
+    flag = PreemptionFlag().install() if manager is not None else None
+    progress = _progress(config.optim.steps, config.progress, fit.next_step)
+    try:
+        while fit.stopped is None:
+            values = fit.step()
+            if progress is not None:
+                if values is not None:
+                    progress.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+                progress.update(1)
+            if on_step_end is not None:
+                on_step_end(fit)
+            if manager is None:
+                continue
+            if flag.raised and fit.stopped is None:
+                raise Preempted(fit.next_step, save())
+            every = config.checkpoint.every
+            if fit.stopped is not None or (every and fit.next_step % every == 0):
+                save()
+    finally:
+        if flag is not None:
+            flag.uninstall()
         if progress is not None:
-            progress.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-            progress.update(1)
-        if stopper.update(step, float(total.detach())):
-            stopped = "early_stop"
-            break
-    if progress is not None:
-        progress.close()
-    if stopped == "non_finite":
-        warnings.warn(f"reconstruct_2d stopped at step {step}: {guard.consecutive} consecutive steps had a "
-                      f"non-finite loss or gradient (lower the learning rate or the prior weight)", stacklevel=2)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        final = model.image(shape)
-    if config.average_last and recent and stopped != "non_finite":
-        final = (torch.stack(list(recent)).sum(0) + final) / (len(recent) + 1)
-    result = (final * scale).to(torch.complex64)
+            progress.close()
+    if fit.stopped == "non_finite":
+        warnings.warn(f"reconstruct_2d stopped at step {fit.next_step - 1}: {fit.guard.consecutive} consecutive "
+                      f"steps had a non-finite loss or gradient (lower the learning rate or the prior weight)",
+                      stacklevel=2)
+    result = fit.final_image()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {
-        "seconds": time.perf_counter() - start,
-        "steps": steps_done,
-        "prior_evals": prior_evals,
-        "scale": scale,
-        "stopped": stopped,
-        "skipped_steps": guard.total,
-        "last_change": stopper.last_change,
-        "history": history,
+        "seconds": elapsed(),
+        "steps": fit.next_step,
+        "prior_evals": fit.prior_evals,
+        "scale": fit.scale,
+        "stopped": fit.stopped,
+        "skipped_steps": fit.guard.total,
+        "last_change": fit.stopper.last_change,
+        "history": fit.history,
+        "resumed_from": resumed_from,
         "config": config_to_dict(config),
     }
     return result.cpu().numpy(), info
@@ -361,12 +489,12 @@ def _nrmse(image: torch.Tensor, reference: np.ndarray, support: np.ndarray | Non
     return nrmse_percent(image.cpu().numpy(), reference, support)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="recon2d", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="recon2d", leave=False, dynamic_ncols=True)
 
 
 # --- a whole job: read, undersample, reconstruct, compare, write ------------------------------
@@ -386,7 +514,7 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
                 slice_index: int | None = None, mask_kind: str = "poisson", acceleration: float = 6.0,
                 calib: int | None = None, seed: int | None = None, mask_file: str | None = None,
                 sampling: str = "auto", calib_width: int = 24, compare: tuple[str, ...] = COMPARISONS,
-                overwrite: bool = False) -> dict[str, dict]:
+                overwrite: bool = False, resume: bool = False) -> dict[str, dict]:
     """Reconstruct one 2D case with INFusion (and the comparisons) and write the run folder.
 
     Input: `input_path` (anything engine.io.readers.read_input reads; a fastMRI volume needs
@@ -397,11 +525,15 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     own mask and gets images only.
     Writes to `out_dir` (refused when not empty unless `overwrite`): recon_<method>.npy,
     mask/reference/support .npy, metrics.json (per method nrmse_percent, psnr_db, ssim, seconds,
-    prior_evals), comparison.png, config.yaml (the resolved config) and history.json.
+    prior_evals, skipped_steps), comparison.png, config.yaml (the resolved config) and
+    history.json; metrics.json is written last, so a folder without it is incomplete. While the
+    INR fits run, their checkpoints live in `out_dir/checkpoints/<method>` (deleted once the run is
+    complete); `resume` continues an interrupted run from them (a SIGTERM / SIGUSR1 checkpoints
+    and raises engine.preemption.Preempted).
     Returns the per-method metrics.
     """
     import json
-    from pathlib import Path
+    import shutil
 
     from engine.baselines import FULLY_SAMPLED_FRACTION, espirit_reference, run_baselines, zero_filled
     from engine.config import save_config
@@ -414,7 +546,14 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
         raise ValueError(f"unknown comparison methods {sorted(unknown)}; choose from {list(COMPARISONS)}")
     if sampling not in ("auto", "full", "undersampled"):
         raise ValueError(f"sampling must be 'auto', 'full' or 'undersampled', got {sampling!r}")
-    out = prepare_output_dir(out_dir, overwrite)  # fail before any computation
+    out = Path(out_dir)
+    if resume and (out / "metrics.json").is_file():
+        print(f"[recon2d] {out} is already complete; nothing to resume")
+        return json.loads((out / "metrics.json").read_text())["methods"]
+    out = prepare_output_dir(out_dir, overwrite or (resume and (out / "checkpoints").is_dir()))  # fail early
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.is_dir():  # --overwrite: a fresh run must not resume stale state
+        shutil.rmtree(checkpoints)
     if input_path is None:
         from engine.examples import bundled_case_2d
 
@@ -456,9 +595,11 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     histories = {}
     runs = ([("inr", plain_inr_config(config))] if "inr" in compare else []) + [("infusion", config)]
     for method, run_config in runs:
-        image, info = reconstruct_2d(kspace, maps, mask, run_config, reference, support)
+        image, info = reconstruct_2d(kspace, maps, mask, run_config, reference, support,
+                                     checkpoint_dir=checkpoints / method, resume=resume)
         results[method] = {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
-                           "steps": info["steps"], "stopped": info["stopped"]}
+                           "steps": info["steps"], "stopped": info["stopped"],
+                           "skipped_steps": info["skipped_steps"]}
         histories[method] = info["history"]
     for result in results.values():
         result.setdefault("prior_evals", 0)
@@ -472,8 +613,10 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
         "metrics": "magnitude, fastMRI definitions, inside the maps' support, no rescaling",
         "infusion_config": "config.yaml", "inr": "the same config with the prior and regularisers off",
     }
-    metrics = write_run(out, results, reference, support, metadata,
-                        arrays={"mask": mask, "reference": reference, "support": support}, overwrite=True)
+    out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    metrics = write_run(out, results, reference, support, metadata,  # metrics.json last: the marker
+                        arrays={"mask": mask, "reference": reference, "support": support}, overwrite=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: they served their purpose
     return metrics

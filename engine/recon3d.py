@@ -33,7 +33,6 @@ import csv
 import json
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,18 +43,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from engine.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    capture_rng_state,
+    restore_rng_state,
+)
 from engine.config import config_to_dict
 from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
 from engine.physics.fft import ifftc
+from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
-
-REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again later"; the sbatch file requeues on it
-NON_FINITE_EXIT_CODE = 3  # max_bad_steps non-finite steps in a row (as the prior trainer)
-
 
 # ================================================================================== configs
 
@@ -115,16 +116,6 @@ class OutputConfig:
     """Write a CSV row (and update tqdm) every n steps."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpoints (not part of the config hash)."""
-
-    every: int = 0
-    """Checkpoint every n steps (0: only on SIGTERM / SIGUSR1)."""
-    keep_last: int = 2
-    """Complete checkpoints kept."""
 
 
 @dataclass
@@ -262,38 +253,6 @@ def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: in
     cumulative = torch.cumsum(hist, 0)
     index = int(torch.searchsorted(cumulative, cumulative[-1] * q / 100.0))
     return float(top) * (index + 1) / bins
-
-
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM's --signal), polled at step boundaries."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: dict[int, object] = {}
-
-    def _handler(self, signum, _frame) -> None:
-        self.raised = True
-
-    def install(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> PreemptionFlag:
-        for sig in signals:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. inside some test harnesses)
-                pass
-        return self
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint was written; exit with REQUEUE_EXIT_CODE."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"preempted at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
 
 
 class NonFiniteStop(RuntimeError):

@@ -48,7 +48,8 @@ def split_readout(nx: int, chunk_x: int, num_shards: int) -> list[Shard]:
 def shards_of_rank(shards: list[Shard], rank: int, world_size: int) -> list[Shard]:
     """The consecutive shards rank `rank` owns (shards dealt out in contiguous blocks)."""
     if len(shards) % world_size != 0:
-        raise ValueError(f"num_shards ({len(shards)}) must be a multiple of the world size ({world_size})")
+        raise ValueError(f"config key slices.num_shards: {len(shards)} shards cannot be shared by {world_size} "
+                         f"ranks; use a multiple of the number of ranks (0: one shard per rank)")
     per_rank = len(shards) // world_size
     return shards[rank * per_rank : (rank + 1) * per_rank]
 
@@ -67,7 +68,8 @@ class ShardSampler:
 
     def __init__(self, shard: Shard, k: int, seed: int):
         if not 1 <= k <= shard.size:
-            raise ValueError(f"slices per step K={k} must be in [1, {shard.size}] (size of shard {shard.index})")
+            raise ValueError(f"config key slices.per_step: K={k} must be in [1, {shard.size}], the readout "
+                             f"positions of shard {shard.index}")
         self.shard, self.k = shard, k
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(shard_seed(seed, shard.index))

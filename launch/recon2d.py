@@ -3,8 +3,11 @@
 A fully sampled input is undersampled with the chosen mask and scored against its coil-combined
 image inside the coil maps' support; an undersampled input keeps its own sampling and gets images
 only. Writes recon_<method>.npy, mask/reference/support .npy, metrics.json (nrmse_percent, psnr_db,
-ssim, seconds, prior_evals per method), comparison.png, config.yaml (resolved) and history.json to
---out. The work is done by engine.recon2d.recon2d_job.
+ssim, seconds, prior_evals, skipped_steps per method), comparison.png, config.yaml (resolved) and
+history.json to --out; metrics.json comes last. The INR fits are checkpointed in --out/checkpoints
+(every `checkpoint.every` steps and on SIGTERM / SIGUSR1, after which the exit code is 75); rerun
+the same command with --resume to continue. Bad input: one line on stderr, exit 2. The work is
+done by engine.recon2d.recon2d_job.
 
 Commands (from the repository root):
     # the bundled example (fully sampled: real anatomy, simulated coils), fast mode, Poisson-disc R = 6
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="k-space file (.npy, fastMRI/SKM-TEA .h5, BART .cfl, .mat); default: the bundled example")
     parser.add_argument("--out", type=Path, required=True, help="output folder (refused if not empty)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out from its checkpoints (exit 75 = preempted)")
     parser.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice of a multi-slice file")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo2d.yaml",
                         help="YAML config (default configs/demo2d.yaml, the fast mode)")
@@ -55,18 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.config import ConfigError, load_config
+    from engine.validate import run_cli
+
+    return run_cli(lambda: _job(args))
+
+
+def _job(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.preemption import REQUEUE_EXIT_CODE, Preempted
     from engine.recon2d import Recon2DConfig, recon2d_job
 
+    config = load_config(Recon2DConfig, args.config, args.set)
     try:
-        config = load_config(Recon2DConfig, args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    metrics = recon2d_job(config, args.out, None if args.input is None else str(args.input), args.slice_index,
-                          args.mask, args.accel, args.calib, args.seed,
-                          None if args.mask_file is None else str(args.mask_file), args.sampling,
-                          args.calib_width, tuple(args.compare), args.overwrite)
+        metrics = recon2d_job(config, args.out, None if args.input is None else str(args.input), args.slice_index,
+                              args.mask, args.accel, args.calib, args.seed,
+                              None if args.mask_file is None else str(args.mask_file), args.sampling,
+                              args.calib_width, tuple(args.compare), args.overwrite, args.resume)
+    except Preempted as preempted:
+        print(f"[recon2d] {preempted}: exit {REQUEUE_EXIT_CODE}; rerun the same command with --resume",
+              file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     for method, values in metrics.items():
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
                           if k in ("nrmse_percent", "psnr_db", "ssim", "seconds", "prior_evals"))

@@ -26,10 +26,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.preemption import NON_FINITE_EXIT_CODE
 from engine.prior.train import NonFiniteTraining, load_config, train_prior
 from engine.validate import run_cli
-
-NON_FINITE_EXIT_CODE = 3  # as launch/recon3d.py: not worth a requeue, it would recur
 
 
 def main(argv: list[str] | None = None) -> int:

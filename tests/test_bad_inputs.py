@@ -4,7 +4,7 @@ Each case makes its broken file in tmp_path, runs the launcher's `main(argv)` in
 checks: exit code 2, exactly one line on stderr that names the file, the dataset / array and the
 problem, and no output created (or an existing one left byte for byte as it was). Then the
 interrupted-write cases (nothing half-written may look complete) and the NaN/Inf guard of the
-2D loop. Gaps in files this test does not own are marked xfail(strict=True) with the reason.
+2D loop.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from engine.io.data import MulticoilData
 from engine.io.hybrid_store import HybridStore, prepare_hybrid_store
 from engine.io.ome_zarr import VolumeWriter, open_volume
 from engine.physics.fft import fftc
-from engine.validate import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 COILS, NY, NX = 4, 24, 24  # 2D case
@@ -269,24 +268,14 @@ def test_baseline_keeps_an_existing_run(files, mains, tmp_path, capsys):
 # ---------------------------------------------------------------------------- launch/recon2d.py
 
 
-def _recon2d_work(main, argv):
-    """What the process of launch/recon2d.py should do: refusals as one line and exit 2."""
-    return run_cli(lambda: main([str(a) for a in argv]))
-
-
 @pytest.mark.parametrize("case", sorted(TWO_D_CASES))
 def test_recon2d_refuses_before_work(case, files, mains, tmp_path, capsys):
-    """The messages and the absence of output; the exit code itself is the xfail test below."""
     argv, _ = _two_d_argv(case, files, tmp_path)
-    capsys.readouterr()
-    code = _recon2d_work(mains["recon2d"], argv + ["--set", "progress=false"])
-    assert_refused(code, capsys.readouterr().err, *TWO_D_CASES[case][2])
+    code, err = run_main(mains["recon2d"], argv + ["--set", "progress=false"], capsys)
+    assert_refused(code, err, *TWO_D_CASES[case][2])
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="launch/recon2d.py catches only ConfigError: recon2d_job's "
-                   "InputError / ValueError / FileExistsError escape as a traceback (exit 1); "
-                   "patch proposed in the issue #5 report")
 def test_recon2d_exit_code_for_a_bad_input(files, mains, tmp_path, capsys):
     code, err = run_main(mains["recon2d"], [tmp_path / "absent.npy", "--out", tmp_path / "run"], capsys)
     assert_refused(code, err, r"absent\.npy: file not found")
@@ -319,10 +308,10 @@ def test_recon2d_keeps_an_existing_run(files, mains, tmp_path, capsys):
     (out / "metrics.json").write_text("{}\n")
     before = tree_digest(out)
     capsys.readouterr()
-    code = _recon2d_work(mains["recon2d"], [files["good2d.npy"], "--out", out])
-    assert_refused(code, capsys.readouterr().err, r"output folder .*run is not empty; pass --overwrite")
-    code = _recon2d_work(mains["recon2d"], [files["nan2d.npy"], "--out", out, "--overwrite"])
-    assert_refused(code, capsys.readouterr().err, r"nan2d\.npy: kspace: contains 1 non-finite")
+    code, err = run_main(mains["recon2d"], [files["good2d.npy"], "--out", out], capsys)
+    assert_refused(code, err, r"output folder .*run is not empty; pass --overwrite")
+    code, err = run_main(mains["recon2d"], [files["nan2d.npy"], "--out", out, "--overwrite"], capsys)
+    assert_refused(code, err, r"nan2d\.npy: kspace: contains 1 non-finite")
     assert tree_digest(out) == before
 
 
@@ -421,7 +410,7 @@ RECON3D_CONFIG_CASES = {
     "unknown key": (["--set", "slices.per_stepp=2"], [r"unknown config key 'slices\.per_stepp'"]),
     "wrong type": (["--set", "steps=[1, 2]"], [r"config key 'steps' .*must be an integer, got \[1, 2\]"]),
     "impossible value": (["--set", "steps=0"], [r"steps must be >= 1, got 0"]),
-    "too many slices": (["--set", "slices.per_step=9"], [r"slices per step K=9 must be in \[1, 8\]"]),
+    "too many slices": (["--set", "slices.per_step=9"], [r"slices\.per_step: K=9 must be in \[1, 8\]"]),
 }
 
 
@@ -647,8 +636,6 @@ def test_3d_guard_stops_after_repeated_failures_keeping_the_good_checkpoints(goo
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/recon2d.py counts skipped steps but logs none of them in "
-                   "the history; patch proposed in the issue #5 report")
 def test_2d_skipped_steps_are_logged(monkeypatch):
     from engine import recon2d
 

@@ -254,7 +254,7 @@ def test_single_process_run_is_reproducible_and_bf16_switch_runs(tiny_store):
 
 
 def test_clear_errors_for_impossible_splits(tiny_store):
-    with pytest.raises(ValueError, match=r"slices per step K=9 must be in \[1, 8\]"):
+    with pytest.raises(ValueError, match=r"slices\.per_step: K=9 must be in \[1, 8\]"):
         Recon3D(tiny_config(slices={"per_step": 9}), HybridStore(tiny_store), single_process())
     with pytest.raises(ValueError, match="cannot be split over 8"):
         Recon3D(tiny_config(slices={"num_shards": 8}), HybridStore(tiny_store), single_process())
