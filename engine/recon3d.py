@@ -347,6 +347,9 @@ class Recon3D:
         """One PriorTerm per local shard, each drawing its noise from that shard's stream."""
         if self.cfg.prior.mode == "off":
             return []
+        if self.cfg.prior.reuse_target:
+            raise ValueError("config key prior.reuse_target: not available in 3D, where the drawn planes "
+                             "change every step (a target is only valid for the planes it was made from)")
         if prior is None:
             from engine.prior import load_prior
 
@@ -355,7 +358,9 @@ class Recon3D:
             p.requires_grad_(False)
         prior = prior.to(self.device).eval()
         dtype = torch.bfloat16 if self.bf16 else None
-        return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype) for s in self.samplers]
+        # the (ky, kz) mask is shared by every readout plane: unmeasured_only applies plane by plane
+        return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype, mask=self.mask)
+                for s in self.samplers]
 
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
@@ -685,6 +690,12 @@ def run_recon3d(
     source = HybridStore(store if store is not None else input_path)
     if source.shape[0] < ctx.world_size:
         raise ValueError(f"{input_path}: {source.shape[0]} readout positions for {ctx.world_size} ranks")
+    shards = cfg.slices.num_shards or ctx.world_size
+    chunks = -(-int(source.shape[0]) // int(source.chunk_x))
+    if chunks < shards:
+        raise ValueError(f"{input_path}: {source.shape[0]} readout positions in {chunks} chunks of "
+                         f"{source.chunk_x} cannot be split over {shards} shards (one per rank unless "
+                         f"slices.num_shards is set): use fewer ranks, or prepare the store with a smaller chunk_x")
     recon = Recon3D(cfg, source, ctx, prior=prior)
     hashed = result_config(cfg, recon.input_description())
     manager = CheckpointManager(paths.checkpoints, ctx, cfg.checkpoint.keep_last)

@@ -424,7 +424,7 @@ def test_recon3d_refuses_a_bad_config(case, good_store, recon3d, tmp_path):
 
 @pytest.mark.parametrize("ranks, pattern", [
     (16, r"good\.zarr: 8 readout positions for 16 ranks"),
-    (5, r"8 readout positions in 4 chunks of 2 cannot be split over 5"),
+    (5, r"good\.zarr: 8 readout positions in 4 chunks of 2 cannot be split over 5 shards"),
 ])
 def test_recon3d_refuses_fewer_readout_positions_than_ranks(ranks, pattern, good_store, recon3d, tmp_path,
                                                            monkeypatch):
