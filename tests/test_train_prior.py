@@ -214,10 +214,10 @@ def test_deepspeed_one_step_or_clear_error(tmp_path, volume_file) -> None:
 
 def test_deepspeed_missing_config_is_clear(tmp_path, volume_file) -> None:
     pytest.importorskip("deepspeed")
-    from engine.prior.distributed import RankInfo
+    from engine.dist import DistContext
     from engine.prior.edm import EDMPrior
     from engine.prior.train import TrainConfig, _deepspeed_engine
 
     cfg = TrainConfig(parallel="deepspeed", deepspeed_config=str(tmp_path / "none.json"))
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):
-        _deepspeed_engine(EDMPrior(), cfg, RankInfo(0, 1, 0, torch.device("cpu")))
+        _deepspeed_engine(EDMPrior(), cfg, DistContext(0, 1, 0, torch.device("cpu")))

@@ -26,7 +26,7 @@ import yaml
 
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
-from engine.prior.distributed import RankInfo, all_reduce_mean, barrier, init_distributed
+from engine.dist import DistContext, init_distributed
 from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
 from engine.prior.unet import UNetConfig, count_parameters
 
@@ -215,7 +215,7 @@ class _LossCSV:
                 csv.DictWriter(f, self.FIELDS).writerow(row)
 
 
-def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: RankInfo):
+def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: DistContext):
     """Wrap the model in a DeepSpeed engine (ZeRO-1/2 from cfg.deepspeed_config)."""
     try:
         import deepspeed
@@ -246,7 +246,7 @@ def _deepspeed_engine(model: EDMPrior, cfg: TrainConfig, info: RankInfo):
     return engine, optimizer
 
 
-def _ensure_process_group(info: RankInfo, init_method: str | None) -> str | None:
+def _ensure_process_group(info: DistContext, init_method: str | None) -> str | None:
     """DeepSpeed needs a process group even for one rank: start gloo on a temporary file."""
     import torch.distributed as dist
 
@@ -266,11 +266,26 @@ class NonFiniteTraining(RuntimeError):
     """`max_bad_steps` consecutive steps had a non-finite loss or gradient."""
 
 
-def world_any(flag: bool, info: RankInfo) -> bool:
+def world_any(flag: bool, info: DistContext) -> bool:
     """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
     if info.world_size == 1:
         return flag
-    return all_reduce_mean(float(flag), info.device) > 0
+    return mean_over_ranks(float(flag), info) > 0
+
+
+def mean_over_ranks(value: float, info: DistContext) -> float:
+    """Mean of a float over ranks (the value itself on one rank)."""
+    total = info.all_reduce_sum(torch.tensor([value], dtype=torch.float64))
+    return float(total) / info.world_size
+
+
+def join_ranks(device: str, init_method: str | None) -> DistContext:
+    """This rank's DistContext: torchrun / SLURM / MPI / unlaunched (engine.dist), or an explicit
+    rendezvous (tests: file://) with RANK and WORLD_SIZE from the environment."""
+    if init_method is None:
+        return init_distributed(device=device)
+    return init_distributed(device=device, init_method=init_method, rank=int(os.environ.get("RANK", "0")),
+                            world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -295,7 +310,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     tc = cfg.train
     if tc.parallel not in ("ddp", "deepspeed"):
         raise ValueError(f"train.parallel must be 'ddp' or 'deepspeed', got {tc.parallel!r}")
-    info = init_distributed(tc.device, None if tc.parallel == "deepspeed" else init_method)
+    info = join_ranks(tc.device, None if tc.parallel == "deepspeed" else init_method)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     sampler = PatchSampler(cfg.data)  # reads the volumes: a bad one is refused before any output
@@ -304,7 +319,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    barrier()
+    info.barrier()
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = EDMPrior(cfg.unet, cfg.sigma_data).to(info.device)
@@ -350,7 +365,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
                 state["model"] = model.state_dict()
                 state["optimizer"] = optimizer.state_dict()
             _atomic_save(state, state_path)
-        barrier()
+        info.barrier()
 
     log = _LossCSV(out / "loss.csv", start, info.is_main)
     bar = None
@@ -402,7 +417,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
             stopped_at = done
         if done % tc.log_every == 0 or done == tc.steps or stopped_at:
             # every rank skipped the same steps, so the windows agree in length
-            last_loss = all_reduce_mean(sum(window) / len(window), info.device) if window else float("nan")
+            last_loss = mean_over_ranks(sum(window) / len(window), info) if window else float("nan")
             rate = len(window) * tc.batch_size * info.world_size / max(time.time() - window_t0, 1e-9)
             log.append({"step": done, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
                         "images_per_s": f"{rate:.4g}", "elapsed_s": f"{time.time() - t0:.1f}",
@@ -433,7 +448,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
             from engine.prior.visualise import save_samples_png
 
             save_samples_png(ema, out / "samples.png")
-    barrier()
+    info.barrier()
     summary = {"steps": stopped_at or tc.steps, "start_step": start, "last_loss": last_loss,
                "prior_dir": str(prior_dir), "seconds": time.time() - t0, "rank": info.rank,
                "world_size": info.world_size}
