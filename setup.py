@@ -3,13 +3,17 @@
 torch is deliberately not pinned here: clusters bring their own CUDA build. The README's
 install command pins the build used on the development machines.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="infusion-engine",
     version="0.1.0",
     description="Distributed INR + diffusion-prior reconstruction of multicoil MRI (INFusion)",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",

@@ -535,7 +535,12 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     import json
     import shutil
 
-    from engine.baselines import FULLY_SAMPLED_FRACTION, espirit_reference, run_baselines, zero_filled
+    from engine.baselines import (
+        FULLY_SAMPLED_FRACTION,
+        espirit_reference,
+        run_baselines,
+        zero_filled,
+    )
     from engine.config import save_config
     from engine.physics.coils import espirit_maps, support_mask
     from engine.physics.masks import achieved_acceleration, make_mask, seed_from_case

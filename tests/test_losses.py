@@ -17,12 +17,12 @@ from engine.losses import (
     dwt2,
     find_backbone_weights,
     idwt2,
+    lpips_weights,
     pixel_distance,
     restricted_load,
     total_variation,
     wavelet_l1,
 )
-from engine.losses import lpips_weights
 from engine.physics import sense_operator
 
 

@@ -151,7 +151,7 @@ def test_early_stopper_uses_window_means():
 
 def test_bf16_autocast_runs(case):
     kspace, maps, mask, _ = case
-    image, info = reconstruct_2d(kspace, maps, mask, small_config(optim={"steps": 5}, autocast_bf16=True))
+    image, _info = reconstruct_2d(kspace, maps, mask, small_config(optim={"steps": 5}, autocast_bf16=True))
     assert image.dtype == np.complex64 and np.isfinite(image).all()
 
 

@@ -79,7 +79,7 @@ def interrupt_at(step: int):
 
 def test_resume_after_an_interruption_is_bit_identical(case, tmp_path):
     kspace, maps, mask = case
-    plain, plain_info = reconstruct_2d(kspace, maps, mask, config(), prior=Denoiser())
+    plain, _plain_info = reconstruct_2d(kspace, maps, mask, config(), prior=Denoiser())
     whole, whole_info = reconstruct_2d(kspace, maps, mask, config(), prior=Denoiser(),
                                        checkpoint_dir=tmp_path / "whole")
     assert np.array_equal(plain, whole)  # checkpointing does not perturb the run
@@ -168,7 +168,7 @@ def wait_for_checkpoint(process: subprocess.Popen, folder: Path, timeout: float 
 def uninterrupted(slice_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     process = launch(slice_file, out)
-    stdout, stderr = process.communicate(timeout=600)
+    _stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
     assert not (out / "checkpoints").exists()  # removed once the run is complete
     return np.load(out / "recon_infusion.npy")

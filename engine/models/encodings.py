@@ -5,8 +5,7 @@ Both map coordinates `(N, in_dim)` float32 in [0, 1] to features `(N, out_dim)` 
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -92,7 +91,7 @@ class HashGridEncoding(nn.Module):
         self.table_size = 2 ** log2_table_size
         self.out_dim = levels * features_per_level
         growth = math.exp((math.log(max_res) - math.log(min_res)) / max(levels - 1, 1))
-        self.resolutions = [int(math.floor(min_res * growth ** level)) for level in range(levels)]
+        self.resolutions = [math.floor(min_res * growth ** level) for level in range(levels)]
         self.hashed = [(res + 1) ** in_dim > self.table_size for res in self.resolutions]
         generator = torch.Generator().manual_seed(seed)
         # Level l stores min(T, (N_l+1)^d) vectors (as Instant-NGP does); one Parameter per level so

@@ -11,13 +11,14 @@ float32 before `torch.complex`, which rejects bf16 halves.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-from engine.models.encodings import FourierFeatures, HashGridEncoding, coordinate_grid
+from engine.models.encodings import FourierFeatures, HashGridEncoding
 
 Rows = torch.Tensor | slice | Sequence[int] | None
 

@@ -6,7 +6,7 @@ scaling makes the FFT unitary, so its adjoint is exactly the inverse FFT.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -9,7 +9,7 @@ through `forward` is `adjoint` (tested in tests/test_physics_operators.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ class LinearOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def __matmul__(self, inner: "LinearOperator") -> "Composed":
+    def __matmul__(self, inner: LinearOperator) -> Composed:
         """`outer @ inner` applies `inner` first, as in matrix products."""
         return Composed([inner, self])
 

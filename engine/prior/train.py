@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine.dist import DistContext, init_distributed
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
-from engine.dist import DistContext, init_distributed
 from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
 from engine.prior.unet import UNetConfig, count_parameters
 
