@@ -27,6 +27,9 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     nice -n 5 python benchmarks/quality2d.py run --part sim
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods l1_wavelet_best inr_tv fast
     nice -n 5 python benchmarks/quality2d.py run --part real --methods reference --reference-steps 500 --reference-rows 4h_GE:6:0
+    # speed: one row, methods back to back on an otherwise idle machine, into their own file
+    python benchmarks/quality2d.py run --part real --cases 4h_GE --rows 4h_GE:6:0 \
+        --methods inr_tv fast reference --reference-rows 4h_GE:6:0 --runs benchmarks/results/quality2d_timing.jsonl
     python benchmarks/quality2d.py report
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 DATA = Path(os.environ.get("INFUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
 RUNS = REPO / "benchmarks" / "results" / "quality2d_runs.jsonl"
+TIMING_RUNS = REPO / "benchmarks" / "results" / "quality2d_timing.jsonl"  # `run --runs` of the speed rows
 REPORT = REPO / "benchmarks" / "results" / "quality2d.md"
 ACCELERATIONS = (4, 6, 8)
 SEEDS = (0, 1)
@@ -128,7 +132,7 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
 
 
 def run(part: str, methods: list[str], out: Path, reference_steps: int, reference_rows: list[str],
-        cases: list[str] | None) -> None:
+        cases: list[str] | None, only_rows: list[str] | None = None) -> None:
     import torch
 
     from engine.baselines import espirit_reference
@@ -144,6 +148,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
         rows = [(6, 0)] if part == "256" else [(r, s) for r in ACCELERATIONS for s in SEEDS]
         for acceleration, seed in rows:
             mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)
+            if only_rows and f"{case}:{acceleration}:{seed}" not in only_rows:
+                continue
             for method in methods:
                 key = (case, acceleration, seed, method)
                 if key in done:
@@ -168,8 +174,40 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def report(runs: Path, out: Path) -> None:
-    rows = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+PAPER_STEPS = 8000  # iterations of the paper's recipe (configs/reference2d.yaml)
+
+
+def speed_section(rows: list[dict]) -> list[str]:
+    """The timing runs: methods run one after another on one row with the machine otherwise idle."""
+    if not rows:
+        return []
+    lines = ["## Speed: fast mode vs the paper's recipe (same engine, same row, run back to back)", "",
+             (f"Machine: {rows[0]['machine']}; {rows[0]['date'][:10]}; nothing else running. The reference "
+             f"recipe's cost per iteration is constant (10 U-Net evaluations, LPIPS-VGG, a 4 x 256 MLP), so its "
+             f"{PAPER_STEPS}-iteration time is extrapolated from the iterations run."), "",
+             ("| case | R | seed | method | steps | seconds | s / step | prior evals | NRMSE % | "
+             f"time for the recipe's {PAPER_STEPS} steps | speed-up of fast |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fast = {(r["case"], r["R"], r["seed"]): r["seconds"] for r in rows if r["method"] == "fast"}
+    for r in rows:
+        per_step = r["seconds"] / r["steps"] if r.get("steps") else float("nan")
+        full = per_step * PAPER_STEPS if r["method"] == "reference" else None
+        base = fast.get((r["case"], r["R"], r["seed"]))
+        speedup = "" if base is None or r["method"] == "fast" else (
+            f"{r['seconds'] / base:.0f}x as run" + (f", {full / base:.0f}x for {PAPER_STEPS} steps" if full else ""))
+        lines.append(f"| {r['case']} ({r['size']} px) | {r['R']} | {r['seed']} | {r['method']} | {r.get('steps') or '-'} | "
+                     f"{r['seconds']:.1f} | {per_step:.3f} | {r['prior_evals']} | {r['nrmse_percent']:.2f} | "
+                     f"{f'{full / 3600:.1f} h' if full else '-'} | {speedup} |")
+    return lines + [""]
+
+
+def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
+    rows = read_rows(runs)
+    timing = read_rows(timing_runs) if timing_runs is not None else []
     by_key: dict[tuple, list[dict]] = {}
     for row in rows:
         by_key.setdefault((row["case"], row["size"], row["R"], row["method"]), []).append(row)
@@ -202,6 +240,7 @@ def report(runs: Path, out: Path) -> None:
                              f"{mean['nrmse_percent']:.2f} | {mean['psnr_db']:.2f} | {mean['ssim']:.4f} | "
                              f"{mean['seconds']:.1f} | {evals} | {int(np.mean(steps)) if steps else '-'} |")
         lines.append("")
+    lines += speed_section(timing)
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
@@ -221,17 +260,19 @@ def main(argv: list[str] | None = None) -> int:
                             help="iterations of the reference mode (the paper: 8000)")
     run_parser.add_argument("--reference-rows", nargs="*", default=["4h_GE:6:0"],
                             help="case:R:seed rows on which the reference mode runs")
+    run_parser.add_argument("--rows", nargs="*", default=None, help="only these case:R:seed rows")
     run_parser.add_argument("--runs", type=Path, default=RUNS)
     report_parser = sub.add_parser("report", help="write the markdown table from the runs file")
     report_parser.add_argument("--runs", type=Path, default=RUNS)
     report_parser.add_argument("--out", type=Path, default=REPORT)
+    report_parser.add_argument("--timing-runs", type=Path, default=TIMING_RUNS)
     args = parser.parse_args(argv)
     if args.command == "run":
         start = time.time()
-        run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases)
+        run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases, args.rows)
         print(f"part {args.part} took {time.time() - start:.0f} s")
     else:
-        report(args.runs, args.out)
+        report(args.runs, args.out, args.timing_runs)
     return 0
 
 
