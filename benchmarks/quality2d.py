@@ -205,6 +205,30 @@ def speed_section(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def summary_section(rows: list[dict]) -> list[str]:
+    """Mean NRMSE per R over the brain cases (phantom apart) and how often fast beats each method."""
+    brain = [r for r in rows if r["size"] == CROP and r["case"] != "4h_Ph"]
+    if not brain:
+        return []
+    nrmse = {(r["case"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in brain}
+    methods = [m for m in METHODS if any(r["method"] == m for r in brain)]
+    lines = [f"## Summary: brain slices at {CROP} px (phantom excluded), NRMSE % averaged over cases and seeds", "",
+             "| R | " + " | ".join(methods) + " | rows where fast is lowest |",
+             "|---|" + "---|" * (len(methods) + 1)]
+    for acceleration in ACCELERATIONS:
+        keys = sorted({k[:3] for k in nrmse if k[1] == acceleration})
+        complete = [k for k in keys if all((*k, m) in nrmse for m in methods)]
+        if not complete:
+            continue
+        means = [np.mean([nrmse[(*k, m)] for k in complete]) for m in methods]
+        wins = sum(all(nrmse[(*k, "fast")] <= nrmse[(*k, m)] for m in methods if m != "reference")
+                   for k in complete) if "fast" in methods else 0
+        lines.append(f"| {acceleration} | " + " | ".join(f"{v:.2f}" for v in means) +
+                     f" | {wins} of {len(complete)} |")
+    cases = sorted({r["case"] for r in brain})
+    return lines + ["", f"Cases: {', '.join(cases)}; only (case, R, seed) rows where every listed method ran.", ""]
+
+
 def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     rows = read_rows(runs)
     timing = read_rows(timing_runs) if timing_runs is not None else []
@@ -224,6 +248,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         "mask seeds listed. k-space centre-cropped to 128 x 128 except rows marked 256.",
         "",
     ]
+    lines += summary_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",
                   "| R | method | seeds | NRMSE % | PSNR dB | SSIM | seconds | prior evals | steps |",
