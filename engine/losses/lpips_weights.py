@@ -171,8 +171,13 @@ def build_lpips(net: str = "vgg", weights_path: str | Path | None = None,
     """`lpips.LPIPS(net=net)` with the offline backbone loaded, frozen, in eval mode (CPU)."""
     net = _check_net(net)
     path = find_backbone_weights(net, weights_path, cache_dir)
+    import warnings
+
     import lpips  # heavy (torchvision): imported only once weights exist
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear layers: shipped with lpips
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`; harmless
+        warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear layers: shipped with lpips
     expected = model.net.state_dict()
     state = load_backbone_state(path, net)
     for key, value in state.items():
