@@ -200,6 +200,7 @@ def test_fallback_uses_pixel_distance(no_weight_sources):
         PerceptualLoss("lpips", "vgg", fallback="error")
 
 
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning")  # lpips' own torchvision call
 def test_lpips_with_locally_made_weights(no_weight_sources):
     """A random AlexNet backbone saved in torchvision's format loads into lpips and behaves as a distance."""
     import lpips
