@@ -80,15 +80,16 @@ def poisson_disc_mask(
     import sigpy.mri  # lazy: sigpy pulls in numba
 
     try:
-        mask = sigpy.mri.poisson(
-            (ny, nx),
-            acceleration,
-            calib=calib,
-            dtype=np.float32,
-            crop_corner=crop_corner,
-            seed=int(seed) % 2**32,
-            tol=tol,
-        )
+        with np.errstate(divide="ignore"):  # sigpy's search divides by an empty trial mask's sum
+            mask = sigpy.mri.poisson(
+                (ny, nx),
+                acceleration,
+                calib=calib,
+                dtype=np.float32,
+                crop_corner=crop_corner,
+                seed=int(seed) % 2**32,
+                tol=tol,
+            )
     except ValueError as err:
         raise ValueError(
             f"sigpy could not draw a Poisson-disc mask of shape {(ny, nx)} at R = {acceleration} "
