@@ -1,7 +1,7 @@
 """Distributed 3D INFusion reconstruction of a hybrid-space Zarr store into an OME-Zarr volume.
 
 The readout axis is split over the ranks; each rank reads only its slab of the input store and
-writes only its chunks of the output (engine/recon3d.py, DESIGN.md sections 3-6). Without
+writes only its chunks of the output (engine/recon3d_run.py, DESIGN.md sections 3-6). Without
 --input, the bundled 3D example (real Colin27 anatomy, simulated coils and phase) is undersampled
 as `bundled:` in the config says and prepared under outputs/bundled/ first. Without --out, the
 volume goes to outputs/recon3d-<config>-<time>.zarr; side files (montage.png, log.csv,
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.recon3d import main  # after the path set-up: runs from a plain clone
+from engine.recon3d_run import main  # after the path set-up: runs from a plain clone
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__))

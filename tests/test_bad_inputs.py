@@ -604,11 +604,12 @@ def test_3d_guard_skips_a_bad_step(good_store, tmp_path, monkeypatch):
     from engine import recon3d
     from engine.config import build_config, merge_dicts
     from engine.dist import init_distributed
+    from engine.recon3d_run import run_recon3d
 
     monkeypatch.setattr(recon3d, "total_variation", poisoned_tv({1}, "loss"))
     cfg = build_config(recon3d.Recon3DConfig, merge_dicts(TINY3D, {"steps": 4, "tv_weight": 1.0}))
     out = tmp_path / "out.zarr"
-    recon3d.run_recon3d(cfg, good_store, out, init_distributed(device="cpu", env={}))
+    run_recon3d(cfg, good_store, out, init_distributed(device="cpu", env={}))
     assert np.isfinite(open_volume(out).complex[...]).all()
     log = (tmp_path / "out_run" / "log.csv").read_text().splitlines()
     assert "skipped" in log[0] and [row.split(",")[-1] for row in log[1:]] == ["0", "1", "0", "0"]

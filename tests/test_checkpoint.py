@@ -20,7 +20,8 @@ from engine.checkpoint import (
     restore_rng_state,
 )
 from engine.dist import DistContext, init_distributed, launch_local
-from engine.recon3d import REQUEUE_EXIT_CODE, Preempted, run_recon3d
+from engine.preemption import REQUEUE_EXIT_CODE, Preempted
+from engine.recon3d_run import run_recon3d
 
 
 def _ctx() -> DistContext:

@@ -14,7 +14,8 @@ from engine.io.data import MulticoilData
 from engine.io.hybrid_store import HybridStore, prepare_hybrid_store
 from engine.physics.fft import fftc
 from engine.physics.operators import sense_operator
-from engine.recon3d import Recon3D, Recon3DConfig, dc_sum, global_percentile, run_recon3d
+from engine.recon3d import Recon3D, Recon3DConfig, dc_sum, global_percentile
+from engine.recon3d_run import run_recon3d
 
 NX, COILS, NY, NZ, CHUNK_X = 16, 2, 16, 8, 4
 
@@ -263,7 +264,7 @@ def test_clear_errors_for_impossible_splits(tiny_store):
 def test_job_reports_bad_config_and_existing_output_with_exit_code_2(tiny_store, tmp_path, capsys):
     import yaml
 
-    from engine.recon3d import recon3d_job
+    from engine.recon3d_run import recon3d_job
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 2\nnot_a_key: 1\n")

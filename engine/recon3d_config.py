@@ -1,0 +1,162 @@
+"""The configuration of a 3D run (configs/demo3d.yaml, configs/fullres3d.yaml): typed, documented keys.
+
+engine.config loads YAML into these dataclasses and refuses unknown keys and wrong types;
+`result_config` is the part a checkpoint's hash covers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.checkpoint import (
+    CheckpointConfig,
+)
+from engine.config import config_to_dict
+from engine.losses.prior_term import PriorTermConfig
+from engine.models import INRConfig
+
+
+@dataclass
+class SliceConfig:
+    """Stochastic slices (readout positions) drawn per step."""
+
+    per_step: int = 4
+    """K: readout positions drawn per shard and step (memory and time per step scale with it)."""
+    num_shards: int = 0
+    """Readout shards, each with its own random stream; 0 = one per rank. A multiple of the
+    world size; keep it fixed to reproduce a run on another number of ranks."""
+    seed: int = 0
+    """Seed of the shards' streams (slice draws and the prior's noise)."""
+
+
+@dataclass
+class DCConfig:
+    """Data consistency."""
+
+    full_every: int = 0
+    """Every n-th step uses all planes of the slab for DC instead of the K drawn ones (0: never)."""
+    full_final_steps: int = 0
+    """The last n steps all use full DC."""
+    chunk: int = 16
+    """Planes per chunk in a full-DC pass (bounds its memory)."""
+    backend: str = "auto"
+    """kernels.sense backend when present ("auto": Triton on CUDA, torch on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam on trunk and head."""
+
+    lr: float = 1e-2
+    """Learning rate of the trunk (and of the head unless lr_head is set)."""
+    lr_head: float | None = None
+    """Learning rate of the head rows; null = lr."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule over the steps."""
+    lr_final_fraction: float = 0.1
+    """cosine: final lr = lr * this."""
+
+
+@dataclass
+class OutputConfig:
+    """Output volume and side files (do not change results; not part of the config hash)."""
+
+    eval_rows: int = 16
+    """Readout positions evaluated per chunk when writing (rounded to whole output chunks)."""
+    montage: bool = True
+    """Write a PNG montage of three orthogonal planes."""
+    log_every: int = 1
+    """Write a CSV row (and update tqdm) every n steps."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class BundledCaseConfig:
+    """How the bundled example is undersampled when no --input is given."""
+
+    mask: Literal["poisson", "random1d", "equispaced1d"] = "poisson"
+    """Mask on the (ky, kz) plane."""
+    acceleration: float = 4.0
+    """Requested acceleration R."""
+    calib: int | None = None
+    """Fully sampled centre (poisson: a calib x calib box); null = none (as the paper)."""
+    chunk_x: int = 4
+    """Readout positions per Zarr chunk of the prepared store."""
+
+
+@dataclass
+class BaselineConfig:
+    """Classical comparison computed beside the reconstruction (not part of the config hash)."""
+
+    l1_wavelet: bool = True
+    """L1-wavelet per readout plane (engine.baselines, relative lambda rule) on each rank's slab."""
+
+
+@dataclass
+class Recon3DConfig:
+    """A 3D reconstruction run (configs/demo3d.yaml, configs/fullres3d.yaml)."""
+
+    steps: int = 300
+    """Optimisation steps."""
+    inr: INRConfig = field(default_factory=INRConfig)
+    """Encoding, trunk and head (engine.models)."""
+    slices: SliceConfig = field(default_factory=SliceConfig)
+    dc: DCConfig = field(default_factory=DCConfig)
+    prior: PriorTermConfig = field(default_factory=lambda: PriorTermConfig(mode="tweedie", distance="l2"))
+    """The 2D prior term (engine.losses.prior_term), applied to each shard's drawn planes."""
+    tv_weight: float = 0.0
+    """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    bf16: bool | None = None
+    """bf16 autocast for trunk, head and prior (FFT and losses stay float32/complex64);
+    null = on where the device supports it (CUDA with bf16), off on CPU."""
+    grad_sync: Literal["allreduce", "ddp", "deepspeed"] = "allreduce"
+    """Trunk gradient sum: manual flat all-reduce, DDP over the trunk, or DeepSpeed ZeRO."""
+    zero_stage: int = 2
+    """grad_sync deepspeed: ZeRO stage (1 or 2)."""
+    device: str = "auto"
+    """'auto' (CUDA if visible), 'cuda' or 'cpu'."""
+    data_on_host: bool = False
+    """Keep the slab's k-space and maps in host memory and move only the drawn planes each step."""
+    max_bad_steps: int = 3
+    """A step with a non-finite loss or gradient on any rank is skipped (no update) and logged;
+    this many in a row stop the run (exit code 3), keeping the checkpoints written so far."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    bundled: BundledCaseConfig = field(default_factory=BundledCaseConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.dc.chunk < 1 or self.output.log_every < 1 or self.max_bad_steps < 1:
+            raise ValueError("dc.chunk, output.log_every and max_bad_steps must be >= 1")
+
+
+# Keys that do not change the numbers a run produces: excluded from the checkpoint's config hash.
+# (grad_sync stays in: where the trunk's optimiser state lives depends on it.)
+_NOT_HASHED = ("output", "checkpoint", "baseline", "bundled", "data_on_host", "max_bad_steps")
+
+
+def result_config(cfg: Recon3DConfig, input_desc: dict) -> dict:
+    """The part of the config (plus the input's shape) that decides the result; hashed by checkpoints."""
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED}
+    values["input"] = input_desc
+    return values
+
+
+
+__all__ = [
+    "BaselineConfig",
+    "BundledCaseConfig",
+    "CheckpointConfig",
+    "DCConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "Recon3DConfig",
+    "SliceConfig",
+    "result_config",
+]

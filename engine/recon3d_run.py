@@ -1,0 +1,455 @@
+"""A whole 3D run: the step loop with logging, checkpoints and preemption, the output volume with
+metrics and a montage, the bundled example, and the command line of launch/recon3d.py.
+
+The per-step mathematics is in engine.recon3d (Recon3D); this module only drives it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.checkpoint import CheckpointManager
+from engine.config import config_to_dict
+from engine.dist import DistContext
+from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
+from engine.recon3d import NonFiniteStop, Recon3D, StepResult
+from engine.recon3d_config import BundledCaseConfig, Recon3DConfig, result_config
+
+
+@dataclass
+class RunPaths:
+    """Where a run writes: the OME-Zarr volume and a side folder for everything else."""
+
+    volume: Path
+    side: Path
+
+    @classmethod
+    def for_output(cls, volume: str | Path) -> RunPaths:
+        volume = Path(volume)
+        stem = volume.name.removesuffix(".zarr")
+        return cls(volume, volume.with_name(stem + "_run"))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.side / "checkpoints"
+
+    @property
+    def log_csv(self) -> Path:
+        return self.side / "log.csv"
+
+    @property
+    def montage(self) -> Path:
+        return self.side / "montage.png"
+
+    @property
+    def metrics(self) -> Path:
+        return self.side / "metrics.json"
+
+
+class _CsvLog:
+    """Rank 0's per-step CSV; on resume, rows after the resumed step are dropped first."""
+
+    FIELDS = ("step", "seconds", "loss", "dc", "prior", "tv", "lr", "full_dc", "prior_evals", "skipped")
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if resume_step > 0 and path.is_file():
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) < resume_step]
+        self.handle = open(path, "w", newline="")  # noqa: SIM115 - kept open for the whole run
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _error_sums(volume: np.ndarray, reference: np.ndarray, support: np.ndarray | None) -> list[float]:
+    """[sum (|x| - |r|)^2, sum |r|^2] over the support: NRMSE terms that add up over ranks."""
+    diff = np.abs(volume).astype(np.float64) - np.abs(reference).astype(np.float64)
+    ref = np.abs(reference).astype(np.float64)
+    if support is not None:
+        diff, ref = diff[support], ref[support]
+    return [float(np.sum(diff**2)), float(np.sum(ref**2))]
+
+
+def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """engine.baselines.l1_wavelet on every readout plane of a slab: (n, ny, nz) complex64."""
+    from engine.baselines import l1_wavelet
+
+    return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
+
+
+def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> tuple | None:
+    """Rank 0 gets the three central orthogonal planes of the volume assembled from the ranks'
+    slabs (n, ny, nz): (yz at x=nx//2, xz at y=ny//2, xy at z=nz//2); None elsewhere."""
+    ny, nz = slab.shape[1:]
+    x_mid = nx // 2
+    mine = {
+        "x0": x_start,
+        "yz": slab[x_mid - x_start] if x_start <= x_mid < x_start + slab.shape[0] else None,
+        "xz": slab[:, ny // 2, :],
+        "xy": slab[:, :, nz // 2],
+    }
+    parts = ctx.all_gather_object(mine)
+    if not ctx.is_main:
+        return None
+    parts.sort(key=lambda p: p["x0"])
+    yz = next(p["yz"] for p in parts if p["yz"] is not None)
+    return yz, np.concatenate([p["xz"] for p in parts]), np.concatenate([p["xy"] for p in parts])
+
+
+def write_montage(path: Path, rows: dict[str, tuple], title: str) -> None:
+    """PNG: one row per image (name -> three planes), columns yz / xz / xy, shared grey scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    vmax = max(float(np.percentile(np.abs(rows[n][0]), 99.5)) for n in names) or 1.0
+    fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, (plane, label) in enumerate(zip(rows[name], ("y-z (x = mid)", "x-z (y = mid)", "x-y (z = mid)"))):
+            ax = axes[r][c]
+            ax.imshow(np.abs(plane), cmap="gray", vmin=0, vmax=vmax, aspect="equal")
+            ax.set_title(f"{name}: {label}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_recon3d(
+    cfg: Recon3DConfig,
+    input_path: str | Path,
+    output_path: str | Path,
+    ctx: DistContext,
+    overwrite: bool = False,
+    resume: bool = False,
+    prior: nn.Module | None = None,
+    store=None,
+    on_step_end: Callable[[Recon3D, StepResult], None] | None = None,
+) -> dict:
+    """Reconstruct the hybrid store at `input_path` into the OME-Zarr `output_path` (collective).
+
+    Args:
+        cfg: the run's config.
+        input_path: a store from launch/prepare.py (engine.io.prepare_hybrid_store).
+        output_path: the output volume `*.zarr`; side files go to `<stem>_run/` beside it.
+        ctx: from engine.dist.init_distributed.
+        overwrite: replace an existing output.
+        resume: continue from the newest complete checkpoint in `<stem>_run/checkpoints` (a fresh
+            start when there is none).
+        prior: use this EDMPrior instead of loading cfg.prior.path.
+        store: a zarr Store to read instead of opening `input_path` (tests count chunk reads).
+        on_step_end: called after each step (tests use it to kill or signal the process).
+    Returns:
+        the metrics dict (on every rank). Raises Preempted after a SIGTERM/SIGUSR1 checkpoint.
+    """
+    from engine.io.hybrid_store import HybridStore
+    from engine.io.ome_zarr import VolumeWriter
+
+    paths = RunPaths.for_output(output_path)
+    if paths.volume.exists() and not (overwrite or resume):  # every rank checks: no rank waits alone
+        raise FileExistsError(f"{paths.volume} exists; pass --overwrite to replace it or --resume to continue")
+    if resume and paths.volume.exists():
+        from engine.io.errors import InputError
+        from engine.io.ome_zarr import open_volume
+
+        try:
+            finished = open_volume(paths.volume)
+        except InputError:  # incomplete: the run is to be continued and the volume rewritten
+            finished = None
+        if finished is not None:
+            ctx.print0(f"[recon3d] {paths.volume} is already complete; nothing to resume")
+            return finished.metrics
+    source = HybridStore(store if store is not None else input_path)
+    if source.shape[0] < ctx.world_size:
+        raise ValueError(f"{input_path}: {source.shape[0]} readout positions for {ctx.world_size} ranks")
+    shards = cfg.slices.num_shards or ctx.world_size
+    chunks = -(-int(source.shape[0]) // int(source.chunk_x))
+    if chunks < shards:
+        raise ValueError(f"{input_path}: {source.shape[0]} readout positions in {chunks} chunks of "
+                         f"{source.chunk_x} cannot be split over {shards} shards (one per rank unless "
+                         f"slices.num_shards is set): use fewer ranks, or prepare the store with a smaller chunk_x")
+    recon = Recon3D(cfg, source, ctx, prior=prior)
+    hashed = result_config(cfg, recon.input_description())
+    manager = CheckpointManager(paths.checkpoints, ctx, cfg.checkpoint.keep_last)
+    if ctx.is_main:
+        paths.side.mkdir(parents=True, exist_ok=True)
+        from engine.config import save_config
+
+        save_config(cfg, paths.side / "config.yaml")
+    ctx.barrier()
+    start_step = 0
+    if resume:
+        loaded = manager.load_latest(hashed)
+        if loaded is None:
+            ctx.print0(f"[recon3d] --resume: no checkpoint in {paths.checkpoints}, starting fresh")
+        else:
+            start_step, trunk_state, rank_state = loaded
+            recon.load_state(start_step, trunk_state, rank_state)
+            ctx.print0(f"[recon3d] resumed from step {start_step} ({paths.checkpoints})")
+
+    flag = PreemptionFlag().install()
+    log = _CsvLog(paths.log_csv, start_step) if ctx.is_main else None
+    bar = None
+    if ctx.is_main and cfg.output.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="recon3d", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    bad_in_a_row, skipped_steps = 0, 0
+    try:
+        while recon.step_index < cfg.steps:
+            recon.request_stop = flag.raised  # a signal during this step is seen in the next one
+            result = recon.step()
+            if on_step_end is not None:
+                on_step_end(recon, result)
+            step_done = recon.step_index
+            bad_in_a_row = bad_in_a_row + 1 if result.skipped else 0
+            skipped_steps += int(result.skipped)
+            if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps
+                                or result.skipped):
+                t = result.terms
+                log.write({"step": result.step, "seconds": f"{time.perf_counter() - t_start:.3f}",
+                           "loss": t["dc"] + t["prior"] + t["tv"], **t,
+                           "lr": cfg.optim.lr * recon.lr_factor(result.step), "full_dc": int(result.full_dc),
+                           "prior_evals": result.prior_evals, "skipped": int(result.skipped)})
+                if bar is not None:
+                    bar.set_postfix(dc=f"{t['dc']:.3g}", prior=f"{t['prior']:.3g}", tv=f"{t['tv']:.3g}",
+                                    refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if bad_in_a_row >= cfg.max_bad_steps:
+                steps = manager.complete_steps()
+                raise NonFiniteStop(result.step, bad_in_a_row, steps[-1] if steps else None)
+            if result.stop_requested:
+                folder = manager.save(step_done, recon.trunk_state(), recon.rank_state(), hashed)
+                ctx.print0(f"[recon3d] preemption signal: checkpoint at step {step_done} in {folder}")
+                raise Preempted(step_done, folder)
+            if cfg.checkpoint.every and step_done % cfg.checkpoint.every == 0 and step_done < cfg.steps:
+                manager.save(step_done, recon.trunk_state(), recon.rank_state(), hashed)
+    finally:
+        flag.uninstall()
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    train_seconds = time.perf_counter() - t_start
+    return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
+                      {"skipped_steps": skipped_steps})
+
+
+def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,
+               train_seconds: float, writer_cls, extra_metrics: dict | None = None) -> dict:
+    """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker."""
+    attrs = {"config": config_to_dict(cfg), "input": recon.input_description()}
+    writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, overwrite=overwrite,
+                        rank=0, attrs=attrs) if ctx.is_main else None
+    ctx.barrier()
+    if not ctx.is_main:
+        writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, rank=ctx.rank)
+    pieces = []
+    for x0, x1 in recon.output_chunks():
+        piece = recon.evaluate_rows(x0, x1)
+        writer.write_slab(x0, piece)
+        pieces.append(piece)
+    volume = np.concatenate(pieces)
+
+    metrics: dict = {"steps": cfg.steps, "train_seconds": train_seconds, "ranks": ctx.world_size,
+                     "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode,
+                     "prior_distance": cfg.prior.distance, **(extra_metrics or {})}
+    evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
+    metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
+    images = {"INFusion": volume}
+    if recon.reference is not None:
+        maps_power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
+        support = maps_power if not maps_power.all() else None
+        candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
+        baseline_seconds = 0.0
+        if cfg.baseline.l1_wavelet:
+            t0 = time.perf_counter()
+            candidates["l1_wavelet"] = _l1_wavelet_slab((recon.kspace * recon.scale).cpu().numpy(),
+                                                        recon.maps.cpu().numpy(), recon.mask.cpu().numpy())
+            baseline_seconds = time.perf_counter() - t0
+            images["L1-wavelet"] = candidates["l1_wavelet"]
+        sums = torch.tensor([s for img in candidates.values() for s in _error_sums(img, recon.reference, support)],
+                            dtype=torch.float64)
+        ctx.all_reduce_sum(sums)
+        for i, name in enumerate(candidates):
+            err, ref = sums[2 * i].item(), sums[2 * i + 1].item()
+            metrics[f"nrmse_percent_{name}"] = 100.0 * math.sqrt(err / ref)
+        if cfg.baseline.l1_wavelet:
+            metrics["l1_wavelet_seconds_max_rank"] = float(
+                ctx.all_reduce_max(torch.tensor([baseline_seconds], dtype=torch.float64)).item())
+        images["reference"] = recon.reference
+    planes = {name: gather_planes(img, recon.x_start, recon.nx, ctx) for name, img in images.items()}
+    ctx.barrier()
+    if ctx.is_main:
+        writer.finalize(metrics)
+        paths.metrics.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        if cfg.output.montage:
+            title = ", ".join(f"{k.replace('nrmse_percent_', '')} {v:.2f}%" for k, v in metrics.items()
+                              if k.startswith("nrmse_percent_")) or "INFusion 3D"
+            write_montage(paths.montage, planes, f"NRMSE: {title}" if "%" in title else title)
+    ctx.barrier()
+    return metrics
+
+
+# ================================================================================== bundled case
+
+
+def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistContext) -> Path:
+    """The bundled 3D case undersampled as `cfg` says, as a hybrid store in `folder` (collective).
+
+    Rank 0 prepares it once (the store name encodes the settings, so a rerun reuses it); the
+    others wait at a barrier and then open it.
+    """
+    from engine.examples import bundled_case_3d
+    from engine.io.data import MulticoilData
+    from engine.io.hybrid_store import prepare_hybrid_store
+    from engine.physics.masks import make_mask, seed_from_case
+
+    folder = Path(folder)
+    calib = "none" if cfg.calib is None else cfg.calib
+    path = None
+    if ctx.is_main:
+        case = bundled_case_3d()
+        _, _, ny, nz = case["kspace"].shape
+        name = f"{case['name']}_{cfg.mask}_R{cfg.acceleration:g}_calib{calib}_cx{cfg.chunk_x}.zarr"
+        path = folder / name
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            mask = make_mask(cfg.mask, (ny, nz), cfg.acceleration, cfg.calib, seed=seed_from_case(case["name"]))
+            data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
+                                 attrs={"description": case["description"]}, source=str(case["path"]),
+                                 layout="3d")
+            prepare_hybrid_store(data, path, mask=mask, chunk_x=cfg.chunk_x)
+    path = ctx.broadcast_object(str(path) if path is not None else None)
+    ctx.barrier()
+    return Path(path)
+
+
+# ================================================================================== the job
+
+
+def default_output(config_path: str | Path | None, ctx: DistContext, root: str | Path = "outputs") -> Path:
+    """outputs/recon3d-<config stem>-<UTC time>.zarr, the time taken on rank 0 and shared."""
+    stamp = ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S", time.gmtime()) if ctx.is_main else None)
+    stem = Path(config_path).stem if config_path else "default"
+    return Path(root) / f"recon3d-{stem}-{stamp}.zarr"
+
+
+def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), input_path: str | Path | None = None,
+                output_path: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> int:
+    """The whole command of launch/recon3d.py on this rank; returns the process exit code.
+
+    0: done; REQUEUE_EXIT_CODE: preempted after a checkpoint (rerun with resume); 2: bad input,
+    config or output path (one line on stderr naming what is wrong).
+    """
+    import sys
+
+    from engine.checkpoint import CheckpointMismatch
+    from engine.config import ConfigError, load_config
+    from engine.dist import init_distributed, set_cpu_threads, shutdown
+    from engine.io.errors import InputError
+
+    try:
+        cfg = load_config(Recon3DConfig, config_path, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(device=cfg.device)
+    threads = set_cpu_threads(ctx)
+    ctx.print0(f"[recon3d] {ctx.world_size} rank(s) via {ctx.launcher}, backend {ctx.backend or 'none'}, "
+               f"device {ctx.device}" + (f", {threads} CPU threads per rank" if ctx.device.type == "cpu" else ""))
+    try:
+        if input_path is None:
+            input_path = prepare_bundled_store(cfg.bundled, Path("outputs") / "bundled", ctx)
+            ctx.print0(f"[recon3d] no --input: the bundled 3D example (real Colin27 anatomy, simulated "
+                       f"coils and phase), {cfg.bundled.mask} R={cfg.bundled.acceleration:g}: {input_path}")
+        if output_path is None:
+            output_path = default_output(config_path, ctx)
+        metrics = run_recon3d(cfg, input_path, output_path, ctx, overwrite=overwrite, resume=resume)
+    except Preempted as preempted:
+        ctx.print0(f"[recon3d] {preempted}: exit {REQUEUE_EXIT_CODE} (requeue, then rerun with --resume)")
+        return REQUEUE_EXIT_CODE
+    except NonFiniteStop as stop:
+        if ctx.is_main:
+            print(f"error: {stop}", file=sys.stderr)
+        return NON_FINITE_EXIT_CODE
+    except (InputError, ConfigError, CheckpointMismatch, FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"error (rank {ctx.rank}): {error}", file=sys.stderr)
+        return 2
+    paths = RunPaths.for_output(output_path)
+    if ctx.is_main:
+        print(f"[recon3d] volume: {paths.volume} (OME-Zarr; open with zarr or napari)")
+        print(f"[recon3d] montage {paths.montage}, log {paths.log_csv}, metrics {paths.metrics}")
+        if "nrmse_percent_infusion" in metrics:
+            line = f"NRMSE vs the fully sampled reference: INFusion {metrics['nrmse_percent_infusion']:.2f} %"
+            if "nrmse_percent_l1_wavelet" in metrics:
+                line += f", L1-wavelet {metrics['nrmse_percent_l1_wavelet']:.2f} %"
+            line += f", zero-filled {metrics['nrmse_percent_zero_filled']:.2f} %"
+            print(line + f" ({metrics['train_seconds']:.1f} s, {metrics['steps']} steps)")
+    shutdown(ctx)
+    return 0
+
+
+def build_parser(description: str | None = None):
+    """The command line of launch/recon3d.py (and of a console entry point)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description or "Distributed 3D INFusion reconstruction.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/demo3d.yaml"),
+                        help="YAML config (default configs/demo3d.yaml)")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="hybrid-space Zarr store from launch/prepare.py (default: the bundled example)")
+    parser.add_argument("--out", type=Path, default=None, help="output OME-Zarr volume (*.zarr)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. steps=200 prior.mode=off")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint (a fresh start if there is none)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Parse the command line and run `recon3d_job`; returns the exit code."""
+    args = build_parser(description).parse_args(argv)
+    return recon3d_job(args.config, args.set, args.input, args.out, overwrite=args.overwrite, resume=args.resume)
+
+
+__all__ = [
+    "RunPaths",
+    "build_parser",
+    "default_output",
+    "finish_run",
+    "gather_planes",
+    "main",
+    "prepare_bundled_store",
+    "recon3d_job",
+    "run_recon3d",
+    "write_montage",
+]
