@@ -7,7 +7,7 @@ ssim, seconds, prior_evals, skipped_steps per method), comparison.png, config.ya
 history.json to --out; metrics.json comes last. The INR fits are checkpointed in --out/checkpoints
 (every `checkpoint.every` steps and on SIGTERM / SIGUSR1, after which the exit code is 75); rerun
 the same command with --resume to continue. Bad input: one line on stderr, exit 2. The work is
-done by engine.recon2d.recon2d_job.
+done by engine.recon2d_job.recon2d_job.
 
 Commands (from the repository root):
     # the bundled example (fully sampled: real anatomy, simulated coils), fast mode, Poisson-disc R = 6
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 def _job(args: argparse.Namespace) -> int:
     from engine.config import load_config
     from engine.preemption import REQUEUE_EXIT_CODE, Preempted
-    from engine.recon2d import Recon2DConfig, recon2d_job
+    from engine.recon2d import Recon2DConfig
+    from engine.recon2d_job import recon2d_job
 
     config = load_config(Recon2DConfig, args.config, args.set)
     try:

@@ -195,7 +195,7 @@ def test_job_writes_the_run_folder(tmp_path, case):
     import json
 
     from engine.config import load_config
-    from engine.recon2d import recon2d_job
+    from engine.recon2d_job import recon2d_job
 
     y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
     image = (np.exp(-(x ** 2 + y ** 2) * 3) * (1 + 0.3 * (x > 0))).astype(np.complex64)
