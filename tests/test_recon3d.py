@@ -300,3 +300,26 @@ def test_a_non_finite_step_is_skipped_on_every_shard(tiny_store, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert not recon.step().skipped
     assert not all(torch.equal(a, b) for a, b in zip(before, recon.trunk.parameters()))
+
+
+def test_prior_on_unmeasured_frequencies_only_leaves_measured_ones_alone(tiny_store):
+    """unmeasured_only in 3D: the prior term's gradient has no component on the measured (ky, kz)."""
+    from engine.physics.fft import fftc
+
+    cfg = tiny_config(prior={"mode": "tweedie", "distance": "l2", "every": 1, "start_step": 0,
+                             "inject_noise": False, "unmeasured_only": True})
+    recon = Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior())
+    term = recon.prior_terms[0]
+    planes = torch.randn(2, *recon.plane, dtype=torch.complex64, requires_grad=True)
+    loss, evals = term(planes, 0)
+    loss.backward()
+    measured = recon.mask.bool()
+    assert evals == 2 and float(loss) > 0
+    spectrum = fftc(planes.grad).abs()
+    assert spectrum[:, measured].max() < 1e-5 * spectrum[:, ~measured].max()
+
+
+def test_reused_prior_targets_are_refused_in_3d(tiny_store):
+    cfg = tiny_config(prior={"mode": "tweedie", "distance": "l2", "reuse_target": True})
+    with pytest.raises(ValueError, match=r"prior\.reuse_target: not available in 3D"):
+        Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior())
