@@ -105,6 +105,13 @@ def test_resume_of_a_finished_fit_returns_its_image(case, tmp_path):
     assert info["resumed_from"] == 40 and np.array_equal(first, again)
 
 
+def test_a_fresh_fit_refuses_a_folder_with_checkpoints(case, tmp_path):
+    kspace, maps, mask = case
+    reconstruct_2d(kspace, maps, mask, config(optim={"steps": 10}), prior=Denoiser(), checkpoint_dir=tmp_path)
+    with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run"):
+        reconstruct_2d(kspace, maps, mask, config(), prior=Denoiser(), checkpoint_dir=tmp_path)
+
+
 def test_a_checkpoint_of_another_config_or_other_data_is_refused(case, tmp_path):
     kspace, maps, mask = case
     with pytest.raises(Interrupt):
