@@ -454,6 +454,23 @@ def test_recon3d_output_exists(good_store, recon3d, tmp_path):
     assert tree_digest(out) == before
 
 
+def test_recon3d_keeps_the_checkpoints_of_an_interrupted_run(good_store, recon3d, tmp_path):
+    """A run killed before its volume was written leaves checkpoints: a fresh start must not lose them."""
+    out = tmp_path / "out.zarr"
+    code, _ = recon3d(good_store, out, "--set", "steps=5", "checkpoint.every=1")  # keeps steps 3 and 4
+    assert code == 0
+    shutil.rmtree(out)  # as if killed after the checkpoints, before the volume
+    checkpoints = tmp_path / "out_run" / "checkpoints"
+    before = tree_digest(checkpoints)
+    code, err = recon3d(good_store, out, "--set", "steps=3", "checkpoint.every=1", "tv_weight=0.5")
+    assert_refused(code, err, r"out_run/checkpoints holds checkpoints of an earlier run; pass --resume")
+    assert tree_digest(checkpoints) == before and not out.exists()
+    code, _ = recon3d(good_store, out, "--set", "steps=3", "checkpoint.every=1", "tv_weight=0.5", "--overwrite")
+    assert code == 0 and open_volume(out) is not None
+    # the old steps 3 and 4 were removed: kept, they would have pruned this run's own 1 and 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]
+
+
 # ---------------------------------------------------------------------------- launch/train_prior.py
 
 
