@@ -211,7 +211,8 @@ def summary_section(rows: list[dict]) -> list[str]:
     if not brain:
         return []
     nrmse = {(r["case"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in brain}
-    methods = [m for m in METHODS if any(r["method"] == m for r in brain)]
+    # the reference mode ran on one row only (its own line in the case table and the speed section)
+    methods = [m for m in METHODS if m != "reference" and any(r["method"] == m for r in brain)]
     lines = [f"## Summary: brain slices at {CROP} px (phantom excluded), NRMSE % averaged over cases and seeds", "",
              "| R | " + " | ".join(methods) + " | rows where fast is lowest |",
              "|---|" + "---|" * (len(methods) + 1)]
