@@ -181,6 +181,18 @@ class CheckpointManager:
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
+    def start_fresh(self, overwrite: bool, hint: str) -> None:
+        """Collective, for a run that does not resume: refuse the checkpoints of an earlier run
+        (FileExistsError ending with `hint`), or delete them when `overwrite`. Kept beside a new
+        run, their higher steps would make the pruning delete the new run's own checkpoints."""
+        if not self.complete_steps():
+            return
+        if not overwrite:
+            raise FileExistsError(f"{self.root} holds checkpoints of an earlier run; {hint}")
+        self.ctx.barrier()  # every rank has looked before rank 0 deletes
+        if self.ctx.is_main:
+            shutil.rmtree(self.root)
+
     def save(self, step: int, trunk_state: dict, rank_state: dict, config: dict) -> Path:
         """Collective: every rank calls it at the same step. Returns the checkpoint folder."""
         final, partial = self._final_dir(step), self.root / f"step-{step:08d}.partial"

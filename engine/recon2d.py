@@ -429,9 +429,8 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
 
         manager = CheckpointManager(checkpoint_dir, DistContext(), config.checkpoint.keep_last)
         description = fit_description(config, kspace_t, mask_t)
-        if not resume and manager.complete_steps():
-            raise FileExistsError(f"checkpoint folder {checkpoint_dir} holds checkpoints of an earlier run: resume "
-                                  f"from them or remove the folder")
+        if not resume:
+            manager.start_fresh(False, "resume from them or remove the folder")
         loaded = manager.load_latest(description) if resume else None
         if loaded is not None:
             resumed_from, state, _ = loaded

@@ -9,7 +9,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -196,14 +195,8 @@ def run_recon3d(
     recon = Recon3D(cfg, source, ctx, prior=prior)
     hashed = result_config(cfg, recon.input_description())
     manager = CheckpointManager(paths.checkpoints, ctx, cfg.checkpoint.keep_last)
-    if not resume and manager.complete_steps():
-        # a fresh run beside them would lose its own checkpoints to the pruning of the older, higher steps
-        if not overwrite:
-            raise FileExistsError(f"{paths.checkpoints} holds checkpoints of an earlier run; pass --resume to "
-                                  f"continue it or --overwrite to start over")
-        ctx.barrier()  # every rank has looked before rank 0 deletes
-        if ctx.is_main:
-            shutil.rmtree(paths.checkpoints)
+    if not resume:
+        manager.start_fresh(overwrite, "pass --resume to continue it or --overwrite to start over")
     if ctx.is_main:
         paths.side.mkdir(parents=True, exist_ok=True)
         from engine.config import save_config

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine.checkpoint import atomic_torch_save
 from engine.dist import DistContext, init_distributed
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
@@ -183,12 +184,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, halflife
 
 def _saved_step(state_path: Path) -> int:
     return int(torch.load(state_path, map_location="cpu", weights_only=True)["step"])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 class _LossCSV:
@@ -356,7 +351,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
 
     def save_state(step: int) -> None:
         rng = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
-        _atomic_save(rng, ckpt_dir / f"rng_rank{info.rank}.pt")
+        atomic_torch_save(rng, ckpt_dir / f"rng_rank{info.rank}.pt")
         if engine is not None:
             engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest_state")
         if info.is_main:
@@ -364,7 +359,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
             if engine is None:
                 state["model"] = model.state_dict()
                 state["optimizer"] = optimizer.state_dict()
-            _atomic_save(state, state_path)
+            atomic_torch_save(state, state_path)
         info.barrier()
 
     log = _LossCSV(out / "loss.csv", start, info.is_main)
