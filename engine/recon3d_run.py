@@ -335,20 +335,27 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
 
     folder = Path(folder)
     calib = "none" if cfg.calib is None else cfg.calib
-    path = None
+    path, refusal = None, None
     if ctx.is_main:
         case = bundled_case_3d()
         _, _, ny, nz = case["kspace"].shape
         name = f"{case['name']}_{cfg.mask}_R{cfg.acceleration:g}_calib{calib}_cx{cfg.chunk_x}.zarr"
         path = folder / name
         if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            mask = make_mask(cfg.mask, (ny, nz), cfg.acceleration, cfg.calib, seed=seed_from_case(case["name"]))
-            data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
-                                 attrs={"description": case["description"]}, source=str(case["path"]),
-                                 layout="3d")
-            prepare_hybrid_store(data, path, mask=mask, chunk_x=cfg.chunk_x)
-    path = ctx.broadcast_object(str(path) if path is not None else None)
+            try:  # e.g. an unreachable acceleration: refused before anything is written
+                mask = make_mask(cfg.mask, (ny, nz), cfg.acceleration, cfg.calib, seed=seed_from_case(case["name"]))
+            except ValueError as error:
+                refusal = f"config key bundled.acceleration / bundled.mask: {error}"
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
+                                     attrs={"description": case["description"]}, source=str(case["path"]),
+                                     layout="3d")
+                prepare_hybrid_store(data, path, mask=mask, chunk_x=cfg.chunk_x)
+    # every rank learns of rank 0's refusal, so none waits at the barrier for a store never made
+    path, refusal = ctx.broadcast_object((str(path) if path is not None else None, refusal))
+    if refusal is not None:
+        raise ValueError(refusal)
     ctx.barrier()
     return Path(path)
 
