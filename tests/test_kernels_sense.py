@@ -165,6 +165,19 @@ def test_backend_and_fft_selection():
         sense.resolve_backend("cuda", cpu, 8, 8)
 
 
+def test_auto_backend_picks_triton_for_cuda_tensors_of_even_planes(monkeypatch):
+    """The decision alone (no GPU here): only `is_cuda` of the tensor and Triton's presence count."""
+
+    class CudaTensorStandIn:
+        is_cuda = True
+
+    monkeypatch.setattr(sense, "triton_available", lambda: True)
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "triton"
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 15, 256) == "shift"  # odd: fftshift path
+    monkeypatch.setattr(sense, "triton_available", lambda: False)
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "torch"
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [
