@@ -196,8 +196,12 @@ def test_poisson_mask_is_sigpys_where_sigpy_returns(shape, acceleration, seed, c
     np.testing.assert_array_equal(poisson_disc_mask(shape, acceleration, calib, seed), expected)
 
 
-@pytest.mark.parametrize("shape, calib, largest", [((192, 192), None, 192 * 192 / 50), ((64, 40), None, 51.2),
-                                                   ((64, 40), 10, 2560 / 100)])
+@pytest.mark.parametrize("shape, calib, largest", [
+    ((192, 192), None, 192 * 192 / 50),  # N / 50: R within 1 %
+    ((64, 40), None, 51.2),
+    ((16, 8), None, (0.2 * 128) ** 0.5),  # small planes: N / k spaced by more than 2 x 0.1 beyond sqrt(0.2 N)
+    ((64, 40), 10, 2560 / 100),  # the calibration box alone
+])
 def test_poisson_refuses_beyond_the_bound_at_once_and_reaches_just_under_it(shape, calib, largest):
     assert max_acceleration("poisson", shape, calib) == pytest.approx(largest)
     for too_high in (largest * 1.01, 1000.0):

@@ -62,10 +62,8 @@ def _check_shape_and_acceleration(shape: Sequence[int], acceleration: float) -> 
 # sigpy's own sampler, bounded, so the mask is identical to sigpy's wherever sigpy returns one.
 _MIN_SLOPE_INTERVAL = 1e-6  # ~29 halvings of [0, 512]; successes come within ~15
 # At large R an absolute tol is finer than the jumps between trials: the tolerance is also relative.
+_ABSOLUTE_TOL = 0.1
 _RELATIVE_TOL = 0.01
-# With k samples the achievable accelerations N/k are 1/k apart in relative terms: below
-# 1 / (2 _RELATIVE_TOL) samples some R can no longer be met within the relative tolerance.
-_MIN_POISSON_SAMPLES = round(1 / (2 * _RELATIVE_TOL))
 # The densest draw (slope 0) has R ~ 1.5-1.7; below this R it is checked first, in one draw.
 _DENSE_CHECK_BELOW = 3.0
 
@@ -109,11 +107,17 @@ def _acceleration_of(mask: np.ndarray) -> float:
 
 
 def max_poisson_acceleration(shape: Sequence[int], calib: Sequence[int] = (0, 0)) -> float:
-    """The largest acceleration `poisson_disc_mask` reaches for `shape` and `calib`: the matrix
-    over the larger of the calibration box and _MIN_POISSON_SAMPLES samples."""
+    """The largest acceleration `poisson_disc_mask` reaches for `shape` and `calib`.
+
+    With k of N points sampled the achievable accelerations are N / k, spaced ~R^2 / N apart near
+    R; they stay within the tolerance max(0.1, 1 % of R) of any R up to sqrt(0.2 N) (tolerance
+    0.1) or, from N = 500 points on, N / 50 (1 %). A calibration box of A points caps R at N / A.
+    """
     ny, nx = int(shape[0]), int(shape[1])
+    points = ny * nx
+    spacing_bound = max(math.sqrt(2 * _ABSOLUTE_TOL * points), 2 * _RELATIVE_TOL * points)
     box = int(_calibration_box((ny, nx), (int(calib[0]), int(calib[1]))).sum())
-    return ny * nx / max(box, _MIN_POISSON_SAMPLES)
+    return min(spacing_bound, points / box) if box else spacing_bound
 
 
 def _thin_to(mask: np.ndarray, samples: int, radius: np.ndarray, box: np.ndarray, seed: int) -> np.ndarray:
@@ -133,7 +137,7 @@ def poisson_disc_mask(
     acceleration: float,
     calib: Sequence[int] = (0, 0),
     seed: int = 0,
-    tol: float = 0.1,
+    tol: float = _ABSOLUTE_TOL,
     crop_corner: bool = True,
 ) -> np.ndarray:
     """2D variable-density Poisson-disc mask (sigpy.mri.poisson's algorithm) `(ny, nx)` float32.
@@ -154,8 +158,11 @@ def poisson_disc_mask(
                                                   if any(calib) else " without calibration region")
     largest = max_poisson_acceleration((ny, nx), calib)
     if acceleration > largest:
+        box = int(_calibration_box((ny, nx), calib).sum())
+        why = (f"the calibration box alone samples {box} points" if box and largest == ny * nx / box else
+               f"beyond it {ny * nx} / k for k sampled points is too coarse to meet R within tolerance")
         raise ValueError(f"acceleration {acceleration:g} is out of reach for {where}: the largest is "
-                         f"{largest:.4g} ({ny * nx} points over max(calibration box, {_MIN_POISSON_SAMPLES} samples))")
+                         f"{largest:.4g} ({why})")
     tol = max(tol, _RELATIVE_TOL * acceleration)
     seed = int(seed) % 2**32
     radius = _poisson_radius((ny, nx), calib)
