@@ -129,9 +129,9 @@ class PriorTrainConfig:
         )
 
     def to_dict(self) -> dict:
-        data = asdict(self.data)
-        data["orientations"] = list(self.data.orientations)
-        data["zoom_range"] = list(self.data.zoom_range)
+        from engine.config import config_to_dict  # tuples become lists, for YAML
+
+        data = config_to_dict(self.data)
         train = asdict(self.train)
         train["adam_betas"] = list(self.train.adam_betas)
         return {"model": {"unet": self.unet.to_dict(), "sigma_data": self.sigma_data},
