@@ -50,6 +50,7 @@ from engine.recon3d_config import (
     DCConfig,
     OptimConfig,
     OutputConfig,
+    PlaneGridConfig,
     Recon3DConfig,
     SliceConfig,
     result_config,
@@ -66,12 +67,65 @@ class GridTrunk(nn.Module):
     lets DDP / DeepSpeed wrap the module with a plain call.
     """
 
-    def __init__(self, encoding: nn.Module, mlp: nn.Module):
+    def __init__(self, encoding: nn.Module, mlp: nn.Module, plane_decoder: nn.Module | None = None):
         super().__init__()
         self.encoding, self.mlp = encoding, mlp
+        # replicated like the trunk, so it lives here and its gradient joins the trunk's all-reduce
+        # (it is called outside forward: only grad_sync allreduce supports it)
+        self.plane_decoder = plane_decoder
 
     def forward(self, shape: tuple[int, int]) -> torch.Tensor:
         return self.mlp(self.encoding.forward_grid(tuple(shape)))
+
+
+class PlaneGrids(nn.Module):
+    """Per-plane capacity beside the shared trunk: one dense multiresolution feature grid per
+    readout position (rank-local, like the head rows), decoded by a small MLP shared by all planes.
+
+    plane_x(y, z) = head_x(trunk(y, z)) + decoder(G_x(y, z)), G_x = the bilinear interpolation of
+    its levels (resolutions min_res .. max_res, geometric, as the hash grid's; a level of
+    (res+1)^2 vertices is what a hash grid stores when it does not hash). This is the 2D INR's
+    encoding per plane, so a plane can hold detail that the shared features cannot, while the
+    trunk carries what the planes share. Rows are initialised from (seed, global row), so any
+    split over ranks gives the single-process model.
+    """
+
+    def __init__(self, config: PlaneGridConfig, x_start: int, x_stop: int, plane: tuple[int, int]):
+        super().__init__()
+        max_res = config.max_res or 2 * max(plane)
+        growth = math.exp((math.log(max_res) - math.log(config.min_res)) / max(config.levels - 1, 1))
+        self.resolutions = [math.floor(config.min_res * growth**level) for level in range(config.levels)]
+        self.x_start, self.features = x_start, config.features_per_level
+        self.levels = nn.ParameterList()
+        for res in self.resolutions:
+            rows = []
+            for x in range(x_start, x_stop):
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + x * 101 + res)
+                rows.append(torch.rand(config.features_per_level, res + 1, res + 1, generator=generator) * 2 - 1)
+            self.levels.append(nn.Parameter(torch.stack(rows) * config.init_scale))
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.resolutions) * self.features
+
+    def forward(self, global_rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Features (B, ny*nz, out_dim) of the given planes on the (ny, nz) pixel grid."""
+        local = (global_rows - self.x_start).to(self.levels[0].device)
+        feats = [nn.functional.interpolate(level[local], size=tuple(shape), mode="bilinear", align_corners=True)
+                 for level in self.levels]
+        return torch.cat(feats, dim=1).flatten(2).transpose(1, 2)
+
+
+def plane_decoder(config: PlaneGridConfig, in_dim: int) -> nn.Module:
+    """The shared decoder of PlaneGrids: MLP (layers x hidden, ReLU) -> 2 (real, imag); seeded."""
+    from engine.models.inr import MLP
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed + 7)
+    try:
+        return nn.Sequential(MLP(in_dim, config.hidden, config.layers, "relu"), nn.Linear(config.hidden, 2))
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def build_sharded_inr(config: INRConfig, nx: int, x_start: int, x_stop: int) -> tuple[GridTrunk, ComplexRowHead]:
@@ -172,6 +226,10 @@ class Recon3D:
         self.x_start, self.x_stop = self.local_shards[0].start, self.local_shards[-1].stop
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
 
+        self.source = source  # the 3D baseline reads its slab with a halo of neighbouring planes
+        acquisition = (getattr(source, "attrs", None) or {}).get("acquisition") or {}
+        voxel = acquisition.get("voxel_size_mm")
+        self.voxel_size_mm = tuple(float(v) for v in voxel) if voxel and len(voxel) == 3 else None
         slab = source.read_slab(self.x_start, self.x_stop)
         if slab.maps is None:
             raise ValueError(f"{getattr(source, 'path', 'input')}: the hybrid store has no coil maps "
@@ -193,10 +251,16 @@ class Recon3D:
         self.mask = mask.to(self.device)
 
         trunk, head = build_sharded_inr(cfg.inr, nx, self.x_start, self.x_stop)
+        self.plane_grids = None
+        if cfg.plane_grids.enabled:
+            if cfg.grad_sync != "allreduce":
+                raise ValueError("plane_grids.enabled needs grad_sync allreduce (its shared decoder is "
+                                 "called outside the trunk's forward, which DDP and DeepSpeed do not see)")
+            self.plane_grids = PlaneGrids(cfg.plane_grids, self.x_start, self.x_stop, self.plane).to(self.device)
+            trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
         self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed) for s in self.local_shards]
-        lr_head = cfg.optim.lr if cfg.optim.lr_head is None else cfg.optim.lr_head
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=lr_head, betas=cfg.optim.betas)
+        self.head_optimizer = torch.optim.Adam(self._local_param_groups(), betas=cfg.optim.betas)
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
         self.prior_terms = self._build_prior_terms(prior)
@@ -225,6 +289,20 @@ class Recon3D:
         return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype, mask=self.mask)
                 for s in self.samplers]
 
+    def _local_lrs(self) -> list[float]:
+        """Base learning rates of the rank-local parameter groups: head rows[, plane grids]."""
+        o = self.cfg.optim
+        lrs = [o.lr if o.lr_head is None else o.lr_head]
+        if self.plane_grids is not None:
+            lrs.append(o.lr if self.cfg.plane_grids.lr is None else self.cfg.plane_grids.lr)
+        return lrs
+
+    def _local_param_groups(self) -> list[dict]:
+        groups = [{"params": list(self.head.parameters())}]
+        if self.plane_grids is not None:
+            groups.append({"params": list(self.plane_grids.parameters()), "eps": 1e-15})
+        return [dict(g, lr=lr) for g, lr in zip(groups, self._local_lrs())]
+
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
                 "num_shards": len(self.shards)}
@@ -248,6 +326,9 @@ class Recon3D:
         """Head rows (global indices) on the feature grid -> (B, ny, nz) complex64."""
         with _autocast(self.device, self.bf16):
             out = self.head(features, (global_rows - self.x_start).to(self.device))
+            if self.plane_grids is not None:
+                residual = self.trunk.plane_decoder(self.plane_grids(global_rows, self.plane)).float()
+                out = out + torch.complex(residual[..., 0], residual[..., 1])
         return out.view(-1, *self.plane)
 
     def _slab_data(self, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +347,8 @@ class Recon3D:
         K = cfg.slices.per_step
         draws = [s.draw() for s in self.samplers]
         weights = [s.shard.size / (self.nx * K) for s in self.samplers]  # w_s of the module docstring
-        for group in self.head_optimizer.param_groups:
-            group["lr"] = (cfg.optim.lr if cfg.optim.lr_head is None else cfg.optim.lr_head) * self.lr_factor(step)
+        for group, lr in zip(self.head_optimizer.param_groups, self._local_lrs()):
+            group["lr"] = lr * self.lr_factor(step)
         self.sync.set_lr(cfg.optim.lr * self.lr_factor(step))
 
         with _autocast(self.device, self.bf16):
@@ -326,6 +407,8 @@ class Recon3D:
     def _gradients_finite(self) -> bool:
         """Head gradients, and trunk gradients (already summed over ranks) unless ZeRO holds them."""
         params = list(self.head.parameters())
+        if self.plane_grids is not None:
+            params += list(self.plane_grids.parameters())
         if self.cfg.grad_sync != "deepspeed":
             params += list(self.trunk.parameters())
         grads = [p.grad for p in params if p.grad is not None]
@@ -362,6 +445,7 @@ class Recon3D:
     def rank_state(self) -> dict:
         state = {
             "head": self.head.state_dict(),
+            "plane_grids": None if self.plane_grids is None else self.plane_grids.state_dict(),
             "head_optimizer": self.head_optimizer.state_dict(),
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": capture_rng_state(),
@@ -380,6 +464,8 @@ class Recon3D:
         self.trunk.load_state_dict(trunk_state["trunk"])
         self.sync.load_optimizer_state(trunk_state.get("trunk_optimizer", rank_state.get("trunk_optimizer")))
         self.head.load_state_dict(rank_state["head"])
+        if self.plane_grids is not None:
+            self.plane_grids.load_state_dict(rank_state["plane_grids"])
         self.head_optimizer.load_state_dict(rank_state["head_optimizer"])
         for sampler, state in zip(self.samplers, rank_state["samplers"], strict=True):
             sampler.load_state_dict(state)

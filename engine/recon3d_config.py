@@ -60,6 +60,33 @@ class OptimConfig:
 
 
 @dataclass
+class PlaneGridConfig:
+    """Per-plane capacity beside the shared trunk (engine.recon3d.PlaneGrids): a dense
+    multiresolution feature grid per readout position, decoded by a small shared MLP."""
+
+    enabled: bool = False
+    """Add decoder(G_x(y, z)) to every plane (needs grad_sync allreduce)."""
+    levels: int = 8
+    """Resolution levels per plane (configs/inr_tv2d.yaml's hash grid: 8)."""
+    features_per_level: int = 2
+    """Features per vertex and level."""
+    min_res: int = 16
+    """Coarsest level's resolution."""
+    max_res: int = 0
+    """Finest level's resolution; 0 = twice the plane's larger side."""
+    hidden: int = 64
+    """Width of the shared decoder's hidden layers."""
+    layers: int = 2
+    """Hidden layers of the shared decoder."""
+    lr: float | None = None
+    """Learning rate of the grids; null = optim.lr (the decoder follows the trunk's)."""
+    init_scale: float = 1e-4
+    """Grids start uniform in +-init_scale (Instant-NGP's init)."""
+    seed: int = 0
+    """Seed of the grids and the decoder."""
+
+
+@dataclass
 class OutputConfig:
     """Output volume and side files (do not change results; not part of the config hash)."""
 
@@ -91,8 +118,11 @@ class BundledCaseConfig:
 class BaselineConfig:
     """Classical comparison computed beside the reconstruction (not part of the config hash)."""
 
-    l1_wavelet: bool = True
-    """L1-wavelet per readout plane (engine.baselines, relative lambda rule) on each rank's slab."""
+    l1_wavelet_3d: bool = True
+    """3D L1-wavelet (engine.baselines.l1_wavelet_3d: db4 over x, y, z, cycle spinning, 3D lambda
+    rule) on each rank's slab plus a halo of neighbouring planes: the comparison to beat."""
+    l1_wavelet: bool = False
+    """Also L1-wavelet per readout plane (the 2D rule; far too weak on coarse planes, issue 11)."""
 
 
 @dataclass
@@ -103,6 +133,8 @@ class Recon3DConfig:
     """Optimisation steps."""
     inr: INRConfig = field(default_factory=INRConfig)
     """Encoding, trunk and head (engine.models)."""
+    plane_grids: PlaneGridConfig = field(default_factory=PlaneGridConfig)
+    """Per-plane feature grids beside the shared trunk (off: the plain z-discretized INR)."""
     slices: SliceConfig = field(default_factory=SliceConfig)
     dc: DCConfig = field(default_factory=DCConfig)
     prior: PriorTermConfig = field(default_factory=lambda: PriorTermConfig(mode="tweedie", distance="l2"))
@@ -156,6 +188,7 @@ __all__ = [
     "DCConfig",
     "OptimConfig",
     "OutputConfig",
+    "PlaneGridConfig",
     "Recon3DConfig",
     "SliceConfig",
     "result_config",

@@ -29,7 +29,7 @@ TINY = {
     "tv_weight": 0.01,
     "optim": {"lr": 0.01},
     "output": {"progress": False, "eval_rows": 4},
-    "baseline": {"l1_wavelet": False},
+    "baseline": {"l1_wavelet_3d": False},
 }
 
 
