@@ -133,10 +133,10 @@ def write_cfl(path: Path, array: np.ndarray) -> None:
 
 
 def read_cfl(path: Path) -> np.ndarray:
-    dims = [int(d) for d in path.with_suffix(".hdr").read_text().splitlines()[1].split()]
+    dims = [int(d) for d in path.with_name(path.name + ".hdr").read_text().splitlines()[1].split()]
     while len(dims) > 1 and dims[-1] == 1:
         dims.pop()
-    return np.fromfile(path.with_suffix(".cfl"), np.complex64).reshape(dims, order="F")
+    return np.fromfile(path.with_name(path.name + ".cfl"), np.complex64).reshape(dims, order="F")
 
 
 def bart_inputs(case: dict, folder: Path) -> dict[str, Path]:
@@ -157,7 +157,7 @@ def bart_inputs(case: dict, folder: Path) -> dict[str, Path]:
 
 def run_bart(case: dict, kind: str, lamda: float, folder: Path) -> dict:
     paths = bart_inputs(case, folder)
-    out = folder / f"pics_{kind}_{lamda:g}"
+    out = folder / f"pics_{kind}_{lamda:g}".replace(".", "p")  # no dot: BART appends .cfl / .hdr
     command = ["bart", "pics", "-d", "0", "-R", f"{kind}:7:0:{lamda:g}", "-p", str(paths["pattern"]),
                str(paths["kspace"]), str(paths["maps"]), str(out)]
     t0 = time.perf_counter()

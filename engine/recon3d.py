@@ -259,7 +259,10 @@ class Recon3D:
             self.plane_grids = PlaneGrids(cfg.plane_grids, self.x_start, self.x_stop, self.plane).to(self.device)
             trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
-        self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed) for s in self.local_shards]
+        if cfg.tv_x_weight > 0 and not cfg.slices.contiguous:
+            raise ValueError("tv_x_weight needs slices.contiguous: true (scattered draws have no neighbours)")
+        self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed, cfg.slices.contiguous)
+                         for s in self.local_shards]
         self.head_optimizer = torch.optim.Adam(self._local_param_groups(), betas=cfg.optim.betas)
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
@@ -370,6 +373,14 @@ class Recon3D:
             if cfg.tv_weight > 0:
                 tv = total_variation(shard_planes, "isotropic", scale=1.0)
                 terms["tv"] = terms["tv"] + (cfg.tv_weight * w * K) * tv
+            if cfg.tv_x_weight > 0:
+                pairs = ShardSampler.neighbour_pairs(draw).to(self.device)
+                if len(pairs):
+                    step_x = shard_planes[pairs + 1] - shard_planes[pairs]
+                    eps = 1e-4  # as engine.losses.tv: a finite gradient where neighbours agree
+                    tv_x = (torch.sqrt(step_x.real.square() + step_x.imag.square() + eps * eps) - eps).mean()
+                    # mean over the K - 1 pairs of a block, x K: the same scale per plane as `tv`
+                    terms["tv"] = terms["tv"] + (cfg.tv_x_weight * w * K) * tv_x
         local_loss = terms["dc"] + terms["prior"] + terms["tv"]
         if local_loss.requires_grad:
             local_loss.backward()

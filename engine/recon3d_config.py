@@ -27,6 +27,9 @@ class SliceConfig:
     world size; keep it fixed to reproduce a run on another number of ranks."""
     seed: int = 0
     """Seed of the shards' streams (slice draws and the prior's noise)."""
+    contiguous: bool = False
+    """Draw K consecutive readout positions per shard (wrapping inside it) instead of K scattered
+    ones: the drawn planes then have readout neighbours for `tv_x_weight`."""
 
 
 @dataclass
@@ -141,6 +144,9 @@ class Recon3DConfig:
     """The 2D prior term (engine.losses.prior_term), applied to each shard's drawn planes."""
     tv_weight: float = 0.0
     """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
+    tv_x_weight: float = 0.0
+    """Weight of TV along the readout: mean sqrt(|p_(x+1) - p_x|^2 + eps^2) - eps over the drawn
+    neighbour pairs (needs slices.contiguous; rank-local: pairs never cross a shard)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     bf16: bool | None = None
     """bf16 autocast for trunk, head and prior (FFT and losses stay float32/complex64);
