@@ -246,7 +246,7 @@ def write_report() -> Path:
                     setting += f" (magnitude scale {r['bart_scale']:.4f})"
                 lines.append(f"| {r['method']} | {r['nrmse_percent']:.2f} | {r['seconds']:.0f} | `{setting}` | "
                              f"{r['machine']}, {r['date']} |")
-            peers = [r for r in group if r["method"].startswith(("bart_W", "l1_wavelet_3d", "inr_tv_2d"))]
+            peers = [r for r in group if r["method"].startswith(("bart_", "l1_wavelet_3d", "inr_tv_2d"))]
             ours = [r for r in group if r["method"].startswith("infusion")]
             if peers and ours:
                 best_peer = min(peers, key=lambda r: r["nrmse_percent"])

@@ -6,6 +6,8 @@ independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encod
 
     features = trunk(grid (ny*nz, 2))            (ny*nz, hidden)   replicated, grads summed
     plane_x  = head_row_x(features)              (ny, nz) complex  row x owned by one rank
+             [+ decoder(G_x(y, z))]               with plane_grids: a feature grid per row x,
+                                                  owned like the head row; decoder replicated
 
 Rank r owns the shards (contiguous, chunk-aligned readout slabs) of its block: their k-space,
 maps and head rows. One step: every shard draws K readout positions from its own random stream
@@ -17,6 +19,7 @@ Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K
     L = sum_s sum_x w_s [ ||M F S_x p_x - y_x||^2 / (C |M|)          (DC, mean per sample)
                           + prior_term(p_x, step)                       (engine.losses.prior_term)
                           + lambda_tv TV(p_x) ]                         (engine.losses.tv)
+    + sum_s w_s K lambda_tv_x mean over the drawn neighbour pairs of TV_x(p_x, p_x+1) (slices.contiguous)
 w_s makes the drawn-slice DC an unbiased estimate of the mean DC over all nx planes, which is
 what a full-DC step (every plane, `dc.full_every`) computes exactly. The prior term is the 2D
 engine's PriorTerm: the one-step (Tweedie) denoiser target ("tweedie") or INFusion's 10-step
@@ -170,6 +173,26 @@ def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: in
     cumulative = torch.cumsum(hist, 0)
     index = int(torch.searchsorted(cumulative, cumulative[-1] * q / 100.0))
     return float(top) * (index + 1) / bins
+
+
+def wavelet_detail_l1(planes: torch.Tensor, levels: int = 3, eps: float = 1e-4) -> torch.Tensor:
+    """Mean over the planes' pixels of |d| (complex magnitude, smoothed by eps like the TV) of the
+    db3 wavelet details of (B, ny, nz) complex planes; sides must be divisible by 2^levels
+    (zero-padded otherwise). The approximation band is left free: only detail is penalised."""
+    import torch.nn.functional as F
+
+    from engine.losses.wavelet import dwt2
+
+    b, ny, nz = planes.shape
+    step = 2**levels
+    parts = torch.view_as_real(planes).movedim(-1, 1).reshape(2 * b, ny, nz)  # (re, im) of each plane
+    parts = F.pad(parts, (0, (-nz) % step, 0, (-ny) % step))
+    _, details = dwt2(parts, levels)
+    total = planes.new_zeros((), dtype=torch.float32)
+    for d in details:
+        pair = d.reshape(b, 2, *d.shape[1:])
+        total = total + (torch.sqrt(pair[:, 0].square() + pair[:, 1].square() + eps * eps) - eps).sum()
+    return total / (b * ny * nz)
 
 
 class NonFiniteStop(RuntimeError):
@@ -373,6 +396,9 @@ class Recon3D:
             if cfg.tv_weight > 0:
                 tv = total_variation(shard_planes, "isotropic", scale=1.0)
                 terms["tv"] = terms["tv"] + (cfg.tv_weight * w * K) * tv
+            if cfg.wavelet_weight > 0:
+                wavelet = wavelet_detail_l1(shard_planes)
+                terms["tv"] = terms["tv"] + (cfg.wavelet_weight * w * K) * wavelet
             if cfg.tv_x_weight > 0:
                 pairs = ShardSampler.neighbour_pairs(draw).to(self.device)
                 if len(pairs):

@@ -144,6 +144,9 @@ class Recon3DConfig:
     """The 2D prior term (engine.losses.prior_term), applied to each shard's drawn planes."""
     tv_weight: float = 0.0
     """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
+    wavelet_weight: float = 0.0
+    """Weight of an L1 penalty on the db3 wavelet details (3 levels) of the drawn planes: mean
+    over pixels of the complex coefficients' magnitudes (engine.recon3d.wavelet_detail_l1; 0: off)."""
     tv_x_weight: float = 0.0
     """Weight of TV along the readout: mean sqrt(|p_(x+1) - p_x|^2 + eps^2) - eps over the drawn
     neighbour pairs (needs slices.contiguous; rank-local: pairs never cross a shard)."""

@@ -211,7 +211,8 @@ def volume_montage_png(
     title: str = "",
     nrmse: dict[str, float] | None = None,
 ) -> Path:
-    """Three orthogonal central planes of 3D volumes, one row per volume, at the true voxel shape.
+    """Three orthogonal central planes of 3D volumes, one row per volume, at the true voxel shape
+    (the PNG of `volume_montage_figure`).
 
     Args:
         planes: name -> (yz, xz, xy) planes of a volume (x, y, z), e.g. INFusion, the 3D
@@ -221,9 +222,17 @@ def volume_montage_png(
         nrmse: name -> NRMSE (%) shown in the row's titles.
     Replaces an existing file (a run writes its montage once, at the end).
     """
+    path = Path(path)
+    figure = volume_montage_figure(planes, voxel_size_mm, title, nrmse)
+    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=110), binary=True)
+    return path
+
+
+def volume_montage_figure(planes: dict, voxel_size_mm: tuple[float, float, float] | None = None,
+                          title: str = "", nrmse: dict[str, float] | None = None):
+    """The matplotlib Figure of `volume_montage_png` (each image spans its extent in mm)."""
     from matplotlib.figure import Figure
 
-    path = Path(path)
     dx, dy, dz = voxel_size_mm or (1.0, 1.0, 1.0)
     names = list(planes)
     source = planes.get("reference", planes[names[0]])[0]
@@ -248,5 +257,4 @@ def volume_montage_png(
             axis.set_axis_off()
     figure.suptitle(title + f"  (voxel {dx:g} x {dy:g} x {dz:g} mm)", fontsize=9)
     figure.tight_layout()
-    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=110), binary=True)
-    return path
+    return figure

@@ -249,3 +249,17 @@ def test_l1_wavelet_3d_slab_with_halo_is_the_whole_volume_inside():
                                          halo=4, max_iter=20)
     assert slab.shape == (4, 16, 16)
     assert nrmse_percent(slab, whole[4:8]) < 5.0  # overlapping slabs: close to the whole solve
+
+
+def test_volume_montage_draws_planes_at_the_true_voxel_shape(tmp_path):
+    from engine.report import volume_montage_figure, volume_montage_png
+
+    nx, ny, nz = 6, 5, 4
+    volume = np.random.default_rng(0).random((nx, ny, nz))
+    planes = (volume[nx // 2], volume[:, ny // 2, :], volume[:, :, nz // 2])
+    figure = volume_montage_figure({"INFusion": planes, "reference": planes}, (3.0, 3.0, 2.0), nrmse={"INFusion": 5.0})
+    extents = [tuple(axis.get_images()[0].get_extent()) for axis in figure.axes[:3]]
+    # (left, right, bottom, top) in mm: yz is 4 x 2 mm by 5 x 3 mm, xz 4 x 2 by 6 x 3, xy 5 x 3 by 6 x 3
+    assert extents == [(0, 8.0, 15.0, 0), (0, 8.0, 18.0, 0), (0, 15.0, 18.0, 0)]
+    assert figure.axes[0].get_title().startswith("INFusion 5.00 %")
+    assert volume_montage_png(tmp_path / "m.png", {"reference": planes}, (3.0, 3.0, 2.0)).stat().st_size > 0
