@@ -55,7 +55,7 @@ REPORT = REPO / "benchmarks" / "results" / "quality3d.md"
 WORK = REPO / "outputs" / "quality3d"
 ACCELERATIONS = (4, 6, 8)
 L1_FACTORS = (0.0015, 0.003, 0.006, 0.012)
-BART_LAMBDAS = {"W": (0.005, 0.01, 0.02, 0.05), "T": (0.005, 0.01, 0.02, 0.05)}
+BART_LAMBDAS = {"W": (0.005, 0.01, 0.02, 0.05), "T": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)}
 
 
 # ================================================================================== cases
@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     base.add_argument("--R", type=float, nargs="+", default=list(ACCELERATIONS))
     base.add_argument("--methods", nargs="+", default=["zero_filled", "l1_wavelet_3d", "l1_sweep", "inr_tv_2d_planes",
                                                        "bart"])
+    base.add_argument("--bart", nargs="*", default=None, metavar="KIND:LAMBDA",
+                      help="BART runs instead of the default sweep, e.g. T:0.1 T:0.2")
     inf = sub.add_parser("infusion", help="one INFusion 3D setting on 2 CPU ranks")
     inf.add_argument("--R", type=float, nargs="+", default=[4.0])
     inf.add_argument("--label", required=True)
@@ -311,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not shutil.which("bart"):
                     print("BART: the `bart` binary is not on PATH; skipping the BART rows (nothing is installed)")
                     continue
-                for kind, lamdas in BART_LAMBDAS.items():
-                    for lamda in lamdas:
+                runs = ([(k, float(v)) for k, v in (item.split(":") for item in args.bart)] if args.bart
+                        else [(k, v) for k, values in BART_LAMBDAS.items() for v in values])
+                for kind, lamda in runs:
+                    if True:
                         log_row("bundled", acceleration, f"bart_{kind}_{lamda:g}",
                                 run_bart(case, kind, lamda, WORK / "bart" / f"R{acceleration:g}"))
             else:

@@ -290,6 +290,8 @@ class Recon3D:
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
         self.prior_terms = self._build_prior_terms(prior)
+        # Polyak averaging (optim.ema): shadow copies of every parameter, used for the output
+        self.ema = {name: p.detach().clone() for name, p in self._named_parameters()} if cfg.optim.ema else None
         self.step_index = 0
         self.prior_evals = 0
         self.request_stop = False  # set by the run loop on SIGTERM/SIGUSR1; shared in the step's all-reduce
@@ -328,6 +330,18 @@ class Recon3D:
         if self.plane_grids is not None:
             groups.append({"params": list(self.plane_grids.parameters()), "eps": 1e-15})
         return [dict(g, lr=lr) for g, lr in zip(groups, self._local_lrs())]
+
+    def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Trunk (replicated), head rows and plane grids (this rank's), with unique names."""
+        modules = {"trunk": self.trunk, "head": self.head, "plane_grids": self.plane_grids}
+        return [(f"{key}.{name}", p) for key, module in modules.items() if module is not None
+                for name, p in module.named_parameters()]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.optim.ema
+        for name, p in self._named_parameters():
+            self.ema[name].lerp_(p.detach(), 1.0 - decay)
 
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
@@ -435,6 +449,8 @@ class Recon3D:
         else:
             self.sync.step()
             self.head_optimizer.step()
+            if self.ema is not None:
+                self._update_ema()
         self.sync.zero_grad()
         self.head_optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
@@ -457,9 +473,19 @@ class Recon3D:
     def evaluate_rows(self, x0: int, x1: int) -> np.ndarray:
         """The reconstruction of readout positions [x0, x1) (inside this rank's slab), complex64
         (x1 - x0, ny, nz) in the input's intensity units."""
-        with _autocast(self.device, self.bf16):
-            features = self.trunk(self.plane)
-        planes = self._planes(features, torch.arange(x0, x1))
+        live = None
+        if self.ema is not None:  # evaluate the averaged parameters, then put the live ones back
+            live = {name: p.detach().clone() for name, p in self._named_parameters()}
+            for name, p in self._named_parameters():
+                p.copy_(self.ema[name])
+        try:
+            with _autocast(self.device, self.bf16):
+                features = self.trunk(self.plane)
+            planes = self._planes(features, torch.arange(x0, x1))
+        finally:
+            if live is not None:
+                for name, p in self._named_parameters():
+                    p.copy_(live[name])
         return (planes * self.scale).cpu().numpy().astype(np.complex64)
 
     def evaluate_slab(self) -> np.ndarray:
@@ -489,6 +515,7 @@ class Recon3D:
             "prior_evals": self.prior_evals,
             "prior_targets": [t.target for t in self.prior_terms],  # reused when prior.reuse_target
             "slab": [self.x_start, self.x_stop],
+            "ema": self.ema,
         }
         if self.cfg.grad_sync == "deepspeed":  # ZeRO partitions the optimiser: one part per rank
             state["trunk_optimizer"] = self.sync.optimizer_state()
@@ -508,6 +535,8 @@ class Recon3D:
             sampler.load_state_dict(state)
         restore_rng_state(rank_state["rng"])
         self.prior_evals = int(rank_state["prior_evals"])
+        if self.ema is not None:
+            self.ema = {name: t.to(self.device) for name, t in rank_state["ema"].items()}
         for term, target in zip(self.prior_terms, rank_state["prior_targets"]):
             term.target = None if target is None else target.to(self.device)
         self.step_index = step

@@ -60,6 +60,10 @@ class OptimConfig:
     """Learning-rate schedule over the steps."""
     lr_final_fraction: float = 0.1
     """cosine: final lr = lr * this."""
+    ema: float = 0.0
+    """Polyak averaging: the output uses an exponential moving average of the parameters with this
+    decay per step (e.g. 0.99: about the last 100 steps), which averages out the noise of the
+    stochastic plane draws; 0 = the last iterate."""
 
 
 @dataclass

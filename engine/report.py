@@ -204,6 +204,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 VOLUME_PLANE_LABELS = ("y-z (x = mid)", "x-z (y = mid)", "x-y (z = mid)")
 
 
+def _upright(plane: np.ndarray, column: int) -> np.ndarray:
+    """The yz and xz planes with z running upwards (superior at the top); xy as stored."""
+    return plane.T[::-1] if column < 2 else plane
+
+
 def volume_montage_png(
     path: str | os.PathLike,
     planes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -239,14 +244,16 @@ def volume_montage_figure(planes: dict, voxel_size_mm: tuple[float, float, float
     vmax = float(np.percentile(np.abs(source), 99.5)) or 1.0
     first = planes[names[0]]
     (ny, nz), nx = first[0].shape, first[1].shape[0]
-    # (row spacing, column spacing) per column: yz rows y cols z, xz rows x cols z, xy rows x cols y
-    spacing = ((dy, dz), (dx, dz), (dx, dy))
-    widths = [nz * dz, nz * dz, ny * dy]
-    height = max(ny * dy, nx * dx)
-    figure = Figure(figsize=(2.0 + sum(widths) / 25.0, len(names) * (0.5 + height / 25.0)))
+    # (row spacing, column spacing) per column as drawn: yz rows z cols y, xz rows z cols x,
+    # xy rows x cols y
+    spacing = ((dz, dy), (dz, dx), (dx, dy))
+    widths = [ny * dy, nx * dx, ny * dy]
+    height = max(nz * dz, nx * dx)
+    figure = Figure(figsize=(1.0 + sum(widths) / 45.0, len(names) * (0.6 + height / 45.0)))
     axes = figure.subplots(len(names), 3, squeeze=False, gridspec_kw={"width_ratios": widths})
     for r, name in enumerate(names):
         for c, (plane, label) in enumerate(zip(planes[name], VOLUME_PLANE_LABELS)):
+            plane = _upright(np.asarray(plane), c)
             rows, columns = plane.shape
             row_mm, column_mm = spacing[c]
             axis = axes[r][c]
@@ -255,6 +262,6 @@ def volume_montage_figure(planes: dict, voxel_size_mm: tuple[float, float, float
             score = f" {nrmse[name]:.2f} %" if nrmse and name in nrmse else ""
             axis.set_title(f"{name}{score}: {label}", fontsize=8)
             axis.set_axis_off()
-    figure.suptitle(title + f"  (voxel {dx:g} x {dy:g} x {dz:g} mm)", fontsize=9)
-    figure.tight_layout()
+    figure.suptitle(title + f"  (voxel {dx:g} x {dy:g} x {dz:g} mm; z up)", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
     return figure

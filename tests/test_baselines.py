@@ -259,7 +259,9 @@ def test_volume_montage_draws_planes_at_the_true_voxel_shape(tmp_path):
     planes = (volume[nx // 2], volume[:, ny // 2, :], volume[:, :, nz // 2])
     figure = volume_montage_figure({"INFusion": planes, "reference": planes}, (3.0, 3.0, 2.0), nrmse={"INFusion": 5.0})
     extents = [tuple(axis.get_images()[0].get_extent()) for axis in figure.axes[:3]]
-    # (left, right, bottom, top) in mm: yz is 4 x 2 mm by 5 x 3 mm, xz 4 x 2 by 6 x 3, xy 5 x 3 by 6 x 3
-    assert extents == [(0, 8.0, 15.0, 0), (0, 8.0, 18.0, 0), (0, 15.0, 18.0, 0)]
+    # (left, right, bottom, top) in mm; yz and xz drawn with z upwards: yz 5 x 3 mm wide by 4 x 2 mm
+    # high, xz 6 x 3 by 4 x 2, xy (rows x) 5 x 3 by 6 x 3
+    assert extents == [(0, 15.0, 8.0, 0), (0, 18.0, 8.0, 0), (0, 15.0, 18.0, 0)]
+    np.testing.assert_array_equal(figure.axes[0].get_images()[0].get_array(), planes[0].T[::-1])
     assert figure.axes[0].get_title().startswith("INFusion 5.00 %")
     assert volume_montage_png(tmp_path / "m.png", {"reference": planes}, (3.0, 3.0, 2.0)).stat().st_size > 0

@@ -331,7 +331,8 @@ def test_reused_prior_targets_are_refused_in_3d(tiny_store):
 # with contiguous draws and TV along the readout (rank-local: neighbour pairs never cross a shard)
 PLANE_GRIDS = {"plane_grids": {"enabled": True, "levels": 3, "min_res": 4, "max_res": 16, "hidden": 8,
                                "layers": 1, "init_scale": 0.05},
-               "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True}, "tv_x_weight": 0.05}
+               "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True}, "tv_x_weight": 0.05,
+               "optim": {"lr": 0.01, "ema": 0.5}}
 
 
 def _first_step_and_volume(recon: Recon3D, steps: int) -> dict:
@@ -360,7 +361,7 @@ def _plane_grid_worker(ctx: DistContext, store: str) -> dict:
 @pytest.mark.dist
 def test_plane_grids_two_ranks_equal_one_process(tiny_store):
     """Per-plane grids (rank-local) with their shared decoder (summed with the trunk), contiguous
-    draws and TV along the readout: 2 gloo ranks
+    draws, TV along the readout and the parameter average (optim.ema): 2 gloo ranks
     and 1 process give the same loss, trunk / decoder / head / grid gradients after one step and
     the same volume after 4 steps (a full-DC step included)."""
     run = launch_local(_plane_grid_worker, 2, args=(str(tiny_store),), timeout_s=240)
@@ -402,3 +403,19 @@ def test_contiguous_draws_are_neighbours_inside_the_shard():
         assert torch.all(rows[pairs + 1] - rows[pairs] == 1)
         counts[rows] += 1
     assert counts[:8].sum() == 0 and counts[8:].min() > 0.8 * 400 * 5 / 8  # uniform over the shard
+
+
+def test_ema_output_averages_the_iterates_and_leaves_the_live_parameters(tiny_store):
+    recon = Recon3D(tiny_config(prior={"mode": "off"}, optim={"lr": 0.01, "ema": 0.5}), HybridStore(tiny_store),
+                    single_process())
+    live = Recon3D(tiny_config(prior={"mode": "off"}), HybridStore(tiny_store), single_process())
+    for _ in range(3):
+        recon.step(), live.step()
+    before = [p.clone() for p in recon.trunk.parameters()]
+    averaged = recon.evaluate_slab()
+    assert all(torch.equal(a, b) for a, b in zip(before, recon.trunk.parameters()))
+    # same iterates (EMA does not touch the optimisation); the output is their average, not the last
+    assert all(torch.equal(a, b) for a, b in zip(live.trunk.parameters(), recon.trunk.parameters()))
+    assert not np.allclose(averaged, live.evaluate_slab())
+    expected = {name: p.detach().clone() for name, p in recon._named_parameters()}
+    assert set(recon.ema) == set(expected) and all(recon.ema[n].shape == expected[n].shape for n in expected)
