@@ -209,7 +209,7 @@ def commit() -> str:
 
 def log_row(case_name: str, acceleration: float, method: str, result: dict) -> None:
     row = {"case": case_name, "R": acceleration, "method": method, **result, "machine": machine(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit()}
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": START_COMMIT}
     RUNS.parent.mkdir(parents=True, exist_ok=True)
     with open(RUNS, "a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -235,20 +235,27 @@ def write_report() -> Path:
              "(protocol and commands: the script's docstring). NRMSE (%) of magnitudes against the noise-free "
              "reference inside the coil maps' support; Poisson (ky, kz) masks without calibration region. "
              "Every fixed setting (lambda rule, configs) was tuned on the bundled case at R = 4; the "
-             "`bart_*`, `l1_wavelet_3d_c*` sweeps are oracles (judged against the reference).", ""]
+             "`bart_*`, `l1_wavelet_3d_c*` sweeps are oracles (judged against the reference). INFusion rows "
+             "ran as `torchrun --standalone --nproc-per-node 2 launch/recon3d.py --config CONFIG --input STORE "
+             "--set OVERRIDES` (the setting column: CONFIG OVERRIDES, CONFIG as of the row's commit; seconds: "
+             "the step loop); the rows "
+             "labelled by their settings are the levers tried, in the order of the table's NRMSE.", ""]
     for case_name in sorted({r["case"] for r in rows}):
         for acceleration in sorted({r["R"] for r in rows if r["case"] == case_name}):
             group = sorted((r for r in rows if r["case"] == case_name and r["R"] == acceleration),
                            key=lambda r: (not r["method"].startswith("infusion"), r["method"]))
             lines += [f"## {case_name}, R = {acceleration:g}", "",
-                      "| method | NRMSE % | seconds | setting | machine, date |", "|---|---|---|---|---|"]
+                      "| method | NRMSE % | seconds | setting | machine, date, commit |", "|---|---|---|---|---|"]
             for r in sorted(group, key=lambda r: r["nrmse_percent"]):
-                setting = r.get("command") or (f"factor {r['factor']:g}, lambda {r['lamda']:.4g}" if "factor" in r
-                                               else r.get("config", ""))
+                if r["method"].startswith("infusion"):  # the command is the same but for these
+                    setting = " ".join([r["config"], *[o for o in r["overrides"] if o != "baseline.l1_wavelet_3d=false"]])
+                else:
+                    setting = r.get("command") or (f"factor {r['factor']:g}, lambda {r['lamda']:.4g}" if "factor" in r
+                                                   else r.get("config", ""))
                 if "bart_scale" in r:
                     setting += f" (magnitude scale {r['bart_scale']:.4f})"
                 lines.append(f"| {r['method']} | {r['nrmse_percent']:.2f} | {r['seconds']:.0f} | `{setting}` | "
-                             f"{r['machine']}, {r['date']} |")
+                             f"{r['machine']}, {r['date']}, {r['commit']} |")
             peers = [r for r in group if r["method"].startswith(("bart_", "l1_wavelet_3d", "inr_tv_2d"))]
             ours = [r for r in group if r["method"].startswith("infusion")]
             if peers and ours:
@@ -268,6 +275,9 @@ def write_report() -> Path:
 
 
 # ================================================================================== command line
+
+
+START_COMMIT = commit()  # the code a run started with (HEAD when this process started)
 
 
 def main(argv: list[str] | None = None) -> int:

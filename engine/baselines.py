@@ -1,4 +1,5 @@
-"""Classical 2D baselines: zero-filled, CG-SENSE and L1-wavelet (compressed sensing).
+"""Classical baselines: zero-filled, CG-SENSE and L1-wavelet (compressed sensing) in 2D, and a 3D
+L1-wavelet over hybrid-space volumes (the section "3D (hybrid space)" below).
 
 Layouts (docs/ARCHITECTURE.md): k-space `(coils, ny, nx)` complex64, centred and orthonormal;
 coil maps `(coils, ny, nx)` complex64; mask `(ny, nx)` 0/1. Every reconstruction returns a
@@ -489,7 +490,8 @@ def baseline_job(
 # an orthonormal FFT and wavelet the optimal lamda scales with the image intensity and not with
 # the volume's size, and s is the same for every slab of a volume (a 2D-style max|W A^H y| grows
 # with the number of wavelet levels, i.e. with the slab's size). The factor was tuned once on the
-# bundled 3D case (Poisson R = 4, benchmarks/quality3d.py `l1_wavelet_3d` sweep).
+# bundled 3D case at Poisson R = 4 (factors 0.0015 / 0.003 / 0.004 / 0.006 / 0.012: 6.91 / 6.21 /
+# 6.17 / 6.37 / 7.37 %, benchmarks/results/quality3d.md, which has the sweep at R = 6 and 8 too).
 L1_3D_RELATIVE_FACTOR = 0.004
 L1_3D_ITERATIONS = 100
 L1_3D_HALO = 8  # readout planes added on each side of a slab: the db4 support at the finest levels
