@@ -228,6 +228,25 @@ def read_rows() -> list[dict]:
     return list(newest.values())
 
 
+NOTES = """## Notes (what the rows say)
+
+- The z-discretized INR alone (shared hash-grid trunk, one linear head row per readout x) cannot
+  hold 72 different planes of detail: issue 11 measured 14.5 % for the old demo at R = 4. Per-plane
+  feature grids beside the trunk (`plane_grids`, decoded by a small shared MLP) are the lever that
+  moves it into the range of the 3D L1-wavelet; the trunk and head still carry what planes share.
+- Every regulariser is weak at its best: TV, wavelet-detail L1 and TV along x each help a little
+  at ~1e-3 and hurt at a few times that; TV plus wavelet together beat either alone.
+- Noise of the stochastic plane draws matters: more planes per step (K) helps more than more steps,
+  and parameter averaging (`optim.ema`) did not replace it.
+- The 1 mm diffusion prior hurts on these 3 x 3 x 2 mm planes (the prior-on row), so the bundled
+  config runs with `prior.mode: off`; the prior is for 1 mm data (the 1 mm case is not built yet).
+- BART's TV (`T:7:0:lambda`) stays far behind its wavelet at every lambda tried, and its best
+  wavelet lambda moves with R (0.02 at R = 4, larger at R = 6); BART rows use its default 30
+  iterations. The engine's 3D L1-wavelet (db4, cycle spinning, 100 FISTA iterations, one lambda
+  rule for all R) is the strongest peer here.
+"""
+
+
 def write_report() -> Path:
     rows = read_rows()
     lines = ["# 3D quality: INFusion against zero-filled, 3D L1-wavelet, plane-by-plane 2D INR + TV, BART", "",
@@ -267,6 +286,7 @@ def write_report() -> Path:
                               f"below it): {target:.2f} %; best INFusion: {best['method']} "
                               f"{best['nrmse_percent']:.2f} %: goal {verdict}."]
             lines.append("")
+    lines.append(NOTES)
     if not shutil.which("bart"):
         lines += ["BART: the `bart` binary was not on PATH when this report was written; BART rows (if any) "
                   "are from earlier runs.", ""]
@@ -329,9 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = ([(k, float(v)) for k, v in (item.split(":") for item in args.bart)] if args.bart
                         else [(k, v) for k, values in BART_LAMBDAS.items() for v in values])
                 for kind, lamda in runs:
-                    if True:
-                        log_row("bundled", acceleration, f"bart_{kind}_{lamda:g}",
-                                run_bart(case, kind, lamda, WORK / "bart" / f"R{acceleration:g}"))
+                    log_row("bundled", acceleration, f"bart_{kind}_{lamda:g}",
+                            run_bart(case, kind, lamda, WORK / "bart" / f"R{acceleration:g}"))
             else:
                 raise SystemExit(f"unknown method {method!r}")
     return 0

@@ -265,3 +265,14 @@ def test_volume_montage_draws_planes_at_the_true_voxel_shape(tmp_path):
     np.testing.assert_array_equal(figure.axes[0].get_images()[0].get_array(), planes[0].T[::-1])
     assert figure.axes[0].get_title().startswith("INFusion 5.00 %")
     assert volume_montage_png(tmp_path / "m.png", {"reference": planes}, (3.0, 3.0, 2.0)).stat().st_size > 0
+
+
+def test_quality3d_cfl_files_are_column_major(tmp_path):
+    """BART reads .cfl with the first dimension fastest; the benchmark's writer and reader agree with that."""
+    quality3d = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality3d.py"))
+    array = (np.arange(24).reshape(2, 3, 4) + 1j * np.arange(24).reshape(2, 3, 4)).astype(np.complex64)
+    quality3d["write_cfl"](tmp_path / "a", array)
+    raw = np.fromfile(tmp_path / "a.cfl", np.complex64)
+    assert raw[1] == array[1, 0, 0] and raw[2] == array[0, 1, 0]  # x fastest, then y
+    assert (tmp_path / "a.hdr").read_text().splitlines()[1].split()[:4] == ["2", "3", "4", "1"]
+    np.testing.assert_array_equal(quality3d["read_cfl"](tmp_path / "a"), array)
