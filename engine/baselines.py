@@ -1,4 +1,5 @@
-"""Classical 2D baselines: zero-filled, CG-SENSE and L1-wavelet (compressed sensing).
+"""Classical baselines: zero-filled, CG-SENSE and L1-wavelet (compressed sensing) in 2D, and a 3D
+L1-wavelet over hybrid-space volumes (the section "3D (hybrid space)" below).
 
 Layouts (docs/ARCHITECTURE.md): k-space `(coils, ny, nx)` complex64, centred and orthonormal;
 coil maps `(coils, ny, nx)` complex64; mask `(ny, nx)` 0/1. Every reconstruction returns a
@@ -17,6 +18,7 @@ for benchmarks that say "even with its best lambda".
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -475,3 +477,123 @@ def baseline_job(
     }
     return write_run(out_dir, results, reference, support, metadata,
                      arrays={"mask": mask, "reference": reference, "support": support}, overwrite=overwrite)
+
+
+# ================================================================================== 3D (hybrid space)
+#
+# A 3D volume in hybrid space (x, coils, ky, kz): the readout x is already in image space, each
+# x plane is sampled on the same (ky, kz) mask. The forward operator is plane-wise,
+# A v = M F_yz (S v); the regulariser couples the planes: an orthonormal db4 wavelet over (x, y, z).
+#
+# Lambda rule (3D). lamda = factor * s, s the 99th percentile of the zero-filled SENSE magnitude
+# over the whole volume (the engine's intensity convention, engine.recon3d.Recon3D.scale). With
+# an orthonormal FFT and wavelet the optimal lamda scales with the image intensity and not with
+# the volume's size, and s is the same for every slab of a volume (a 2D-style max|W A^H y| grows
+# with the number of wavelet levels, i.e. with the slab's size). The factor was tuned once on the
+# bundled 3D case at Poisson R = 4 (factors 0.0015 / 0.003 / 0.004 / 0.006 / 0.012: 6.91 / 6.21 /
+# 6.17 / 6.37 / 7.37 %, benchmarks/results/quality3d.md, which has the sweep at R = 6 and 8 too).
+L1_3D_RELATIVE_FACTOR = 0.004
+L1_3D_ITERATIONS = 100
+L1_3D_HALO = 8  # readout planes added on each side of a slab: the db4 support at the finest levels
+
+
+def _hybrid_forward(volume: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, ny, nz) -> (n, C, ky, kz): M F_yz (S v)."""
+    from engine.physics.fft import fftc
+
+    return fftc(maps * volume[:, None]) * mask
+
+
+def _hybrid_adjoint(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, C, ky, kz) -> (n, ny, nz): sum_c conj(S_c) F_yz^H (M y_c)."""
+    return (maps.conj() * ifftc(kspace * mask)).sum(dim=1)
+
+
+def zero_filled_3d(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """SENSE adjoint of hybrid k-space (n, C, ky, kz) with maps (n, C, ny, nz) -> (n, ny, nz) complex64."""
+    k, m = torch.from_numpy(np.asarray(kspace, np.complex64)), torch.from_numpy(np.asarray(maps, np.complex64))
+    return _hybrid_adjoint(k, m, torch.from_numpy(np.asarray(mask, np.float32))).numpy()
+
+
+def intensity_scale_3d(zero_filled_volume: np.ndarray) -> float:
+    """The 3D rule's s: 99th percentile of the zero-filled magnitude (numpy; one process)."""
+    return float(np.percentile(np.abs(zero_filled_volume), 99.0))
+
+
+def l1_wavelet_3d(
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    mask: np.ndarray,
+    lamda: float | None = None,
+    factor: float = L1_3D_RELATIVE_FACTOR,
+    scale: float | None = None,
+    max_iter: int = L1_3D_ITERATIONS,
+    wave_name: str = "db4",
+    cycle_spin: bool = True,
+    cycle_spin_seed: int = 0,
+) -> np.ndarray:
+    """3D L1-wavelet, min_v 1/2 ||M F_yz S v - y||^2 + lamda ||W_xyz v||_1, by FISTA.
+
+    Args:
+        kspace: hybrid k-space (n, C, ky, kz) (masked here); maps (n, C, ny, nz); mask (ky, kz).
+        lamda: absolute weight; None -> factor * scale (module rule above).
+        scale: the volume's intensity scale s; None -> `intensity_scale_3d` of this input (pass the
+            whole volume's s when this is one slab of it).
+        cycle_spin: random shifts (0..7 voxels per axis, seeded) before each shrinkage.
+    Returns:
+        complex64 (n, ny, nz).
+    """
+    import sigpy as sp
+
+    k = torch.from_numpy(np.asarray(kspace, np.complex64))
+    m = torch.from_numpy(np.asarray(maps, np.complex64))
+    w = torch.from_numpy(np.asarray(mask, np.float32))
+    if k.ndim != 4 or m.shape != k.shape or w.shape != k.shape[2:]:
+        raise ValueError(f"expected kspace and maps (n, C, ky, kz) and mask (ky, kz), got "
+                         f"{tuple(k.shape)}, {tuple(m.shape)}, {tuple(w.shape)}")
+    k = k * w
+    adjoint_data = _hybrid_adjoint(k, m, w)
+    if lamda is None:
+        lamda = factor * (intensity_scale_3d(adjoint_data.numpy()) if scale is None else scale)
+
+    def normal(v: torch.Tensor) -> torch.Tensor:
+        return _hybrid_adjoint(_hybrid_forward(v, m, w), m, w)
+
+    step = 1.0 / max_eigenvalue(normal, torch.zeros(adjoint_data.shape, dtype=torch.complex64))
+    wavelet = sp.linop.Wavelet(tuple(adjoint_data.shape), wave_name=wave_name)
+
+    # Cycle spinning (as BART's `pics -R W`): a random circular shift of the volume before each
+    # shrinkage, so the wavelet's block grid does not leave blocky artefacts; seeded: deterministic.
+    shifts = np.random.default_rng(cycle_spin_seed)
+
+    def prox(v: torch.Tensor) -> torch.Tensor:  # W^H soft(W v, step lamda): W orthonormal
+        shift = tuple(int(s) for s in shifts.integers(0, 8, size=3)) if cycle_spin else (0, 0, 0)
+        coefficients = wavelet(np.roll(v.numpy(), shift, axis=(0, 1, 2)))
+        magnitude = np.abs(coefficients)
+        shrink = np.maximum(magnitude - step * lamda, 0) / np.maximum(magnitude, 1e-30)
+        shrunk = np.roll(wavelet.H(coefficients * shrink), tuple(-s for s in shift), axis=(0, 1, 2))
+        return torch.from_numpy(np.asarray(shrunk, np.complex64))
+
+    x = adjoint_data.clone() * 0
+    z, t = x.clone(), 1.0
+    for _ in range(max_iter):
+        x_next = prox(z - step * (normal(z) - adjoint_data))
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = x_next + ((t - 1) / t_next) * (x_next - x)
+        x, t = x_next, t_next
+    return x.numpy().astype(np.complex64)
+
+
+def l1_wavelet_3d_slabs(read_planes: Callable[[int, int], tuple[np.ndarray, np.ndarray]], mask: np.ndarray,
+                        x_start: int, x_stop: int, nx: int, scale: float, halo: int = L1_3D_HALO,
+                        **kwargs) -> np.ndarray:
+    """`l1_wavelet_3d` of the readout positions [x_start, x_stop) of a larger volume, solved on
+    that slab plus `halo` planes each side (cropped after), with the whole volume's `scale`.
+
+    `read_planes(a, b)` returns (kspace, maps) of planes [a, b). Overlapping slabs make the result
+    independent of the split up to the wavelet's reach beyond the halo.
+    """
+    a, b = max(0, x_start - halo), min(nx, x_stop + halo)
+    kspace, maps = read_planes(a, b)
+    out = l1_wavelet_3d(kspace, maps, mask, scale=scale, **kwargs)
+    return out[x_start - a : x_stop - a]

@@ -6,6 +6,8 @@ independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encod
 
     features = trunk(grid (ny*nz, 2))            (ny*nz, hidden)   replicated, grads summed
     plane_x  = head_row_x(features)              (ny, nz) complex  row x owned by one rank
+             [+ decoder(G_x(y, z))]               with plane_grids: a feature grid per row x,
+                                                  owned like the head row; decoder replicated
 
 Rank r owns the shards (contiguous, chunk-aligned readout slabs) of its block: their k-space,
 maps and head rows. One step: every shard draws K readout positions from its own random stream
@@ -17,6 +19,7 @@ Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K
     L = sum_s sum_x w_s [ ||M F S_x p_x - y_x||^2 / (C |M|)          (DC, mean per sample)
                           + prior_term(p_x, step)                       (engine.losses.prior_term)
                           + lambda_tv TV(p_x) ]                         (engine.losses.tv)
+    + sum_s w_s K lambda_tv_x mean over the drawn neighbour pairs of TV_x(p_x, p_x+1) (slices.contiguous)
 w_s makes the drawn-slice DC an unbiased estimate of the mean DC over all nx planes, which is
 what a full-DC step (every plane, `dc.full_every`) computes exactly. The prior term is the 2D
 engine's PriorTerm: the one-step (Tweedie) denoiser target ("tweedie") or INFusion's 10-step
@@ -50,6 +53,7 @@ from engine.recon3d_config import (
     DCConfig,
     OptimConfig,
     OutputConfig,
+    PlaneGridConfig,
     Recon3DConfig,
     SliceConfig,
     result_config,
@@ -66,12 +70,65 @@ class GridTrunk(nn.Module):
     lets DDP / DeepSpeed wrap the module with a plain call.
     """
 
-    def __init__(self, encoding: nn.Module, mlp: nn.Module):
+    def __init__(self, encoding: nn.Module, mlp: nn.Module, plane_decoder: nn.Module | None = None):
         super().__init__()
         self.encoding, self.mlp = encoding, mlp
+        # replicated like the trunk, so it lives here and its gradient joins the trunk's all-reduce
+        # (it is called outside forward: only grad_sync allreduce supports it)
+        self.plane_decoder = plane_decoder
 
     def forward(self, shape: tuple[int, int]) -> torch.Tensor:
         return self.mlp(self.encoding.forward_grid(tuple(shape)))
+
+
+class PlaneGrids(nn.Module):
+    """Per-plane capacity beside the shared trunk: one dense multiresolution feature grid per
+    readout position (rank-local, like the head rows), decoded by a small MLP shared by all planes.
+
+    plane_x(y, z) = head_x(trunk(y, z)) + decoder(G_x(y, z)), G_x = the bilinear interpolation of
+    its levels (resolutions min_res .. max_res, geometric, as the hash grid's; a level of
+    (res+1)^2 vertices is what a hash grid stores when it does not hash). This is the 2D INR's
+    encoding per plane, so a plane can hold detail that the shared features cannot, while the
+    trunk carries what the planes share. Rows are initialised from (seed, global row), so any
+    split over ranks gives the single-process model.
+    """
+
+    def __init__(self, config: PlaneGridConfig, x_start: int, x_stop: int, plane: tuple[int, int]):
+        super().__init__()
+        max_res = config.max_res or 2 * max(plane)
+        growth = math.exp((math.log(max_res) - math.log(config.min_res)) / max(config.levels - 1, 1))
+        self.resolutions = [math.floor(config.min_res * growth**level) for level in range(config.levels)]
+        self.x_start, self.features = x_start, config.features_per_level
+        self.levels = nn.ParameterList()
+        for res in self.resolutions:
+            rows = []
+            for x in range(x_start, x_stop):
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + x * 101 + res)
+                rows.append(torch.rand(config.features_per_level, res + 1, res + 1, generator=generator) * 2 - 1)
+            self.levels.append(nn.Parameter(torch.stack(rows) * config.init_scale))
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.resolutions) * self.features
+
+    def forward(self, global_rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Features (B, ny*nz, out_dim) of the given planes on the (ny, nz) pixel grid."""
+        local = (global_rows - self.x_start).to(self.levels[0].device)
+        feats = [nn.functional.interpolate(level[local], size=tuple(shape), mode="bilinear", align_corners=True)
+                 for level in self.levels]
+        return torch.cat(feats, dim=1).flatten(2).transpose(1, 2)
+
+
+def plane_decoder(config: PlaneGridConfig, in_dim: int) -> nn.Module:
+    """The shared decoder of PlaneGrids: MLP (layers x hidden, ReLU) -> 2 (real, imag); seeded."""
+    from engine.models.inr import MLP
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed + 7)
+    try:
+        return nn.Sequential(MLP(in_dim, config.hidden, config.layers, "relu"), nn.Linear(config.hidden, 2))
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def build_sharded_inr(config: INRConfig, nx: int, x_start: int, x_stop: int) -> tuple[GridTrunk, ComplexRowHead]:
@@ -116,6 +173,26 @@ def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: in
     cumulative = torch.cumsum(hist, 0)
     index = int(torch.searchsorted(cumulative, cumulative[-1] * q / 100.0))
     return float(top) * (index + 1) / bins
+
+
+def wavelet_detail_l1(planes: torch.Tensor, levels: int = 3, eps: float = 1e-4) -> torch.Tensor:
+    """Mean over the planes' pixels of |d| (complex magnitude, smoothed by eps like the TV) of the
+    db3 wavelet details of (B, ny, nz) complex planes; sides must be divisible by 2^levels
+    (zero-padded otherwise). The approximation band is left free: only detail is penalised."""
+    import torch.nn.functional as F
+
+    from engine.losses.wavelet import dwt2
+
+    b, ny, nz = planes.shape
+    step = 2**levels
+    parts = torch.view_as_real(planes).movedim(-1, 1).reshape(2 * b, ny, nz)  # (re, im) of each plane
+    parts = F.pad(parts, (0, (-nz) % step, 0, (-ny) % step))
+    _, details = dwt2(parts, levels)
+    total = planes.new_zeros((), dtype=torch.float32)
+    for d in details:
+        pair = d.reshape(b, 2, *d.shape[1:])
+        total = total + (torch.sqrt(pair[:, 0].square() + pair[:, 1].square() + eps * eps) - eps).sum()
+    return total / (b * ny * nz)
 
 
 class NonFiniteStop(RuntimeError):
@@ -172,6 +249,10 @@ class Recon3D:
         self.x_start, self.x_stop = self.local_shards[0].start, self.local_shards[-1].stop
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
 
+        self.source = source  # the 3D baseline reads its slab with a halo of neighbouring planes
+        acquisition = (getattr(source, "attrs", None) or {}).get("acquisition") or {}
+        voxel = acquisition.get("voxel_size_mm")
+        self.voxel_size_mm = tuple(float(v) for v in voxel) if voxel and len(voxel) == 3 else None
         slab = source.read_slab(self.x_start, self.x_stop)
         if slab.maps is None:
             raise ValueError(f"{getattr(source, 'path', 'input')}: the hybrid store has no coil maps "
@@ -193,13 +274,24 @@ class Recon3D:
         self.mask = mask.to(self.device)
 
         trunk, head = build_sharded_inr(cfg.inr, nx, self.x_start, self.x_stop)
+        self.plane_grids = None
+        if cfg.plane_grids.enabled:
+            if cfg.grad_sync != "allreduce":
+                raise ValueError("plane_grids.enabled needs grad_sync allreduce (its shared decoder is "
+                                 "called outside the trunk's forward, which DDP and DeepSpeed do not see)")
+            self.plane_grids = PlaneGrids(cfg.plane_grids, self.x_start, self.x_stop, self.plane).to(self.device)
+            trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
-        self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed) for s in self.local_shards]
-        lr_head = cfg.optim.lr if cfg.optim.lr_head is None else cfg.optim.lr_head
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=lr_head, betas=cfg.optim.betas)
+        if cfg.tv_x_weight > 0 and not cfg.slices.contiguous:
+            raise ValueError("tv_x_weight needs slices.contiguous: true (scattered draws have no neighbours)")
+        self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed, cfg.slices.contiguous)
+                         for s in self.local_shards]
+        self.head_optimizer = torch.optim.Adam(self._local_param_groups(), betas=cfg.optim.betas)
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
         self.prior_terms = self._build_prior_terms(prior)
+        # Polyak averaging (optim.ema): shadow copies of every parameter, used for the output
+        self.ema = {name: p.detach().clone() for name, p in self._named_parameters()} if cfg.optim.ema else None
         self.step_index = 0
         self.prior_evals = 0
         self.request_stop = False  # set by the run loop on SIGTERM/SIGUSR1; shared in the step's all-reduce
@@ -225,6 +317,32 @@ class Recon3D:
         return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype, mask=self.mask)
                 for s in self.samplers]
 
+    def _local_lrs(self) -> list[float]:
+        """Base learning rates of the rank-local parameter groups: head rows[, plane grids]."""
+        o = self.cfg.optim
+        lrs = [o.lr if o.lr_head is None else o.lr_head]
+        if self.plane_grids is not None:
+            lrs.append(o.lr if self.cfg.plane_grids.lr is None else self.cfg.plane_grids.lr)
+        return lrs
+
+    def _local_param_groups(self) -> list[dict]:
+        groups = [{"params": list(self.head.parameters())}]
+        if self.plane_grids is not None:
+            groups.append({"params": list(self.plane_grids.parameters()), "eps": 1e-15})
+        return [dict(g, lr=lr) for g, lr in zip(groups, self._local_lrs())]
+
+    def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Trunk (replicated), head rows and plane grids (this rank's), with unique names."""
+        modules = {"trunk": self.trunk, "head": self.head, "plane_grids": self.plane_grids}
+        return [(f"{key}.{name}", p) for key, module in modules.items() if module is not None
+                for name, p in module.named_parameters()]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.optim.ema
+        for name, p in self._named_parameters():
+            self.ema[name].lerp_(p.detach(), 1.0 - decay)
+
     def input_description(self) -> dict:
         return {"shape_x_coils_ky_kz": [self.nx, self.coils, *self.plane], "chunk_x": self.chunk_x,
                 "num_shards": len(self.shards)}
@@ -248,6 +366,9 @@ class Recon3D:
         """Head rows (global indices) on the feature grid -> (B, ny, nz) complex64."""
         with _autocast(self.device, self.bf16):
             out = self.head(features, (global_rows - self.x_start).to(self.device))
+            if self.plane_grids is not None:
+                residual = self.trunk.plane_decoder(self.plane_grids(global_rows, self.plane)).float()
+                out = out + torch.complex(residual[..., 0], residual[..., 1])
         return out.view(-1, *self.plane)
 
     def _slab_data(self, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +387,8 @@ class Recon3D:
         K = cfg.slices.per_step
         draws = [s.draw() for s in self.samplers]
         weights = [s.shard.size / (self.nx * K) for s in self.samplers]  # w_s of the module docstring
-        for group in self.head_optimizer.param_groups:
-            group["lr"] = (cfg.optim.lr if cfg.optim.lr_head is None else cfg.optim.lr_head) * self.lr_factor(step)
+        for group, lr in zip(self.head_optimizer.param_groups, self._local_lrs()):
+            group["lr"] = lr * self.lr_factor(step)
         self.sync.set_lr(cfg.optim.lr * self.lr_factor(step))
 
         with _autocast(self.device, self.bf16):
@@ -289,6 +410,17 @@ class Recon3D:
             if cfg.tv_weight > 0:
                 tv = total_variation(shard_planes, "isotropic", scale=1.0)
                 terms["tv"] = terms["tv"] + (cfg.tv_weight * w * K) * tv
+            if cfg.wavelet_weight > 0:
+                wavelet = wavelet_detail_l1(shard_planes)
+                terms["tv"] = terms["tv"] + (cfg.wavelet_weight * w * K) * wavelet
+            if cfg.tv_x_weight > 0:
+                pairs = ShardSampler.neighbour_pairs(draw).to(self.device)
+                if len(pairs):
+                    step_x = shard_planes[pairs + 1] - shard_planes[pairs]
+                    eps = 1e-4  # as engine.losses.tv: a finite gradient where neighbours agree
+                    tv_x = (torch.sqrt(step_x.real.square() + step_x.imag.square() + eps * eps) - eps).mean()
+                    # mean over the K - 1 pairs of a block, x K: the same scale per plane as `tv`
+                    terms["tv"] = terms["tv"] + (cfg.tv_x_weight * w * K) * tv_x
         local_loss = terms["dc"] + terms["prior"] + terms["tv"]
         if local_loss.requires_grad:
             local_loss.backward()
@@ -317,6 +449,8 @@ class Recon3D:
         else:
             self.sync.step()
             self.head_optimizer.step()
+            if self.ema is not None:
+                self._update_ema()
         self.sync.zero_grad()
         self.head_optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
@@ -326,6 +460,8 @@ class Recon3D:
     def _gradients_finite(self) -> bool:
         """Head gradients, and trunk gradients (already summed over ranks) unless ZeRO holds them."""
         params = list(self.head.parameters())
+        if self.plane_grids is not None:
+            params += list(self.plane_grids.parameters())
         if self.cfg.grad_sync != "deepspeed":
             params += list(self.trunk.parameters())
         grads = [p.grad for p in params if p.grad is not None]
@@ -337,9 +473,19 @@ class Recon3D:
     def evaluate_rows(self, x0: int, x1: int) -> np.ndarray:
         """The reconstruction of readout positions [x0, x1) (inside this rank's slab), complex64
         (x1 - x0, ny, nz) in the input's intensity units."""
-        with _autocast(self.device, self.bf16):
-            features = self.trunk(self.plane)
-        planes = self._planes(features, torch.arange(x0, x1))
+        live = None
+        if self.ema is not None:  # evaluate the averaged parameters, then put the live ones back
+            live = {name: p.detach().clone() for name, p in self._named_parameters()}
+            for name, p in self._named_parameters():
+                p.copy_(self.ema[name])
+        try:
+            with _autocast(self.device, self.bf16):
+                features = self.trunk(self.plane)
+            planes = self._planes(features, torch.arange(x0, x1))
+        finally:
+            if live is not None:
+                for name, p in self._named_parameters():
+                    p.copy_(live[name])
         return (planes * self.scale).cpu().numpy().astype(np.complex64)
 
     def evaluate_slab(self) -> np.ndarray:
@@ -362,12 +508,14 @@ class Recon3D:
     def rank_state(self) -> dict:
         state = {
             "head": self.head.state_dict(),
+            "plane_grids": None if self.plane_grids is None else self.plane_grids.state_dict(),
             "head_optimizer": self.head_optimizer.state_dict(),
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": capture_rng_state(),
             "prior_evals": self.prior_evals,
             "prior_targets": [t.target for t in self.prior_terms],  # reused when prior.reuse_target
             "slab": [self.x_start, self.x_stop],
+            "ema": self.ema,
         }
         if self.cfg.grad_sync == "deepspeed":  # ZeRO partitions the optimiser: one part per rank
             state["trunk_optimizer"] = self.sync.optimizer_state()
@@ -380,11 +528,15 @@ class Recon3D:
         self.trunk.load_state_dict(trunk_state["trunk"])
         self.sync.load_optimizer_state(trunk_state.get("trunk_optimizer", rank_state.get("trunk_optimizer")))
         self.head.load_state_dict(rank_state["head"])
+        if self.plane_grids is not None:
+            self.plane_grids.load_state_dict(rank_state["plane_grids"])
         self.head_optimizer.load_state_dict(rank_state["head_optimizer"])
         for sampler, state in zip(self.samplers, rank_state["samplers"], strict=True):
             sampler.load_state_dict(state)
         restore_rng_state(rank_state["rng"])
         self.prior_evals = int(rank_state["prior_evals"])
+        if self.ema is not None:
+            self.ema = {name: t.to(self.device) for name, t in rank_state["ema"].items()}
         for term, target in zip(self.prior_terms, rank_state["prior_targets"]):
             term.target = None if target is None else target.to(self.device)
         self.step_index = step

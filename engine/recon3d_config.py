@@ -28,6 +28,9 @@ class SliceConfig:
     world size; keep it fixed to reproduce a run on another number of ranks."""
     seed: int = 0
     """Seed of the shards' streams (slice draws and the prior's noise)."""
+    contiguous: bool = False
+    """Draw K consecutive readout positions per shard (wrapping inside it) instead of K scattered
+    ones: the drawn planes then have readout neighbours for `tv_x_weight`."""
 
 
 @dataclass
@@ -58,6 +61,37 @@ class OptimConfig:
     """Learning-rate schedule over the steps."""
     lr_final_fraction: float = 0.1
     """cosine: final lr = lr * this."""
+    ema: float = 0.0
+    """Polyak averaging: the output uses an exponential moving average of the parameters with this
+    decay per step (e.g. 0.99: about the last 100 steps), which averages out the noise of the
+    stochastic plane draws; 0 = the last iterate."""
+
+
+@dataclass
+class PlaneGridConfig:
+    """Per-plane capacity beside the shared trunk (engine.recon3d.PlaneGrids): a dense
+    multiresolution feature grid per readout position, decoded by a small shared MLP."""
+
+    enabled: bool = False
+    """Add decoder(G_x(y, z)) to every plane (needs grad_sync allreduce)."""
+    levels: int = 8
+    """Resolution levels per plane (configs/inr_tv2d.yaml's hash grid: 8)."""
+    features_per_level: int = 2
+    """Features per vertex and level."""
+    min_res: int = 16
+    """Coarsest level's resolution."""
+    max_res: int = 0
+    """Finest level's resolution; 0 = twice the plane's larger side."""
+    hidden: int = 64
+    """Width of the shared decoder's hidden layers."""
+    layers: int = 2
+    """Hidden layers of the shared decoder."""
+    lr: float | None = None
+    """Learning rate of the grids; null = optim.lr (the decoder follows the trunk's)."""
+    init_scale: float = 1e-4
+    """Grids start uniform in +-init_scale (Instant-NGP's init)."""
+    seed: int = 0
+    """Seed of the grids and the decoder."""
 
 
 @dataclass
@@ -97,8 +131,11 @@ class BundledCaseConfig:
 class BaselineConfig:
     """Classical comparison computed beside the reconstruction (not part of the config hash)."""
 
-    l1_wavelet: bool = True
-    """L1-wavelet per readout plane (engine.baselines, relative lambda rule) on each rank's slab."""
+    l1_wavelet_3d: bool = True
+    """3D L1-wavelet (engine.baselines.l1_wavelet_3d: db4 over x, y, z, cycle spinning, 3D lambda
+    rule) on each rank's slab plus a halo of neighbouring planes: the comparison to beat."""
+    l1_wavelet: bool = False
+    """Also L1-wavelet per readout plane (the 2D rule; far too weak on coarse planes, issue 11)."""
 
 
 @dataclass
@@ -109,12 +146,20 @@ class Recon3DConfig:
     """Optimisation steps."""
     inr: INRConfig = field(default_factory=INRConfig)
     """Encoding, trunk and head (engine.models)."""
+    plane_grids: PlaneGridConfig = field(default_factory=PlaneGridConfig)
+    """Per-plane feature grids beside the shared trunk (off: the plain z-discretized INR)."""
     slices: SliceConfig = field(default_factory=SliceConfig)
     dc: DCConfig = field(default_factory=DCConfig)
     prior: PriorTermConfig = field(default_factory=lambda: PriorTermConfig(mode="tweedie", distance="l2"))
     """The 2D prior term (engine.losses.prior_term), applied to each shard's drawn planes."""
     tv_weight: float = 0.0
     """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
+    wavelet_weight: float = 0.0
+    """Weight of an L1 penalty on the db3 wavelet details (3 levels) of the drawn planes: mean
+    over pixels of the complex coefficients' magnitudes (engine.recon3d.wavelet_detail_l1; 0: off)."""
+    tv_x_weight: float = 0.0
+    """Weight of TV along the readout: mean sqrt(|p_(x+1) - p_x|^2 + eps^2) - eps over the drawn
+    neighbour pairs (needs slices.contiguous; rank-local: pairs never cross a shard)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     bf16: bool | None = None
     """bf16 autocast for trunk, head and prior (FFT and losses stay float32/complex64);
@@ -162,6 +207,7 @@ __all__ = [
     "DCConfig",
     "OptimConfig",
     "OutputConfig",
+    "PlaneGridConfig",
     "Recon3DConfig",
     "SliceConfig",
     "result_config",

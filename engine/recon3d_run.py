@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +95,20 @@ def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> 
     return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
 
 
+def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
+    """engine.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
+    planes read from the input (overlapping slabs) and the volume's global intensity scale."""
+    from engine.baselines import l1_wavelet_3d_slabs
+
+    mask = recon.mask.cpu().numpy()
+
+    def read_planes(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        slab = recon.source.read_slab(a, b)
+        return np.asarray(slab.kspace, np.complex64) * mask, np.asarray(slab.maps, np.complex64)
+
+    return l1_wavelet_3d_slabs(read_planes, mask, recon.x_start, recon.x_stop, recon.nx, recon.scale)
+
+
 def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> tuple | None:
     """Rank 0 gets the three central orthogonal planes of the volume assembled from the ranks'
     slabs (n, ny, nz): (yz at x=nx//2, xz at y=ny//2, xy at z=nz//2); None elsewhere."""
@@ -115,28 +128,14 @@ def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> 
     return yz, np.concatenate([p["xz"] for p in parts]), np.concatenate([p["xy"] for p in parts])
 
 
-def write_montage(path: Path, rows: dict[str, tuple], title: str) -> None:
-    """PNG: one row per image (name -> three planes), columns yz / xz / xy, shared grey scale."""
-    import matplotlib
+def write_montage(path: Path, rows: dict[str, tuple], title: str,
+                  voxel_size_mm: tuple[float, float, float] | None = None,
+                  nrmse: dict[str, float] | None = None) -> None:
+    """PNG: one row per volume (name -> its yz / xz / xy planes) at the true voxel aspect ratio
+    (engine.report.volume_montage_png)."""
+    from engine.report import volume_montage_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    vmax = max(float(np.percentile(np.abs(rows[n][0]), 99.5)) for n in names) or 1.0
-    fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
-    for r, name in enumerate(names):
-        for c, (plane, label) in enumerate(zip(rows[name], ("y-z (x = mid)", "x-z (y = mid)", "x-y (z = mid)"))):
-            ax = axes[r][c]
-            ax.imshow(np.abs(plane), cmap="gray", vmin=0, vmax=vmax, aspect="equal")
-            ax.set_title(f"{name}: {label}", fontsize=9)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    volume_montage_png(path, rows, voxel_size_mm, title, nrmse)
 
 
 def run_recon3d(
@@ -289,22 +288,27 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         maps_power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
         support = maps_power if not maps_power.all() else None
         candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
-        baseline_seconds = 0.0
+        baseline_seconds = {}
+        if cfg.baseline.l1_wavelet_3d:
+            t0 = time.perf_counter()
+            candidates["l1_wavelet_3d"] = _l1_wavelet_3d_slab(recon)
+            baseline_seconds["l1_wavelet_3d"] = time.perf_counter() - t0
+            images["L1-wavelet 3D"] = candidates["l1_wavelet_3d"]
         if cfg.baseline.l1_wavelet:
             t0 = time.perf_counter()
             candidates["l1_wavelet"] = _l1_wavelet_slab((recon.kspace * recon.scale).cpu().numpy(),
                                                         recon.maps.cpu().numpy(), recon.mask.cpu().numpy())
-            baseline_seconds = time.perf_counter() - t0
-            images["L1-wavelet"] = candidates["l1_wavelet"]
+            baseline_seconds["l1_wavelet"] = time.perf_counter() - t0
+            images["L1-wavelet 2D"] = candidates["l1_wavelet"]
         sums = torch.tensor([s for img in candidates.values() for s in _error_sums(img, recon.reference, support)],
                             dtype=torch.float64)
         ctx.all_reduce_sum(sums)
         for i, name in enumerate(candidates):
             err, ref = sums[2 * i].item(), sums[2 * i + 1].item()
             metrics[f"nrmse_percent_{name}"] = 100.0 * math.sqrt(err / ref)
-        if cfg.baseline.l1_wavelet:
-            metrics["l1_wavelet_seconds_max_rank"] = float(
-                ctx.all_reduce_max(torch.tensor([baseline_seconds], dtype=torch.float64)).item())
+        for name, seconds in baseline_seconds.items():
+            metrics[f"{name}_seconds_max_rank"] = float(
+                ctx.all_reduce_max(torch.tensor([seconds], dtype=torch.float64)).item())
         images["reference"] = recon.reference
     planes = {name: gather_planes(img, recon.x_start, recon.nx, ctx) for name, img in images.items()}
     ctx.barrier()
@@ -312,9 +316,11 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         writer.finalize(metrics)
         paths.metrics.write_text(json.dumps(metrics, indent=1, sort_keys=True))
         if cfg.output.montage:
-            title = ", ".join(f"{k.replace('nrmse_percent_', '')} {v:.2f}%" for k, v in metrics.items()
-                              if k.startswith("nrmse_percent_")) or "INFusion 3D"
-            write_montage(paths.montage, planes, f"NRMSE: {title}" if "%" in title else title)
+            scores = {"INFusion": "infusion", "L1-wavelet 3D": "l1_wavelet_3d", "L1-wavelet 2D": "l1_wavelet"}
+            nrmse = {name: metrics[f"nrmse_percent_{key}"] for name, key in scores.items()
+                     if f"nrmse_percent_{key}" in metrics}
+            title = "NRMSE vs the reference (magnitude, inside the maps' support)" if nrmse else "INFusion 3D"
+            write_montage(paths.montage, planes, title, recon.voxel_size_mm, nrmse)
     ctx.barrier()
     return metrics
 
@@ -349,8 +355,9 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
             else:
                 folder.mkdir(parents=True, exist_ok=True)
                 data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
-                                     attrs={"description": case["description"]}, source=str(case["path"]),
-                                     layout="3d")
+                                     attrs={"description": case["description"],
+                                            "acquisition": {"voxel_size_mm": list(case["voxel_size_mm"])}},
+                                     source=str(case["path"]), layout="3d")
                 prepare_hybrid_store(data, path, mask=mask, chunk_x=cfg.chunk_x)
     # every rank learns of rank 0's refusal, so none waits at the barrier for a store never made
     path, refusal = ctx.broadcast_object((str(path) if path is not None else None, refusal))
@@ -417,8 +424,10 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
         print(f"[recon3d] montage {paths.montage}, log {paths.log_csv}, metrics {paths.metrics}")
         if "nrmse_percent_infusion" in metrics:
             line = f"NRMSE vs the fully sampled reference: INFusion {metrics['nrmse_percent_infusion']:.2f} %"
+            if "nrmse_percent_l1_wavelet_3d" in metrics:
+                line += f", 3D L1-wavelet {metrics['nrmse_percent_l1_wavelet_3d']:.2f} %"
             if "nrmse_percent_l1_wavelet" in metrics:
-                line += f", L1-wavelet {metrics['nrmse_percent_l1_wavelet']:.2f} %"
+                line += f", per-plane L1-wavelet {metrics['nrmse_percent_l1_wavelet']:.2f} %"
             line += f", zero-filled {metrics['nrmse_percent_zero_filled']:.2f} %"
             print(line + f" ({metrics['train_seconds']:.1f} s, {metrics['steps']} steps)")
     shutdown(ctx)

@@ -199,3 +199,69 @@ def write_run(
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     _write_atomically(path, lambda file: np.save(file, array, allow_pickle=False), binary=True)
+
+
+VOLUME_PLANE_LABELS = ("y-z (x = mid)", "x-z (y = mid)", "x-y (z = mid)")
+
+
+def _upright(plane: np.ndarray, column: int) -> np.ndarray:
+    """The yz and xz planes with z running upwards (superior at the top); xy as stored."""
+    return plane.T[::-1] if column < 2 else plane
+
+
+def volume_montage_png(
+    path: str | os.PathLike,
+    planes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    voxel_size_mm: tuple[float, float, float] | None = None,
+    title: str = "",
+    nrmse: dict[str, float] | None = None,
+) -> Path:
+    """Three orthogonal central planes of 3D volumes, one row per volume, at the true voxel shape
+    (the PNG of `volume_montage_figure`).
+
+    Args:
+        planes: name -> (yz, xz, xy) planes of a volume (x, y, z), e.g. INFusion, the 3D
+            baseline and the reference (its row is the grey-scale source: 99.5th percentile).
+        voxel_size_mm: (dx, dy, dz); each plane is drawn over its physical extent in mm, so a
+            3 x 3 x 2 mm volume is not squashed into square pixels; None = isotropic.
+        nrmse: name -> NRMSE (%) shown in the row's titles.
+    Replaces an existing file (a run writes its montage once, at the end).
+    """
+    path = Path(path)
+    figure = volume_montage_figure(planes, voxel_size_mm, title, nrmse)
+    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=110), binary=True)
+    return path
+
+
+def volume_montage_figure(planes: dict, voxel_size_mm: tuple[float, float, float] | None = None,
+                          title: str = "", nrmse: dict[str, float] | None = None):
+    """The matplotlib Figure of `volume_montage_png` (each image spans its extent in mm)."""
+    from matplotlib.figure import Figure
+
+    dx, dy, dz = voxel_size_mm or (1.0, 1.0, 1.0)
+    names = list(planes)
+    source = planes.get("reference", planes[names[0]])[0]
+    vmax = float(np.percentile(np.abs(source), 99.5)) or 1.0
+    first = planes[names[0]]
+    (ny, nz), nx = first[0].shape, first[1].shape[0]
+    # (row spacing, column spacing) per column as drawn: yz rows z cols y, xz rows z cols x,
+    # xy rows x cols y
+    spacing = ((dz, dy), (dz, dx), (dx, dy))
+    widths = [ny * dy, nx * dx, ny * dy]
+    height = max(nz * dz, nx * dx)
+    figure = Figure(figsize=(1.0 + sum(widths) / 45.0, len(names) * (0.6 + height / 45.0)))
+    axes = figure.subplots(len(names), 3, squeeze=False, gridspec_kw={"width_ratios": widths})
+    for r, name in enumerate(names):
+        for c, (plane, label) in enumerate(zip(planes[name], VOLUME_PLANE_LABELS)):
+            plane = _upright(np.asarray(plane), c)
+            rows, columns = plane.shape
+            row_mm, column_mm = spacing[c]
+            axis = axes[r][c]
+            axis.imshow(np.abs(plane), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
+                        extent=(0, columns * column_mm, rows * row_mm, 0), aspect="equal")
+            score = f" {nrmse[name]:.2f} %" if nrmse and name in nrmse else ""
+            axis.set_title(f"{name}{score}: {label}", fontsize=8)
+            axis.set_axis_off()
+    figure.suptitle(title + f"  (voxel {dx:g} x {dy:g} x {dz:g} mm; z up)", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    return figure

@@ -66,18 +66,32 @@ class ShardSampler:
     a plain tensor for checkpoints.
     """
 
-    def __init__(self, shard: Shard, k: int, seed: int):
+    def __init__(self, shard: Shard, k: int, seed: int, contiguous: bool = False):
         if not 1 <= k <= shard.size:
             raise ValueError(f"config key slices.per_step: K={k} must be in [1, {shard.size}], the readout "
                              f"positions of shard {shard.index}")
-        self.shard, self.k = shard, k
+        self.shard, self.k, self.contiguous = shard, k, contiguous
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(shard_seed(seed, shard.index))
 
     def draw(self) -> torch.Tensor:
-        """K global readout indices, int64 (K,), sorted ascending."""
-        local = torch.randperm(self.shard.size, generator=self.generator)[: self.k]
+        """K global readout indices, int64 (K,), sorted ascending.
+
+        contiguous: K consecutive positions from a uniform start, wrapping around inside the shard
+        (so every position is drawn with probability K / size); `neighbour_pairs` tells which
+        drawn positions are readout neighbours.
+        """
+        if self.contiguous:
+            start = int(torch.randint(self.shard.size, (1,), generator=self.generator))
+            local = (start + torch.arange(self.k)) % self.shard.size
+        else:
+            local = torch.randperm(self.shard.size, generator=self.generator)[: self.k]
         return torch.sort(local).values + self.shard.start
+
+    @staticmethod
+    def neighbour_pairs(rows: torch.Tensor) -> torch.Tensor:
+        """Indices i into sorted `rows` with rows[i + 1] == rows[i] + 1 (readout neighbours)."""
+        return torch.nonzero(rows[1:] - rows[:-1] == 1).flatten()
 
     def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Standard normal float32 noise of `shape` from this shard's stream (CPU)."""

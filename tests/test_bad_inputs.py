@@ -335,7 +335,7 @@ TINY3D = {
     "prior": {"mode": "off"},
     "device": "cpu",
     "output": {"progress": False, "montage": False},
-    "baseline": {"l1_wavelet": False},
+    "baseline": {"l1_wavelet_3d": False},
 }
 
 

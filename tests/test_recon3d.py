@@ -29,7 +29,7 @@ TINY = {
     "tv_weight": 0.01,
     "optim": {"lr": 0.01},
     "output": {"progress": False, "eval_rows": 4},
-    "baseline": {"l1_wavelet": False},
+    "baseline": {"l1_wavelet_3d": False},
 }
 
 
@@ -323,3 +323,99 @@ def test_reused_prior_targets_are_refused_in_3d(tiny_store):
     cfg = tiny_config(prior={"mode": "tweedie", "distance": "l2", "reuse_target": True})
     with pytest.raises(ValueError, match=r"prior\.reuse_target: not available in 3D"):
         Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior())
+
+
+# ------------------------------------------------------------------ per-plane grids
+
+
+# with contiguous draws and TV along the readout (rank-local: neighbour pairs never cross a shard)
+PLANE_GRIDS = {"plane_grids": {"enabled": True, "levels": 3, "min_res": 4, "max_res": 16, "hidden": 8,
+                               "layers": 1, "init_scale": 0.05},
+               "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True}, "tv_x_weight": 0.05,
+               "optim": {"lr": 0.01, "ema": 0.5}}
+
+
+def _first_step_and_volume(recon: Recon3D, steps: int) -> dict:
+    """Loss terms and every gradient (trunk with the shared decoder, head rows, plane grids) of
+    step 0, then the slab after `steps` steps."""
+    captured: dict = {}
+    original_step = recon.head_optimizer.step
+
+    def step_and_capture(*args, **kwargs):
+        if not captured:
+            captured["trunk"] = [p.grad.clone() for p in recon.trunk.parameters()]
+            captured["head"] = [p.grad.clone() for p in recon.head.parameters()]
+            captured["grids"] = [p.grad.clone() for p in recon.plane_grids.parameters()]
+        return original_step(*args, **kwargs)
+
+    recon.head_optimizer.step = step_and_capture
+    terms = [recon.step().terms for _ in range(steps)]
+    return {**captured, "terms": terms[0], "slab": recon.evaluate_slab(), "x_start": recon.x_start}
+
+
+def _plane_grid_worker(ctx: DistContext, store: str) -> dict:
+    return _first_step_and_volume(Recon3D(tiny_config(**PLANE_GRIDS), HybridStore(store), ctx, prior=tiny_prior()), 4)
+
+
+@pytest.mark.slow  # about 20 s on 2 shared cores
+@pytest.mark.dist
+def test_plane_grids_two_ranks_equal_one_process(tiny_store):
+    """Per-plane grids (rank-local) with their shared decoder (summed with the trunk), contiguous
+    draws, TV along the readout and the parameter average (optim.ema): 2 gloo ranks
+    and 1 process give the same loss, trunk / decoder / head / grid gradients after one step and
+    the same volume after 4 steps (a full-DC step included)."""
+    run = launch_local(_plane_grid_worker, 2, args=(str(tiny_store),), timeout_s=240)
+    single = _first_step_and_volume(Recon3D(tiny_config(**PLANE_GRIDS), HybridStore(tiny_store), single_process(),
+                                            prior=tiny_prior()), 4)
+    for rank in range(2):
+        got = run.results[rank]
+        for name in ("dc", "prior", "tv"):
+            assert got["terms"][name] == pytest.approx(single["terms"][name], rel=1e-5, abs=1e-9)
+        for a, b in zip(got["trunk"], single["trunk"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        rows = slice(got["x_start"], got["x_start"] + NX // 2)
+        for a, b in zip(got["head"] + got["grids"], single["head"] + single["grids"]):
+            torch.testing.assert_close(a, b[rows], rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in single["grids"])  # the grids are really trained
+    volume = np.concatenate([run.results[r]["slab"] for r in range(2)])
+    np.testing.assert_allclose(volume, single["slab"], rtol=1e-4, atol=1e-4 * np.abs(volume).max())
+
+
+def test_plane_grids_refuse_ddp_and_tv_x_needs_contiguous_draws(tiny_store):
+    with pytest.raises(ValueError, match="needs grad_sync allreduce"):
+        Recon3D(tiny_config(grad_sync="ddp", **PLANE_GRIDS), HybridStore(tiny_store), single_process())
+    with pytest.raises(ValueError, match="needs slices.contiguous"):
+        Recon3D(tiny_config(tv_x_weight=0.1), HybridStore(tiny_store), single_process())
+
+
+def test_contiguous_draws_are_neighbours_inside_the_shard():
+    from engine.slices import ShardSampler, split_readout
+
+    shard = split_readout(16, 4, 2)[1]  # positions 8..15
+    sampler = ShardSampler(shard, 5, seed=1, contiguous=True)
+    counts = torch.zeros(16)
+    for _ in range(400):
+        rows = sampler.draw()
+        assert rows.min() >= 8 and rows.max() < 16 and len(set(rows.tolist())) == 5
+        pairs = ShardSampler.neighbour_pairs(rows)
+        wrapped = rows[0] == 8 and rows[-1] == 15 and rows[-1] - rows[0] != 4
+        assert len(pairs) == (3 if wrapped else 4)  # a block that wraps loses the pair across the wrap
+        assert torch.all(rows[pairs + 1] - rows[pairs] == 1)
+        counts[rows] += 1
+    assert counts[:8].sum() == 0 and counts[8:].min() > 0.8 * 400 * 5 / 8  # uniform over the shard
+
+
+def test_ema_output_averages_the_iterates_and_leaves_the_live_parameters(tiny_store):
+    recon = Recon3D(tiny_config(prior={"mode": "off"}, optim={"lr": 0.01, "ema": 0.5}), HybridStore(tiny_store),
+                    single_process())
+    live = Recon3D(tiny_config(prior={"mode": "off"}), HybridStore(tiny_store), single_process())
+    for _ in range(3):
+        recon.step(), live.step()
+    before = [p.clone() for p in recon.trunk.parameters()]
+    averaged = recon.evaluate_slab()
+    assert all(torch.equal(a, b) for a, b in zip(before, recon.trunk.parameters()))
+    # same iterates (EMA does not touch the optimisation); the output is their average, not the last
+    assert all(torch.equal(a, b) for a, b in zip(live.trunk.parameters(), recon.trunk.parameters()))
+    assert not np.allclose(averaged, live.evaluate_slab())
+    expected = {name: p.detach().clone() for name, p in recon._named_parameters()}
+    assert set(recon.ema) == set(expected) and all(recon.ema[n].shape == expected[n].shape for n in expected)
