@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.config import add_override_option
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", type=Path, default=None,
                         help="k-space file (.npy, fastMRI/SKM-TEA .h5, BART .cfl, .mat); default: the bundled example")
@@ -42,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice of a multi-slice file")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo2d.yaml",
                         help="YAML config (default configs/demo2d.yaml, the fast mode)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.steps=400 (repeatable)")
+    add_override_option(parser)
     parser.add_argument("--mask", default="poisson", choices=["poisson", "random1d", "equispaced1d", "file"])
     parser.add_argument("--mask-file", type=Path, default=None, help="mask for --mask file")
     parser.add_argument("--accel", type=float, default=6.0, help="acceleration R (default 6)")
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.preemption import catch_signals_early
+
+    catch_signals_early()  # a SIGTERM / SIGUSR1 while torch is still importing still checkpoints
     args = build_parser().parse_args(argv)
     from engine.validate import run_cli
 

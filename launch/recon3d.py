@@ -31,7 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.recon3d_run import main  # after the path set-up: runs from a plain clone
+from engine.preemption import catch_signals_early
+
+catch_signals_early()  # before torch is imported: a SLURM signal during start-up must not kill the task
+
+from engine.recon3d_run import main
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__))
