@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -134,3 +135,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.01 -> 0.02"):
         run_recon3d(changed, store, out, _ctx(), resume=True, prior=tiny_prior())
     assert not out.exists()  # nothing was written
+
+
+def test_training_time_adds_up_over_resumed_segments(tmp_path):
+    """train_seconds and log.csv's seconds cover every segment of a resumed run, not the last."""
+    store = make_tiny_store(tmp_path / "tiny.zarr")
+    out = tmp_path / "run.zarr"
+    pause_s = 0.5
+
+    def slow_then_preempted(recon, result):
+        time.sleep(pause_s)  # segment 1's loop (steps 1 to 4) takes at least 4 x pause_s
+        if recon.step_index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        run_recon3d(tiny_config(**RESUME_CHANGES), store, out, _ctx(), prior=tiny_prior(),
+                    on_step_end=slow_then_preempted)
+    metrics = run_recon3d(tiny_config(**RESUME_CHANGES), store, out, _ctx(), resume=True, prior=tiny_prior())
+    assert metrics["resumed_from_step"] == 4
+    # segment 2's loop alone (5 tiny steps, no pauses) takes a small fraction of that
+    assert metrics["train_seconds"] >= 4 * pause_s
+    rows = (tmp_path / "run_run" / "log.csv").read_text().splitlines()[1:]
+    seconds = [float(row.split(",")[1]) for row in rows]
+    assert seconds == sorted(seconds) and seconds[4] >= 4 * pause_s  # the resumed rows continue the clock
