@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.10",
     # namespace packages too: engine/assets/prior (weights and the Colin27 notice, no __init__.py)
     # is then a package of its own rather than a data folder setuptools warns about
-    packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*"],
+                                     exclude=["*.__pycache__"]),
     include_package_data=True,
     package_data={"engine.assets.prior": ["*"]},
     license_files=["LICENSE"],
