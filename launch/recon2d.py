@@ -12,14 +12,14 @@ done by engine.recon2d_job.recon2d_job.
 Commands (from the repository root):
     # the bundled example (fully sampled: real anatomy, simulated coils), fast mode, Poisson-disc R = 6
     python launch/recon2d.py --out runs/recon2d_bundled
-    # a real 4-coil slice at R = 8 with the paper's recipe (slow: 80,000 U-Net evaluations)
-    python launch/recon2d.py ../shared/data/real2d/4h_GE_kspace_c4_256x256.npy --accel 8 \
-        --config configs/reference2d.yaml --out runs/ge_r8_reference
+    # your fully sampled slice (.npy: coils, ny, nx) at R = 8 with the paper's recipe (slow: 80,000
+    # U-Net evaluations)
+    python launch/recon2d.py your_slice.npy --accel 8 --config configs/reference2d.yaml --out runs/r8_reference
     # a fastMRI volume, slice 10, 1D random mask with 24 ACS lines, a config override
     python launch/recon2d.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
-        --set optim.steps=400 --set prior.every=2 --out runs/case_1d
+        --set optim.steps=400 prior.every=2 --out runs/case_1d
     # an undersampled BART .cfl input: images, no scores
-    python launch/recon2d.py ../shared/data/raw/bart_brain_undersampled/ksp.cfl --out runs/bart
+    python launch/recon2d.py your_ksp.cfl --out runs/bart
 """
 from __future__ import annotations
 

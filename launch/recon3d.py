@@ -1,7 +1,7 @@
 """Distributed 3D INFusion reconstruction of a hybrid-space Zarr store into an OME-Zarr volume.
 
 The readout axis is split over the ranks; each rank reads only its slab of the input store and
-writes only its chunks of the output (engine/recon3d_run.py, DESIGN.md sections 3-6). Without
+writes only its chunks of the output (engine/recon3d_run.py; docs/ARCHITECTURE.md, "Design"). Without
 --input, the bundled 3D example (real Colin27 anatomy, simulated coils and phase) is undersampled
 as `bundled:` in the config says and prepared under outputs/bundled/ first. Without --out, the
 volume goes to outputs/recon3d-<config>-<time>.zarr; side files (montage.png, log.csv,

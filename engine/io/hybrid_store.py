@@ -2,7 +2,7 @@
 
 3D Cartesian data are fully sampled along the readout kx, so one centred 1D iFFT along kx turns
 k-space (coils, kx, ky, kz) into hybrid space (x, coils, ky, kz), in which every readout
-position x is an independent 2D multicoil problem on the (ky, kz) plane (DESIGN.md section 3).
+position x is an independent 2D multicoil problem on the (ky, kz) plane (docs/ARCHITECTURE.md, "Design").
 
 Store layout (Zarr format 3, one group):
     kspace     (x, coils, ky, kz) complex64, chunks (chunk_x, coils, ky, kz)
