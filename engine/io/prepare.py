@@ -173,9 +173,10 @@ def _prepare_and_summarise(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:
             raise InputError(out, "output exists; pass --overwrite to replace it")
         out = write_bundled_store_3d(out, demo.mask, demo.acceleration, demo.calib,
-                                     args.chunk_x or demo.chunk_x, overwrite=args.overwrite)
+                                     demo.chunk_x if args.chunk_x is None else args.chunk_x,
+                                     overwrite=args.overwrite)
     else:
-        out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=args.chunk_x or 8,
+        out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=8 if args.chunk_x is None else args.chunk_x,
                            maps_from=args.maps_from, maps_path=args.maps, calib_width=args.calib_width,
                            overwrite=args.overwrite, mask_path=args.mask, voxel_size=args.voxel_size)
     store = HybridStore(out)
