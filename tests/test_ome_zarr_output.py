@@ -78,11 +78,16 @@ def test_unknown_voxel_size_is_written_as_unit_free_voxels(tmp_path):
     assert [t.scale for t in multiscale.datasets[0].coordinateTransformations] == [[1.0, 1.0, 1.0]]
 
 
-def test_bundled_store_records_its_3_3_2_mm_voxels(tmp_path):
-    from engine.examples import write_bundled_store_3d
+def test_prepare_accepts_the_bundled_case_and_records_its_3_3_2_mm_voxels(tmp_path, capsys):
+    from engine.examples import CASE_3D_PATH
+    from engine.io.prepare import main as prepare
 
-    store = HybridStore(write_bundled_store_3d(tmp_path / "bundled.zarr"))
-    assert store.voxel_size_mm == (3.0, 3.0, 2.0)
+    assert prepare([str(CASE_3D_PATH), "--out", str(tmp_path / "bundled.zarr")]) == 0
+    assert "voxel size: 3 x 3 x 2 mm" in capsys.readouterr().out
+    assert HybridStore(tmp_path / "bundled.zarr").voxel_size_mm == (3.0, 3.0, 2.0)
+    # the bundled case brings its own voxel size: a second one is refused, not silently ignored
+    assert prepare(["--demo", "--out", str(tmp_path / "again.zarr"), "--voxel-size", "1", "1", "1"]) == 2
+    assert "drop --maps, --mask and --voxel-size" in capsys.readouterr().err
 
 
 def test_voxel_size_from_acquisition_attributes():

@@ -14,6 +14,7 @@ CPU example options):
   `scancel --full --signal=USR1` (shell and ranks);
 - three with a real two-minute time limit and `--signal=USR1@40`: SLURM itself signals them 80 to
   110 s into each segment (its timer ticks every 30 s), until they are done.
+A sixth job, on a store that does not exist, must fail with exit 2 and not be requeued.
 Every preemption must requeue (the test releases the requeued job from SLURM's ~2 min requeue
 delay with `scontrol update StartTime=now`), every segment must resume from the previous one's
 checkpoint, and every volume must be bit-identical to the reference. Before the fix, when one
@@ -201,6 +202,17 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
         watch.until(lambda count=count: watch.restarts("signals") >= count, 180,
                     f"the requeue after scancel {' '.join(options)} at step {step}")
     watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in names), 900, "every job to complete")
+
+    # A run that fails (here: refused input, exit 2) is not requeued: there is no new checkpoint.
+    refused_out = tmp_path / "refused.zarr"
+    refused = submit(cluster, tmp_path / "absent.zarr", refused_out)
+    finished = ("FAILED", "COMPLETED", "CANCELLED")
+    deadline = time.monotonic() + 300
+    while cluster.job(refused).get("JobState") not in finished and time.monotonic() < deadline:
+        time.sleep(0.5)
+    info, log = cluster.job(refused), refused_out.with_suffix(".log").read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log
+    assert "absent.zarr: Zarr store not found" in log and "requeueing" not in log
 
     reference = open_volume(outs["reference"])
     assert watch.restarts("reference") == 0
