@@ -11,9 +11,9 @@ Commands (from the repository root):
     # your fully sampled slice (.npy: coils, ny, nx), R = 8, with the oracle L1-wavelet as well
     python launch/baseline.py your_slice.npy --accel 8 --best-lambda --out runs/r8
     # fastMRI-style 1D random mask with 24 ACS lines
-    python launch/baseline.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 --out runs/case_1d
+    python launch/baseline.py your_case.h5 --slice 10 --mask random1d --accel 4 --calib 24 --out runs/case_1d
     # a mask of your own (.npy/.npz/.h5, 0/1, (ny, nx) or (nx,))
-    python launch/baseline.py case.npy --mask file --mask-file my_mask.npy --out runs/case_file
+    python launch/baseline.py your_case.npy --mask file --mask-file your_my_mask.npy --out runs/case_file
     # an already undersampled input (BART .cfl): images, no scores
     python launch/baseline.py your_ksp.cfl --out runs/bart
 

@@ -5,13 +5,13 @@ the store is chunked along x so each rank reads only its slab, with the mask (ky
 (x, coils, y, z) and acquisition attributes beside it (engine/io/hybrid_store.py).
 
 Commands:
-    python launch/prepare.py --demo --out demo.zarr                       # the bundled 3D example (R = 4)
-    python launch/prepare.py case.h5 --out case.zarr                      # ESPIRiT maps, chunks of 8
-    python launch/prepare.py case.h5 --out case.zarr --echo 1 --chunk-x 4 --maps-from file
-    python launch/prepare.py ksp.cfl --out case.zarr --maps sens.cfl       # BART k-space and maps
-    python launch/prepare.py case.npy --out case.zarr --maps-from none --overwrite
-    python launch/prepare.py full.npy --out case.zarr --mask mask_ky_kz.npy   # retrospective mask
-    python launch/prepare.py ksp.cfl --out case.zarr --voxel-size 1 1 1.5  # voxel size (mm) for the output
+    python launch/prepare.py --demo --out demo.zarr                            # the bundled 3D example (R = 4)
+    python launch/prepare.py your_case.h5 --out case.zarr                      # ESPIRiT maps, chunks of 8
+    python launch/prepare.py your_case.h5 --out case.zarr --echo 1 --chunk-x 4 --maps-from file
+    python launch/prepare.py your_ksp.cfl --out case.zarr --maps your_sens.cfl # BART k-space and maps
+    python launch/prepare.py your_case.npy --out case.zarr --maps-from none --overwrite
+    python launch/prepare.py your_full.npy --out case.zarr --mask your_mask_ky_kz.npy # retrospective mask
+    python launch/prepare.py your_ksp.cfl --out case.zarr --voxel-size 1 1 1.5 # voxel size (mm) for the output
 
 `--demo` (or the bundled file data/colin27_eval_volume_72x64x40.npz as input) writes the store that
 `launch/recon3d.py --config configs/demo3d.yaml` builds for itself without --input: the bundled

@@ -16,7 +16,7 @@ Commands (from the repository root):
     # U-Net evaluations)
     python launch/recon2d.py your_slice.npy --accel 8 --config configs/reference2d.yaml --out runs/r8_reference
     # a fastMRI volume, slice 10, 1D random mask with 24 ACS lines, a config override
-    python launch/recon2d.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
+    python launch/recon2d.py your_case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
         --set optim.steps=400 prior.every=2 --out runs/case_1d
     # an undersampled BART .cfl input: images, no scores
     python launch/recon2d.py your_ksp.cfl --out runs/bart

@@ -14,7 +14,7 @@ Commands (from the repository root):
     python launch/recon3d.py --config configs/demo3d.yaml
     mpiexec -n 2 python launch/recon3d.py --config configs/demo3d.yaml
     # a prepared case on 8 GPUs of one node
-    python launch/prepare.py case.h5 --out case.zarr
+    python launch/prepare.py your_case.h5 --out case.zarr
     torchrun --nproc-per-node 8 launch/recon3d.py --config configs/fullres3d.yaml --input case.zarr --out recon.zarr
     # SLURM, several nodes, no torchrun (one task per GPU; see launch/slurm/recon3d.sbatch)
     srun python launch/recon3d.py --config configs/fullres3d.yaml --input case.zarr --out recon.zarr --resume
