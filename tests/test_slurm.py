@@ -66,7 +66,9 @@ class Cluster:
     env: dict
 
     def run(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run(list(args), check=False, env=self.env, capture_output=True, text=True, timeout=60)
+        # cwd: sbatch records it as SLURM_SUBMIT_DIR, where the script expects the repository root
+        done = subprocess.run(list(args), check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=60)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
