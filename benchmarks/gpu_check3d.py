@@ -4,7 +4,7 @@ plus one full-DC step. Not a test; writes benchmarks/results/gpu_check3d-<gpu>.m
 
     python benchmarks/gpu_check3d.py                         # on a machine with a CUDA GPU
     python benchmarks/gpu_check3d.py --out $OUT/gpu_check3d.md
-    python benchmarks/gpu_check3d.py --cpu-smoke             # the same code path, tiny, on CPU
+    python benchmarks/gpu_check3d.py --cpu-smoke --out /tmp/g.md   # the same code path, tiny, on CPU
 
 Without CUDA (and without --cpu-smoke) it says so and exits 0.
 
@@ -81,9 +81,12 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("gpu_check3d: needs a CUDA GPU (run it on a GPU machine; --cpu-smoke checks the script on CPU)")
         return 0
+    if args.cpu_smoke and args.out is None:
+        parser.error("--cpu-smoke needs --out (its timings must not land in results/)")
     device = "cpu" if args.cpu_smoke else "cuda"
-    shape, coils = ((16, 32, 16), 4) if args.cpu_smoke else ((256, 256, 80), 16)
-    steps, warmup = (2, 1) if args.cpu_smoke else (20, 5)
+    shape, coils = ((8, 16, 8), 2) if args.cpu_smoke else ((256, 256, 80), 16)
+    steps, warmup = (1, 1) if args.cpu_smoke else (20, 5)
+    slice_counts = (1, 2) if args.cpu_smoke else (1, 4, 16)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.perf_counter()
     rows = []
@@ -91,10 +94,11 @@ def main() -> int:
         case = make_case(shape, coils, Path(tmp))
         print(f"case {shape} x {coils} coils ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for bf16 in (False, True):
-            for k in (1, 4, 16):
+            for k in slice_counts:
                 rows.append(run_one(case, k, bf16, False, steps, warmup, device))
                 print(json.dumps(rows[-1]), flush=True)
-            rows.append(run_one(case, 4, bf16, True, max(2, steps // 4), 1, device))
+            rows.append(run_one(case, slice_counts[-1] if args.cpu_smoke else 4, bf16, True, max(2, steps // 4), 1,
+                                device))
             print(json.dumps(rows[-1]), flush=True)
     name = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name().replace(" ", "-")
     out = args.out or RESULTS_DIR / f"gpu_check3d-{name}.md"

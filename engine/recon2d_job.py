@@ -92,13 +92,14 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
         file_mask is None or (float(np.mean(file_mask)) >= FULLY_SAMPLED_FRACTION and bool(np.all(file_mask)))))
     reference = None
     if fully_sampled:
+        # the mask (an unreachable R or a user's file may be refused) before the ESPIRiT maps, the slow part
+        mask_seed = seed_from_case(name) if seed is None else seed
+        mask = make_mask(mask_kind, kspace.shape[1:], acceleration, calib, mask_seed, path=mask_file)
         if file_maps is not None:
             maps = np.asarray(file_maps, dtype=np.complex64)
             reference, support = zero_filled(kspace, maps), support_mask(maps).astype(bool)
         else:
             maps, reference, support = espirit_reference(kspace, calib_width)
-        mask_seed = seed_from_case(name) if seed is None else seed
-        mask = make_mask(mask_kind, kspace.shape[1:], acceleration, calib, mask_seed, path=mask_file)
     else:
         mask = np.asarray(file_mask, dtype=np.float32)
         maps = (np.asarray(file_maps, dtype=np.complex64) if file_maps is not None

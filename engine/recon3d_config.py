@@ -5,6 +5,7 @@ engine.config loads YAML into these dataclasses and refuses unknown keys and wro
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,6 +86,11 @@ class BundledCaseConfig:
     """Fully sampled centre (poisson: a calib x calib box); null = none (as the paper)."""
     chunk_x: int = 4
     """Readout positions per Zarr chunk of the prepared store."""
+
+    def __post_init__(self) -> None:
+        # the upper bound depends on the plane: engine.physics.masks refuses an unreachable R by name
+        if not (math.isfinite(self.acceleration) and self.acceleration > 1):
+            raise ValueError(f"acceleration must be a finite number > 1, got {self.acceleration}")
 
 
 @dataclass

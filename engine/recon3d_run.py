@@ -345,16 +345,24 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
     Rank 0 prepares it once (the store name encodes the settings, so a rerun reuses it); the
     others wait at a barrier and then open it.
     """
-    from engine.examples import bundled_store_name, write_bundled_store_3d
+    from engine.examples import bundled_mask_3d, bundled_store_name, write_bundled_store_3d
 
     folder = Path(folder)
-    path = None
+    path, refusal = None, None
     if ctx.is_main:
         path = folder / bundled_store_name(cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)
         if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            write_bundled_store_3d(path, cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)
-    path = ctx.broadcast_object(str(path) if path is not None else None)
+            try:  # e.g. an unreachable acceleration: refused before anything is written
+                mask = bundled_mask_3d(cfg.mask, cfg.acceleration, cfg.calib)
+            except ValueError as error:
+                refusal = f"config key bundled.acceleration / bundled.mask: {error}"
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_bundled_store_3d(path, mask, cfg.chunk_x)
+    # every rank learns of rank 0's refusal, so none waits at the barrier for a store never made
+    path, refusal = ctx.broadcast_object((str(path) if path is not None else None, refusal))
+    if refusal is not None:
+        raise ValueError(refusal)
     ctx.barrier()
     return Path(path)
 

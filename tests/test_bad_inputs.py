@@ -235,6 +235,16 @@ TWO_D_CASES = {
     "truncated mask file": ("good2d.npy", ["--mask", "file", "--mask-file", "mask_truncated.npy"],
                             [r"mask file .*mask_truncated\.npy cannot be read \(truncated"]),
     "a stack without --slice": ("good.h5", [], [r"good\.h5: .*one 2D slice .*"]),
+    # issue 16: an acceleration the mask generator cannot reach is refused at once (it used to hang)
+    "acceleration 1": ("good2d.npy", ["--accel", "1"], [r"acceleration must be a finite number > 1, got 1\.0"]),
+    "acceleration nan": ("good2d.npy", ["--accel", "nan"], [r"acceleration must be a finite number > 1, got nan"]),
+    "acceleration inf": ("good2d.npy", ["--accel", "inf"], [r"acceleration must be a finite number > 1, got inf"]),
+    "acceleration out of reach": ("good2d.npy", ["--accel", "12"],  # 24 x 24 points over 50 samples
+                                  [r"acceleration 12 is out of reach for a 24 x 24 Poisson-disc mask",
+                                   r"without calibration region: the largest is 11\.52"]),
+    "line acceleration out of reach": ("good2d.npy", ["--mask", "equispaced1d", "--accel", "30"],
+                                       [r"acceleration 30 is out of reach for a line mask of 24 columns",
+                                        r"with one line, R = 24 at most"]),
 }
 
 
@@ -411,6 +421,9 @@ RECON3D_CONFIG_CASES = {
     "wrong type": (["--set", "steps=[1, 2]"], [r"config key 'steps' .*must be an integer, got \[1, 2\]"]),
     "impossible value": (["--set", "steps=0"], [r"steps must be >= 1, got 0"]),
     "too many slices": (["--set", "slices.per_step=9"], [r"slices\.per_step: K=9 must be in \[1, 8\]"]),
+    "acceleration 1": (["--set", "bundled.acceleration=1"], [r"acceleration must be a finite number > 1, got 1\.0"]),
+    "acceleration nan": (["--set", "bundled.acceleration=.nan"], [r"acceleration must be a finite number > 1, got nan"]),
+    "acceleration inf": (["--set", "bundled.acceleration=.inf"], [r"acceleration must be a finite number > 1, got inf"]),
 }
 
 
@@ -419,6 +432,19 @@ def test_recon3d_refuses_a_bad_config(case, good_store, recon3d, tmp_path):
     extra, patterns = RECON3D_CONFIG_CASES[case]
     code, err = recon3d(good_store, tmp_path / "out.zarr", *extra)
     assert_refused(code, err, *patterns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny3d.yaml"]
+
+
+def test_recon3d_refuses_an_unreachable_bundled_acceleration(mains, tmp_path, monkeypatch, capsys):
+    """The bundled (ky, kz) plane is 64 x 40: at most 2560 / 50 = 51.2 (issue 16: it used to hang)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    monkeypatch.chdir(tmp_path)  # the bundled store would go to ./outputs/bundled
+    config = tmp_path / "tiny3d.yaml"
+    config.write_text(yaml.safe_dump(TINY3D))
+    code, err = run_main(mains["recon3d"], ["--config", config, "--out", tmp_path / "out.zarr",
+                                            "--set", "bundled.acceleration=60"], capsys)
+    assert_refused(code, err, r"bundled\.acceleration .*acceleration 60 is out of reach for a 64 x 40 Poisson-disc "
+                              r"mask without calibration region: the largest is 51\.2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny3d.yaml"]
 
 

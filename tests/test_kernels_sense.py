@@ -165,6 +165,19 @@ def test_backend_and_fft_selection():
         sense.resolve_backend("cuda", cpu, 8, 8)
 
 
+def test_auto_backend_picks_triton_for_cuda_tensors_of_even_planes(monkeypatch):
+    """The decision alone (no GPU here): only `is_cuda` of the tensor and Triton's presence count."""
+
+    class CudaTensorStandIn:
+        is_cuda = True
+
+    monkeypatch.setattr(sense, "triton_available", lambda: True)
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "triton"
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 15, 256) == "shift"  # odd: fftshift path
+    monkeypatch.setattr(sense, "triton_available", lambda: False)
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "torch"
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -200,11 +213,15 @@ def test_triton_backend_refuses_complex128_and_accepts_complex32():
     image, maps, mask, kspace = _inputs(1, 2, 8, 8, 1)
     with pytest.raises(TypeError, match="complex64"):
         sense.dc_loss(image.to(torch.complex128), maps, mask, kspace, backend="triton")
-    half = sense.dc_loss(image.to(torch.complex32), maps, mask, kspace, backend="triton")
-    full = sense.dc_loss(
-        image.to(torch.complex32).to(torch.complex64), maps, mask, kspace, backend="triton"
-    )
-    torch.testing.assert_close(half, full)
+    half_image = image.to(torch.complex32)
+    half = sense.dc_loss(half_image, maps, mask, kspace, backend="triton")
+    # the kernels on the rounded values equal the composite operators on the same values...
+    expected, _ = _composite_loss_and_gradient(half_image.to(torch.complex64), maps, mask, kspace)
+    torch.testing.assert_close(half, expected, rtol=1e-5, atol=0)
+    # ...and the rounding to half precision is visible, at its size (fp16: 2^-11 relative per value)
+    full = sense.dc_loss(image, maps, mask, kspace, backend="triton")
+    assert half != full
+    torch.testing.assert_close(half, full, rtol=5e-3, atol=0)
 
 
 def test_compiled_kernels_need_cuda_tensors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from engine.physics.masks import (
     equispaced_1d_mask,
     load_mask,
     make_mask,
+    max_acceleration,
     poisson_disc_mask,
     random_1d_mask,
     seed_from_case,
@@ -125,7 +128,7 @@ def test_make_mask_dispatch_and_calib_semantics(tmp_path):
         make_mask("spiral", SHAPE, 4)
     with pytest.raises(ValueError, match="needs a path"):
         make_mask("file", SHAPE)
-    with pytest.raises(ValueError, match="acceleration must be > 1"):
+    with pytest.raises(ValueError, match="acceleration must be a finite number > 1"):
         make_mask("poisson", SHAPE, 1.0)
 
 
@@ -177,3 +180,70 @@ def test_achieved_acceleration():
     assert achieved_acceleration(mask) == pytest.approx(100 / 30)
     with pytest.raises(ValueError, match="samples no"):
         achieved_acceleration(np.zeros((4, 4)))
+
+
+# ------------------------------------------------------------ issue 16: every R ends in bounded time
+
+
+@pytest.mark.parametrize("shape, acceleration, seed, calib", [
+    ((192, 192), 6, 123, (0, 0)), ((64, 40), 4, 5, (0, 0)), ((256, 256), 8, 1, (24, 24)), ((180, 230), 8, 3, (0, 0)),
+])
+def test_poisson_mask_is_sigpys_where_sigpy_returns(shape, acceleration, seed, calib):
+    """The bounded search draws sigpy.mri.poisson's masks, so results measured before stay."""
+    import sigpy.mri
+
+    expected = sigpy.mri.poisson(shape, acceleration, calib=calib, dtype=np.float32, seed=seed, tol=0.1)
+    np.testing.assert_array_equal(poisson_disc_mask(shape, acceleration, calib, seed), expected)
+
+
+@pytest.mark.parametrize("shape, calib, largest", [
+    ((192, 192), None, 192 * 192 / 50),  # N / 50: R within 1 %
+    ((64, 40), None, 51.2),
+    ((16, 8), None, (0.2 * 128) ** 0.5),  # small planes: N / k spaced by more than 2 x 0.1 beyond sqrt(0.2 N)
+    ((64, 40), 10, 2560 / 100),  # the calibration box alone
+])
+def test_poisson_refuses_beyond_the_bound_at_once_and_reaches_just_under_it(shape, calib, largest):
+    assert max_acceleration("poisson", shape, calib) == pytest.approx(largest)
+    for too_high in (largest * 1.01, 1000.0):
+        started = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"acceleration {too_high:g} is out of reach .*the largest is "
+                                             rf"{largest:.4g}"):
+            make_mask("poisson", shape, too_high, calib, seed=0)
+        assert time.perf_counter() - started < 1.0  # refused before any draw
+    for seed in range(3):  # high R: the search jumps over the tolerance and the nearest denser draw is thinned
+        mask = make_mask("poisson", shape, largest * 0.98, calib, seed=seed)
+        assert achieved_acceleration(mask) == pytest.approx(largest * 0.98, rel=0.011)
+        if calib:  # thinning never touches the fully sampled calibration box
+            cy, cx = shape[0] // 2, shape[1] // 2
+            assert mask[cy - calib // 2:cy + calib // 2, cx - calib // 2:cx + calib // 2].all()
+
+
+def test_poisson_high_acceleration_that_used_to_hang_returns():
+    """R = 50 at 192 x 192 never returned from sigpy (a float bisection that cannot end)."""
+    started = time.perf_counter()
+    mask = make_mask("poisson", (192, 192), 50.0, None, seed=0)
+    assert time.perf_counter() - started < 10.0
+    assert achieved_acceleration(mask) == pytest.approx(50.0, rel=0.01)
+
+
+def test_poisson_refuses_below_the_densest_draw():
+    with pytest.raises(ValueError, match=r"acceleration 1\.2 is out of reach .*the densest Poisson-disc mask has R = 1\.4"):
+        make_mask("poisson", (64, 40), 1.2, None, seed=0)
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, -3.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["poisson", "random1d", "equispaced1d"])
+def test_every_kind_refuses_non_accelerations(kind, bad):
+    with pytest.raises(ValueError, match=r"acceleration must be a finite number > 1"):
+        make_mask(kind, SHAPE, bad, None, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["random1d", "equispaced1d"])
+def test_line_masks_bound_by_the_lines(kind):
+    assert max_acceleration(kind, SHAPE) == SHAPE[1]
+    assert max_acceleration(kind, SHAPE, 8) == SHAPE[1] / 8
+    assert make_mask(kind, SHAPE, SHAPE[1], None, seed=1)[0].sum() >= 1
+    with pytest.raises(ValueError, match=rf"out of reach for a line mask of {SHAPE[1]} columns: with one line"):
+        make_mask(kind, SHAPE, SHAPE[1] + 1, None, seed=0)
+    with pytest.raises(ValueError, match=r"with 8 ACS columns, R must stay below 12"):
+        make_mask(kind, SHAPE, 12, 8, seed=0)

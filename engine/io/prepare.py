@@ -165,14 +165,14 @@ def _prepare_and_summarise(args: argparse.Namespace) -> int:
         if args.maps or args.mask or args.voxel_size:
             raise ValueError("--demo (the bundled case) brings its own maps, mask and voxel size: "
                              "drop --maps, --mask and --voxel-size")
-        from engine.examples import write_bundled_store_3d
+        from engine.examples import bundled_mask_3d, write_bundled_store_3d
         from engine.recon3d_config import BundledCaseConfig  # the demo's undersampling defaults
 
         demo = BundledCaseConfig()
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise InputError(out, "output exists; pass --overwrite to replace it")
-        out = write_bundled_store_3d(out, demo.mask, demo.acceleration, demo.calib,
+        out = write_bundled_store_3d(out, bundled_mask_3d(demo.mask, demo.acceleration, demo.calib),
                                      demo.chunk_x if args.chunk_x is None else args.chunk_x,
                                      overwrite=args.overwrite)
     else:

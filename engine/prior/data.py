@@ -5,7 +5,8 @@ or Zarr (directory, array ``key``). A source can be restricted to a training par
 coordinates (NIfTI: ``world_z_max_mm`` / ``world_z_min_mm`` along the RAS superior axis) or by a
 voxel range on one axis (any format). Every slice is scaled so that its 99th magnitude percentile
 is 1 (the prior's intensity convention). Patches are drawn with a random rotation, zoom, flips and
-intensity jitter; magnitude volumes get a smooth random phase (a random polynomial of order <= 2).
+intensity jitter; magnitude volumes get a smooth random phase (a random polynomial of order <= 2);
+optionally, augmentations that mimic other scanners (engine/prior/augment.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from engine.prior.augment import ScannerAugmentConfig, augment_scanner
 
 
 @dataclass
@@ -66,6 +69,8 @@ class DataConfig:
     constant phase is uniform in [0, 2 pi)."""
     min_patch_p99: float = 0.05
     """Redraw (up to 4 times) a patch whose 99th magnitude percentile is below this (background)."""
+    scanner: ScannerAugmentConfig = field(default_factory=ScannerAugmentConfig)
+    """Augmentations that mimic other scanners and contrasts (engine/prior/augment.py; off by default)."""
 
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:
@@ -250,7 +255,7 @@ class PatchSampler:
                 out = out.flip(-1)
             if float(torch.rand((), generator=g)) < 0.5:
                 out = out.flip(-2)
-        return out
+        return augment_scanner(out, cfg.scanner, g)
 
     def _smooth_phase(self, g: torch.Generator, grid: torch.Tensor) -> torch.Tensor:
         """Random polynomial phase of order <= phase_order in the slice's [-1, 1] coordinates."""

@@ -129,9 +129,9 @@ class PriorTrainConfig:
         )
 
     def to_dict(self) -> dict:
-        data = asdict(self.data)
-        data["orientations"] = list(self.data.orientations)
-        data["zoom_range"] = list(self.data.zoom_range)
+        from engine.config import config_to_dict  # tuples become lists, for YAML
+
+        data = config_to_dict(self.data)
         train = asdict(self.train)
         train["adam_betas"] = list(self.train.adam_betas)
         return {"model": {"unet": self.unet.to_dict(), "sigma_data": self.sigma_data},
@@ -291,6 +291,16 @@ def train_prior(cfg: PriorTrainConfig, init_method: str | None = None) -> dict:
     return run_training(cfg, init_method).summary
 
 
+def draw_batch(sampler: PatchSampler, batch_size: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rank's batch, all drawn from `generator` in this order: clean patches `(B, 2, P, P)`,
+    EDM training noise levels `(B,)` and unit noise like the patches."""
+    clean = sampler.sample(batch_size, generator)
+    sigma = sample_training_sigma(batch_size, generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    return clean, sigma, noise
+
+
 def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> TrainResult:
     """:func:`train_prior`, also returning this rank's model and EMA."""
     tc = cfg.train
@@ -367,9 +377,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
         lr = learning_rate(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean = sampler.sample(tc.batch_size, data_gen).to(info.device)
-        sigma = sample_training_sigma(tc.batch_size, data_gen).to(info.device)
-        noise = torch.randn(clean.shape, generator=data_gen).to(info.device)
+        clean, sigma, noise = (t.to(info.device) for t in draw_batch(sampler, tc.batch_size, data_gen))
         with autocast:
             loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.sigma_data)
         bad = False
