@@ -158,3 +158,21 @@ def test_training_time_adds_up_over_resumed_segments(tmp_path):
     rows = (tmp_path / "run_run" / "log.csv").read_text().splitlines()[1:]
     seconds = [float(row.split(",")[1]) for row in rows]
     assert seconds == sorted(seconds) and seconds[4] >= 4 * pause_s  # the resumed rows continue the clock
+
+
+def test_a_signal_during_start_up_is_kept_for_the_run():
+    """SLURM may signal a task while it still imports torch: the signal must not kill it (SIGUSR1's
+    default action) but make the run checkpoint at its first step."""
+    from engine.preemption import PREEMPTION_SIGNALS, PreemptionFlag, catch_signals_early
+
+    original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    try:
+        catch_signals_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the process survives: the handler records it
+        flag = PreemptionFlag().install()
+        assert flag.raised
+        flag.uninstall()
+        assert not PreemptionFlag().install().raised  # consumed once, not replayed
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
