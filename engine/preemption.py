@@ -37,6 +37,19 @@ def catch_signals_early() -> None:
             pass
 
 
+def ignore_preemption_signals() -> None:
+    """Ignore SIGTERM / SIGUSR1 from now on: for a launcher whose work is over, just before exit.
+
+    At interpreter shutdown Python resets its handlers to the default action, so a SLURM warning
+    arriving then would kill a finished run (exit 138 instead of 0); an ignored signal stays ignored.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 (SLURM's --signal), polled at step boundaries."""
 
@@ -73,4 +86,4 @@ class Preempted(Exception):
 
 
 __all__ = ["NON_FINITE_EXIT_CODE", "PREEMPTION_SIGNALS", "REQUEUE_EXIT_CODE", "Preempted", "PreemptionFlag",
-           "catch_signals_early"]
+           "catch_signals_early", "ignore_preemption_signals"]

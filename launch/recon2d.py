@@ -94,4 +94,8 @@ def _job(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    from engine.preemption import ignore_preemption_signals
+
+    ignore_preemption_signals()  # the run is over: a late SIGTERM / SIGUSR1 must not kill the exiting process
+    sys.exit(exit_code)

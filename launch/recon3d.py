@@ -31,11 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.preemption import catch_signals_early
+from engine.preemption import catch_signals_early, ignore_preemption_signals
 
 catch_signals_early()  # before torch is imported: a SLURM signal during start-up must not kill the task
 
 from engine.recon3d_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(description=__doc__))
+    exit_code = main(description=__doc__)
+    ignore_preemption_signals()  # the run is over: a late SLURM signal must not kill the exiting process
+    sys.exit(exit_code)

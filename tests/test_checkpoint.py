@@ -176,3 +176,19 @@ def test_a_signal_during_start_up_is_kept_for_the_run():
     finally:
         for sig, handler in original.items():
             signal.signal(sig, handler)
+
+
+def test_a_finished_run_ignores_late_preemption_signals():
+    """Python resets its own handlers to the default action at shutdown, where a late SIGUSR1 would
+    kill a finished run (exit 138); an ignored signal stays ignored, so the launchers ignore them."""
+    from engine.preemption import PREEMPTION_SIGNALS, catch_signals_early, ignore_preemption_signals
+
+    original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    try:
+        catch_signals_early()
+        ignore_preemption_signals()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in PREEMPTION_SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)  # survives
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)

@@ -12,9 +12,12 @@ CPU example options):
   `scancel --signal=USR1` and `scancel --signal=TERM` (the ranks get the signal, not the batch
   shell), then `scancel --batch --signal=TERM` (the batch shell alone) and
   `scancel --full --signal=USR1` (shell and ranks);
-- three with a real two-minute time limit and `--signal=USR1@40`: SLURM itself signals them 80 to
-  110 s into each segment (its timer ticks every 30 s), until they are done.
-A sixth job, on a store that does not exist, must fail with exit 2 and not be requeued.
+- three with a real three-minute time limit and `--signal=USR1@100`: SLURM itself signals them 50
+  to 80 s into each segment (its timer ticks every 30 s), until they are done; in the first segment
+  the test holds their ranks with SIGSTOP until after that window, so the warning always finds
+  them running, however fast the machine.
+Then a job on a store that does not exist must fail with exit 2, and a job cancelled with a plain
+`scancel` must end cancelled: neither is requeued.
 Every preemption must requeue (the test releases the requeued job from SLURM's ~2 min requeue
 delay with `scontrol update StartTime=now`), every segment must resume from the previous one's
 checkpoint, and every volume must be bit-identical to the reference. Before the fix, when one
@@ -42,21 +45,28 @@ CANNOT_RUN_HERE = 77  # scripts/slurm_localhost.sh: not root, or no packages and
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
-STEPS = 800
 # A small, fast run of configs/demo3d.yaml; checkpoints only on preemption, so any checkpoint a
 # segment resumes from was written by the preemption under test.
-OVERRIDES = [f"steps={STEPS}", "device=cpu", "inr.hidden=32", "inr.encoding.levels=4",
-             "inr.encoding.log2_table_size=10", "inr.encoding.max_res=32", "slices.per_step=2",
-             "prior.start_step=20", "prior.every=3", "baseline.l1_wavelet=false", "output.montage=false",
-             "output.log_every=5", "checkpoint.every=0"]
+OVERRIDES = ["device=cpu", "inr.hidden=32", "inr.encoding.levels=4", "inr.encoding.log2_table_size=10",
+             "inr.encoding.max_res=32", "slices.per_step=2", "prior.start_step=20", "prior.every=3",
+             "baseline.l1_wavelet=false", "output.montage=false", "output.log_every=5", "checkpoint.every=0"]
 # The header's CPU example: it must fit a small node.
 CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1",
                "--mem-per-cpu=1500M"]
-# (scancel options, step at which they are sent): three times each signal to the ranks, then the
-# batch shell alone (it forwards SIGUSR1 to the ranks) and the shell together with the ranks.
-SIGNAL_PLAN = [(("--signal=USR1",), 40), (("--signal=TERM",), 120), (("--signal=USR1",), 200),
-               (("--signal=TERM",), 280), (("--signal=USR1",), 360), (("--signal=TERM",), 440),
-               (("--batch", "--signal=TERM"), 520), (("--full", "--signal=USR1"), 600)]
+# (scancel options, fraction of the steps at which they are sent): three times each signal to the
+# ranks, then the batch shell alone (it forwards SIGUSR1 to the ranks), then shell and ranks.
+SIGNAL_PLAN = [(("--signal=USR1",), 0.05), (("--signal=TERM",), 0.15), (("--signal=USR1",), 0.25),
+               (("--signal=TERM",), 0.35), (("--signal=USR1",), 0.45), (("--signal=TERM",), 0.55),
+               (("--batch", "--signal=TERM"), 0.65), (("--full", "--signal=USR1"), 0.75)]
+STEPS = 800
+# The time-limit jobs run with --time=3 --signal=USR1@100. SLURM's timer ticks every 30 s and
+# sends the warning once the time left is within the asked 100 s plus one tick: 50 to 80 s into
+# a segment (measured with slurm-wlm 22.05); the limit itself is enforced 180 to 210 s in. Their
+# ranks are held with SIGSTOP from their first logged step until LIMIT_HOLD_S into the first
+# segment, so on a machine of any speed the warning comes while they still run (it is delivered
+# on SIGCONT), with over 90 s left to checkpoint before the limit.
+LIMIT_OPTIONS = ("--time=3", "--signal=USR1@100")
+LIMIT_HOLD_S = 82
 LIMIT_JOBS = ("limit1", "limit2", "limit3")  # each preempted by SLURM's time limit at least once
 
 
@@ -123,10 +133,19 @@ def make_store(path: Path) -> Path:
     return prepare_hybrid_store(data, path, mask=mask, chunk_x=2)
 
 
-def submit(cluster: Cluster, store: Path, out: Path, *options: str) -> int:
+def submit(cluster: Cluster, store: Path, out: Path, steps: int, *options: str) -> int:
     text = cluster.run("sbatch", "--parsable", f"--output={out.with_suffix('.log')}", *CPU_OPTIONS, *options,
-                       str(SBATCH), str(store), str(out), "--set", *OVERRIDES)
+                       str(SBATCH), str(store), str(out), "--set", f"steps={steps}", *OVERRIDES)
     return int(text.strip().split(";")[0])
+
+
+def run_seconds(text: str) -> int:
+    """scontrol's RunTime ([days-]hh:mm:ss) in seconds."""
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
 
 
 def last_logged_step(out: Path) -> int:
@@ -142,8 +161,9 @@ class Watcher:
     """Polls every job, releases a requeued one from SLURM's requeue delay at once, and fails
     with the jobs' logs as soon as one fails."""
 
-    def __init__(self, cluster: Cluster, jobs: dict[str, int], outs: dict[str, Path]):
+    def __init__(self, cluster: Cluster, jobs: dict[str, int], outs: dict[str, Path], hold: tuple = ()):
         self.cluster, self.jobs, self.outs = cluster, jobs, outs
+        self.hold = {name: "waiting" for name in hold}  # -> "stopped" -> "released"
         self.released = dict.fromkeys(jobs, 0)
         self.requeue_seen: dict[str, float] = {}
         self.info: dict[str, dict] = {}
@@ -160,9 +180,20 @@ class Watcher:
                     self.cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
                     self.released[name] = restarts
                     del self.requeue_seen[name]
+            if self.hold.get(name) and restarts == 0 and info.get("JobState") == "RUNNING":
+                self._hold(name, job_id, run_seconds(info.get("RunTime", "0")))
             if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 raise AssertionError(f"job {name} ({job_id}) ended {info['JobState']} ({info.get('Reason')}):\n"
                                      f"{self.log(name)[-4000:]}")
+
+    def _hold(self, name: str, job_id: int, seconds: int) -> None:
+        """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment."""
+        if self.hold[name] == "waiting" and last_logged_step(self.outs[name]) >= 0:
+            self.cluster.run("scancel", "--signal=STOP", str(job_id))
+            self.hold[name] = "stopped"
+        elif self.hold[name] == "stopped" and seconds >= LIMIT_HOLD_S:
+            self.cluster.run("scancel", "--signal=CONT", str(job_id))
+            self.hold[name] = "released"
 
     def log(self, name: str) -> str:
         path = self.outs[name].with_suffix(".log")
@@ -189,15 +220,16 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
     from engine.io.ome_zarr import open_volume
 
     store = make_store(tmp_path / "tiny.zarr")
+    steps = STEPS
     names = ("reference", "signals", *LIMIT_JOBS)
     outs = {name: tmp_path / f"{name}.zarr" for name in names}
-    jobs = {name: submit(cluster, store, outs[name], *(() if name in ("reference", "signals")
-                                                      else ("--time=2", "--signal=USR1@40")))
+    jobs = {name: submit(cluster, store, outs[name], steps, *(LIMIT_OPTIONS if name in LIMIT_JOBS else ()))
             for name in names}
-    watch = Watcher(cluster, jobs, outs)
+    watch = Watcher(cluster, jobs, outs, hold=LIMIT_JOBS)
 
     # The test's own preemptions of one job, each at a later step, alternating the two signals.
-    for count, (options, step) in enumerate(SIGNAL_PLAN, start=1):
+    for count, (options, fraction) in enumerate(SIGNAL_PLAN, start=1):
+        step = int(fraction * steps)
         watch.until(lambda step=step: watch.state("signals") == "RUNNING"
                     and last_logged_step(outs["signals"]) >= step, 600, f"step {step} of the signals job")
         cluster.run("scancel", *options, str(jobs["signals"]))
@@ -205,16 +237,28 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
                     f"the requeue after scancel {' '.join(options)} at step {step}")
     watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in names), 900, "every job to complete")
 
-    # A run that fails (here: refused input, exit 2) is not requeued: there is no new checkpoint.
-    refused_out = tmp_path / "refused.zarr"
-    refused = submit(cluster, tmp_path / "absent.zarr", refused_out)
-    finished = ("FAILED", "COMPLETED", "CANCELLED")
-    deadline = time.monotonic() + 300
-    while cluster.job(refused).get("JobState") not in finished and time.monotonic() < deadline:
+    # Not requeued: a run that fails (here: refused input, exit 2; there is no new checkpoint), and a
+    # cancelled job (plain scancel: its ranks get SIGTERM and checkpoint, but the job must end).
+    refused_out, cancelled_out = tmp_path / "refused.zarr", tmp_path / "cancelled.zarr"
+    refused = submit(cluster, tmp_path / "absent.zarr", refused_out, steps)
+    cancelled = submit(cluster, store, cancelled_out, steps)
+    ended = ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT")
+    deadline, cancel_sent = time.monotonic() + 300, False
+    while time.monotonic() < deadline:
+        states = [cluster.job(job).get("JobState") for job in (refused, cancelled)]
+        if not cancel_sent and states[1] == "RUNNING" and last_logged_step(cancelled_out) >= 0:
+            cluster.run("scancel", str(cancelled))
+            cancel_sent = True
+        if cancel_sent and all(state in ended for state in states):
+            break
         time.sleep(0.5)
     info, log = cluster.job(refused), refused_out.with_suffix(".log").read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log
     assert "absent.zarr: Zarr store not found" in log and "requeueing" not in log
+    time.sleep(2 * RELEASE_AFTER_S)  # a requeue would show by now
+    info, log = cluster.job(cancelled), cancelled_out.with_suffix(".log").read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
+    assert "not requeued" in log and "requeueing" not in log, log
 
     reference = open_volume(outs["reference"])
     assert watch.restarts("reference") == 0
@@ -234,4 +278,4 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
         volume = open_volume(outs[name])
         assert np.array_equal(volume.complex[...], expected), f"{name}: volume differs from the uninterrupted run"
         assert volume.metrics["resumed_from_step"] > 0
-    print("; ".join(report))  # shown with -s: how many preemptions each job went through
+    print("; ".join(report))  # shown with -s: the preemptions each job went through
