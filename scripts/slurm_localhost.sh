@@ -139,8 +139,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 ReturnToService=2
-# a job's end is seen quickly, and a killed job's tasks get 10 s between SIGTERM and SIGKILL
-MinJobAge=300
+# finished jobs stay listed for an hour (the test reads their state and restarts at the end), and
+# a killed job's tasks get 10 s between SIGTERM and SIGKILL
+MinJobAge=3600
 KillWait=10
 InactiveLimit=0
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
