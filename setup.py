@@ -5,7 +5,7 @@ install command pins the build used on the development machines.
 """
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 README = Path(__file__).with_name("README.md")
 
@@ -17,9 +17,13 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    # namespace packages too: engine/assets/prior (weights and the Colin27 notice, no __init__.py)
+    # is then a package of its own rather than a data folder setuptools warns about
+    packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*"],
+                                     exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"engine": ["assets/*", "assets/**/*"]},
+    package_data={"engine.assets.prior": ["*"]},
+    license_files=["LICENSE"],
     install_requires=[
         "torch",
         "torchvision",
@@ -36,6 +40,6 @@ setup(
     ],
     extras_require={
         "dist": ["deepspeed", "mpi4py", "mpich"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "ome-zarr-models", "ome-zarr"],
     },
 )

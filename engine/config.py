@@ -173,8 +173,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["a.b=3", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML."""
     nested: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        if "=" not in item:  # e.g. an input file placed after --set, which takes every word after it
+            raise ConfigError(f"override {item!r} must look like dotted.key=value (put positional "
+                              f"arguments before --set)")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
@@ -189,6 +190,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = child
         node[parts[-1]] = value
     return nested
+
+
+OVERRIDE_HELP = ("config overrides KEY=VALUE (dotted keys, YAML values), e.g. --set optim.steps=400 "
+                 "prior.every=2; the flag may be repeated")
+
+
+def add_override_option(parser, example: str = "optim.steps=400 prior.every=2") -> None:
+    """`--set KEY=VALUE ...` on an argparse parser, parsed the same way by every launcher: one
+    flag takes several overrides and may be repeated (values collected in `args.set`, in order)."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=OVERRIDE_HELP.replace("optim.steps=400 prior.every=2", example))
 
 
 def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

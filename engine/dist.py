@@ -2,7 +2,7 @@
 
 The 3D engine shards the readout axis: every rank owns a slab of head rows that is never
 synchronised, while the trunk (encoding + hidden layers) is replicated and only its gradients
-are summed across ranks (DESIGN.md section 3). This module is the only place that knows about
+are summed across ranks (docs/ARCHITECTURE.md, "Design"). This module is the only place that knows about
 process groups; models and loops stay distribution-agnostic (STYLE.md lesson 1).
 
 Launchers, detected in this order from the environment:

@@ -100,3 +100,39 @@ def bundled_case_3d() -> dict:
         "snr": float(simulation["snr"]),
         "voxel_size_mm": tuple(params["voxel_size_mm"]),
     }
+
+
+def _case_3d_header() -> tuple[str, tuple[int, int, int]]:
+    """(case id, image shape (x, y, z)) of the bundled 3D case, without simulating it."""
+    with np.load(_require(CASE_3D_PATH)) as archive:
+        return json.loads(str(archive["params_json"]))["case_id"], tuple(archive["magnitude_uint8"].shape)
+
+
+def bundled_store_name(mask_kind: str, acceleration: float, calib: int | None, chunk_x: int) -> str:
+    """File name of the bundled 3D case's hybrid store for these settings (reruns reuse it)."""
+    case_id, _ = _case_3d_header()
+    return f"{case_id}_{mask_kind}_R{acceleration:g}_calib{'none' if calib is None else calib}_cx{chunk_x}.zarr"
+
+
+def bundled_mask_3d(mask_kind: str = "poisson", acceleration: float = 4.0, calib: int | None = None) -> np.ndarray:
+    """The (ky, kz) mask `make_mask(mask_kind, ...)` of the bundled 3D case, seeded from the case.
+    Raises ValueError (e.g. an acceleration out of reach) before anything is written."""
+    from engine.physics.masks import make_mask, seed_from_case
+
+    case_id, (_, ny, nz) = _case_3d_header()
+    return make_mask(mask_kind, (ny, nz), acceleration, calib, seed=seed_from_case(case_id))
+
+
+def write_bundled_store_3d(path: str | Path, mask: np.ndarray, chunk_x: int = 4, overwrite: bool = False) -> Path:
+    """The bundled 3D case undersampled with `mask` (bundled_mask_3d) as the hybrid-space store
+    the 3D engine reads (engine.io.hybrid_store), with its voxel size (3 x 3 x 2 mm) in the
+    acquisition attributes. chunk_x 4 is configs/demo3d.yaml's."""
+    from engine.io.data import MulticoilData
+    from engine.io.hybrid_store import prepare_hybrid_store
+
+    case = bundled_case_3d()
+    data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
+                         attrs={"description": case["description"],
+                                "acquisition": {"voxel_size_mm": list(case["voxel_size_mm"])}},
+                         source=str(case["path"]), layout="3d")
+    return prepare_hybrid_store(data, path, mask=mask, chunk_x=chunk_x, overwrite=overwrite)

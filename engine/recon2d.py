@@ -499,4 +499,5 @@ def _progress(total: int, enabled: bool, initial: int = 0):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="recon2d", leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (batch logs stay free of carriage returns)
+    return tqdm(total=total, initial=initial, desc="recon2d", leave=False, dynamic_ncols=True, disable=None)

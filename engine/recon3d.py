@@ -1,6 +1,6 @@
 """Distributed 3D INFusion: a readout-sharded z-discretized INR fitted with stochastic slices.
 
-DESIGN.md section 3. The hybrid-space store (x, coils, ky, kz) makes every readout position x an
+docs/ARCHITECTURE.md, "Design". The hybrid-space store (x, coils, ky, kz) makes every readout position x an
 independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encode coordinates
 (y, z) through a replicated trunk to a head with one complex output row per readout position:
 

@@ -202,7 +202,7 @@ def run_recon3d(
 
         save_config(cfg, paths.side / "config.yaml")
     ctx.barrier()
-    start_step = 0
+    start_step, seconds_before = 0, 0.0  # seconds_before: training time of earlier segments of a resumed run
     if resume:
         loaded = manager.load_latest(hashed)
         if loaded is None:
@@ -210,6 +210,7 @@ def run_recon3d(
         else:
             start_step, trunk_state, rank_state = loaded
             recon.load_state(start_step, trunk_state, rank_state)
+            seconds_before = float(rank_state.get("train_seconds", 0.0))
             ctx.print0(f"[recon3d] resumed from step {start_step} ({paths.checkpoints})")
 
     flag = PreemptionFlag().install()
@@ -218,8 +219,17 @@ def run_recon3d(
     if ctx.is_main and cfg.output.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="recon3d", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a batch log gets the CSV-like lines below)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="recon3d", dynamic_ncols=True, disable=None)
+    plain_progress_every = max(cfg.steps // 10, 1) if bar is not None and bar.disable else 0
     t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - t_start
+
+    def rank_state() -> dict:
+        return {**recon.rank_state(), "train_seconds": elapsed()}
+
     bad_in_a_row, skipped_steps = 0, 0
     try:
         while recon.step_index < cfg.steps:
@@ -233,7 +243,7 @@ def run_recon3d(
             if ctx.is_main and (result.step % cfg.output.log_every == 0 or step_done == cfg.steps
                                 or result.skipped):
                 t = result.terms
-                log.write({"step": result.step, "seconds": f"{time.perf_counter() - t_start:.3f}",
+                log.write({"step": result.step, "seconds": f"{elapsed():.3f}",
                            "loss": t["dc"] + t["prior"] + t["tv"], **t,
                            "lr": cfg.optim.lr * recon.lr_factor(result.step), "full_dc": int(result.full_dc),
                            "prior_evals": result.prior_evals, "skipped": int(result.skipped)})
@@ -242,32 +252,39 @@ def run_recon3d(
                                     refresh=False)
             if bar is not None:
                 bar.update(1)
+            if plain_progress_every and (step_done % plain_progress_every == 0 or step_done == cfg.steps):
+                t = result.terms
+                print(f"[recon3d] step {step_done}/{cfg.steps}, {elapsed():.1f} s: dc {t['dc']:.4g}, "
+                      f"prior {t['prior']:.4g}, tv {t['tv']:.4g}", flush=True)
             if bad_in_a_row >= cfg.max_bad_steps:
                 steps = manager.complete_steps()
                 raise NonFiniteStop(result.step, bad_in_a_row, steps[-1] if steps else None)
             if result.stop_requested:
-                folder = manager.save(step_done, recon.trunk_state(), recon.rank_state(), hashed)
+                folder = manager.save(step_done, recon.trunk_state(), rank_state(), hashed)
                 ctx.print0(f"[recon3d] preemption signal: checkpoint at step {step_done} in {folder}")
                 raise Preempted(step_done, folder)
             if cfg.checkpoint.every and step_done % cfg.checkpoint.every == 0 and step_done < cfg.steps:
-                manager.save(step_done, recon.trunk_state(), recon.rank_state(), hashed)
+                manager.save(step_done, recon.trunk_state(), rank_state(), hashed)
     finally:
         flag.uninstall()
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-    train_seconds = time.perf_counter() - t_start
+    train_seconds = elapsed()  # summed over every segment of a resumed run
     return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
-                      {"skipped_steps": skipped_steps})
+                      {"skipped_steps": skipped_steps, "resumed_from_step": start_step},
+                      voxel_size=source.voxel_size_mm)
 
 
 def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,
-               train_seconds: float, writer_cls, extra_metrics: dict | None = None) -> dict:
-    """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker."""
+               train_seconds: float, writer_cls, extra_metrics: dict | None = None,
+               voxel_size: tuple[float, float, float] | None = None) -> dict:
+    """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker.
+    voxel_size: (x, y, z) mm of the input store, for the OME-Zarr scale (None: not recorded)."""
     attrs = {"config": config_to_dict(cfg), "input": recon.input_description()}
     writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, overwrite=overwrite,
-                        rank=0, attrs=attrs) if ctx.is_main else None
+                        rank=0, attrs=attrs, voxel_size=voxel_size) if ctx.is_main else None
     ctx.barrier()
     if not ctx.is_main:
         writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, rank=ctx.rank)
@@ -334,31 +351,20 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
     Rank 0 prepares it once (the store name encodes the settings, so a rerun reuses it); the
     others wait at a barrier and then open it.
     """
-    from engine.examples import bundled_case_3d
-    from engine.io.data import MulticoilData
-    from engine.io.hybrid_store import prepare_hybrid_store
-    from engine.physics.masks import make_mask, seed_from_case
+    from engine.examples import bundled_mask_3d, bundled_store_name, write_bundled_store_3d
 
     folder = Path(folder)
-    calib = "none" if cfg.calib is None else cfg.calib
     path, refusal = None, None
     if ctx.is_main:
-        case = bundled_case_3d()
-        _, _, ny, nz = case["kspace"].shape
-        name = f"{case['name']}_{cfg.mask}_R{cfg.acceleration:g}_calib{calib}_cx{cfg.chunk_x}.zarr"
-        path = folder / name
+        path = folder / bundled_store_name(cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)
         if not path.exists():
             try:  # e.g. an unreachable acceleration: refused before anything is written
-                mask = make_mask(cfg.mask, (ny, nz), cfg.acceleration, cfg.calib, seed=seed_from_case(case["name"]))
+                mask = bundled_mask_3d(cfg.mask, cfg.acceleration, cfg.calib)
             except ValueError as error:
                 refusal = f"config key bundled.acceleration / bundled.mask: {error}"
             else:
                 folder.mkdir(parents=True, exist_ok=True)
-                data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"],
-                                     attrs={"description": case["description"],
-                                            "acquisition": {"voxel_size_mm": list(case["voxel_size_mm"])}},
-                                     source=str(case["path"]), layout="3d")
-                prepare_hybrid_store(data, path, mask=mask, chunk_x=cfg.chunk_x)
+                write_bundled_store_3d(path, mask, cfg.chunk_x)
     # every rank learns of rank 0's refusal, so none waits at the barrier for a store never made
     path, refusal = ctx.broadcast_object((str(path) if path is not None else None, refusal))
     if refusal is not None:
@@ -438,6 +444,8 @@ def build_parser(description: str | None = None):
     """The command line of launch/recon3d.py (and of a console entry point)."""
     import argparse
 
+    from engine.config import add_override_option
+
     parser = argparse.ArgumentParser(description=description or "Distributed 3D INFusion reconstruction.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/demo3d.yaml"),
@@ -445,8 +453,7 @@ def build_parser(description: str | None = None):
     parser.add_argument("--input", type=Path, default=None,
                         help="hybrid-space Zarr store from launch/prepare.py (default: the bundled example)")
     parser.add_argument("--out", type=Path, default=None, help="output OME-Zarr volume (*.zarr)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. steps=200 prior.mode=off")
+    add_override_option(parser, "steps=200 prior.mode=off")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint (a fresh start if there is none)")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.io._paths import new_file_mode
 from engine.metrics import nrmse_percent
 
 ERROR_GAIN = 5  # error maps are shown x5 on the reference's grey scale, a common MRI convention
@@ -31,6 +32,7 @@ def _write_atomically(path: Path, write: Callable[[Any], None], binary: bool) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, new_file_mode())  # mkstemp's 0600 would make outputs private
         with os.fdopen(handle, "wb" if binary else "w") as file:
             write(file)
         os.replace(temporary, path)

@@ -8,14 +8,14 @@ comparison.png to --out. The work is done by engine.baselines.baseline_job.
 Commands (from the repository root):
     # the bundled example (fully sampled, simulated coils on real anatomy), Poisson-disc R = 6
     python launch/baseline.py data/colin27_axial_z45mm_8coil.h5 --slice 0 --out runs/baseline_bundled
-    # a real 4-coil slice, R = 8, with the oracle L1-wavelet as well
-    python launch/baseline.py ../shared/data/real2d/4h_GE_kspace_c4_256x256.npy --accel 8 --best-lambda --out runs/ge_r8
+    # your fully sampled slice (.npy: coils, ny, nx), R = 8, with the oracle L1-wavelet as well
+    python launch/baseline.py your_slice.npy --accel 8 --best-lambda --out runs/r8
     # fastMRI-style 1D random mask with 24 ACS lines
-    python launch/baseline.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 --out runs/case_1d
+    python launch/baseline.py your_case.h5 --slice 10 --mask random1d --accel 4 --calib 24 --out runs/case_1d
     # a mask of your own (.npy/.npz/.h5, 0/1, (ny, nx) or (nx,))
-    python launch/baseline.py case.npy --mask file --mask-file my_mask.npy --out runs/case_file
+    python launch/baseline.py your_case.npy --mask file --mask-file your_my_mask.npy --out runs/case_file
     # an already undersampled input (BART .cfl): images, no scores
-    python launch/baseline.py ../shared/data/raw/bart_brain_undersampled/ksp.cfl --out runs/bart
+    python launch/baseline.py your_ksp.cfl --out runs/bart
 
 Exit codes: 0 done; 2 refused (bad input file or mask, existing --out without --overwrite), with
 one line on stderr naming the file, the array and the problem.

@@ -12,14 +12,14 @@ done by engine.recon2d_job.recon2d_job.
 Commands (from the repository root):
     # the bundled example (fully sampled: real anatomy, simulated coils), fast mode, Poisson-disc R = 6
     python launch/recon2d.py --out runs/recon2d_bundled
-    # a real 4-coil slice at R = 8 with the paper's recipe (slow: 80,000 U-Net evaluations)
-    python launch/recon2d.py ../shared/data/real2d/4h_GE_kspace_c4_256x256.npy --accel 8 \
-        --config configs/reference2d.yaml --out runs/ge_r8_reference
+    # your fully sampled slice (.npy: coils, ny, nx) at R = 8 with the paper's recipe (slow: 80,000
+    # U-Net evaluations)
+    python launch/recon2d.py your_slice.npy --accel 8 --config configs/reference2d.yaml --out runs/r8_reference
     # a fastMRI volume, slice 10, 1D random mask with 24 ACS lines, a config override
-    python launch/recon2d.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
-        --set optim.steps=400 --set prior.every=2 --out runs/case_1d
+    python launch/recon2d.py your_case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
+        --set optim.steps=400 prior.every=2 --out runs/case_1d
     # an undersampled BART .cfl input: images, no scores
-    python launch/recon2d.py ../shared/data/raw/bart_brain_undersampled/ksp.cfl --out runs/bart
+    python launch/recon2d.py your_ksp.cfl --out runs/bart
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.config import add_override_option
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", type=Path, default=None,
                         help="k-space file (.npy, fastMRI/SKM-TEA .h5, BART .cfl, .mat); default: the bundled example")
@@ -42,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice of a multi-slice file")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo2d.yaml",
                         help="YAML config (default configs/demo2d.yaml, the fast mode)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.steps=400 (repeatable)")
+    add_override_option(parser)
     parser.add_argument("--mask", default="poisson", choices=["poisson", "random1d", "equispaced1d", "file"])
     parser.add_argument("--mask-file", type=Path, default=None, help="mask for --mask file")
     parser.add_argument("--accel", type=float, default=6.0, help="acceleration R (default 6)")
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.preemption import catch_signals_early
+
+    catch_signals_early()  # a SIGTERM / SIGUSR1 while torch is still importing still checkpoints
     args = build_parser().parse_args(argv)
     from engine.validate import run_cli
 
@@ -90,4 +94,8 @@ def _job(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    from engine.preemption import ignore_preemption_signals
+
+    ignore_preemption_signals()  # the run is over: a late SIGTERM / SIGUSR1 must not kill the exiting process
+    sys.exit(exit_code)

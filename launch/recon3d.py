@@ -1,7 +1,7 @@
 """Distributed 3D INFusion reconstruction of a hybrid-space Zarr store into an OME-Zarr volume.
 
 The readout axis is split over the ranks; each rank reads only its slab of the input store and
-writes only its chunks of the output (engine/recon3d_run.py, DESIGN.md sections 3-6). Without
+writes only its chunks of the output (engine/recon3d_run.py; docs/ARCHITECTURE.md, "Design"). Without
 --input, the bundled 3D example (real Colin27 anatomy, simulated coils and phase) is undersampled
 as `bundled:` in the config says and prepared under outputs/bundled/ first. Without --out, the
 volume goes to outputs/recon3d-<config>-<time>.zarr; side files (montage.png, log.csv,
@@ -14,7 +14,7 @@ Commands (from the repository root):
     python launch/recon3d.py --config configs/demo3d.yaml
     mpiexec -n 2 python launch/recon3d.py --config configs/demo3d.yaml
     # a prepared case on 8 GPUs of one node
-    python launch/prepare.py case.h5 --out case.zarr
+    python launch/prepare.py your_case.h5 --out case.zarr
     torchrun --nproc-per-node 8 launch/recon3d.py --config configs/fullres3d.yaml --input case.zarr --out recon.zarr
     # SLURM, several nodes, no torchrun (one task per GPU; see launch/slurm/recon3d.sbatch)
     srun python launch/recon3d.py --config configs/fullres3d.yaml --input case.zarr --out recon.zarr --resume
@@ -31,7 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.recon3d_run import main  # after the path set-up: runs from a plain clone
+from engine.preemption import catch_signals_early, ignore_preemption_signals
+
+catch_signals_early()  # before torch is imported: a SLURM signal during start-up must not kill the task
+
+from engine.recon3d_run import main
 
 if __name__ == "__main__":
-    sys.exit(main(description=__doc__))
+    exit_code = main(description=__doc__)
+    ignore_preemption_signals()  # the run is over: a late SLURM signal must not kill the exiting process
+    sys.exit(exit_code)

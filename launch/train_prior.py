@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.config import add_override_option
 from engine.preemption import NON_FINITE_EXIT_CODE
 from engine.prior.train import NonFiniteTraining, load_config, train_prior
 from engine.validate import run_cli
@@ -34,7 +35,7 @@ from engine.validate import run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/prior_train.yaml", help="YAML run config")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides")
+    add_override_option(parser, "train.steps=100 train.out_dir=runs/try")
     args = parser.parse_args(argv)
     return run_cli(lambda: _train(args.config, args.set))
 

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -134,3 +135,60 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"optim.lr: 0.01 -> 0.02"):
         run_recon3d(changed, store, out, _ctx(), resume=True, prior=tiny_prior())
     assert not out.exists()  # nothing was written
+
+
+def test_training_time_adds_up_over_resumed_segments(tmp_path):
+    """train_seconds and log.csv's seconds cover every segment of a resumed run, not the last."""
+    store = make_tiny_store(tmp_path / "tiny.zarr")
+    out = tmp_path / "run.zarr"
+    pause_s = 0.5
+
+    def slow_then_preempted(recon, result):
+        time.sleep(pause_s)  # segment 1's loop (steps 1 to 4) takes at least 4 x pause_s
+        if recon.step_index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        run_recon3d(tiny_config(**RESUME_CHANGES), store, out, _ctx(), prior=tiny_prior(),
+                    on_step_end=slow_then_preempted)
+    metrics = run_recon3d(tiny_config(**RESUME_CHANGES), store, out, _ctx(), resume=True, prior=tiny_prior())
+    assert metrics["resumed_from_step"] == 4
+    # segment 2's loop alone (5 tiny steps, no pauses) takes a small fraction of that
+    assert metrics["train_seconds"] >= 4 * pause_s
+    rows = (tmp_path / "run_run" / "log.csv").read_text().splitlines()[1:]
+    seconds = [float(row.split(",")[1]) for row in rows]
+    assert seconds == sorted(seconds) and seconds[4] >= 4 * pause_s  # the resumed rows continue the clock
+
+
+def test_a_signal_during_start_up_is_kept_for_the_run():
+    """SLURM may signal a task while it still imports torch: the signal must not kill it (SIGUSR1's
+    default action) but make the run checkpoint at its first step."""
+    from engine.preemption import PREEMPTION_SIGNALS, PreemptionFlag, catch_signals_early
+
+    original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    try:
+        catch_signals_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the process survives: the handler records it
+        flag = PreemptionFlag().install()
+        assert flag.raised
+        flag.uninstall()
+        assert not PreemptionFlag().install().raised  # consumed once, not replayed
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
+
+
+def test_a_finished_run_ignores_late_preemption_signals():
+    """Python resets its own handlers to the default action at shutdown, where a late SIGUSR1 would
+    kill a finished run (exit 138); an ignored signal stays ignored, so the launchers ignore them."""
+    from engine.preemption import PREEMPTION_SIGNALS, catch_signals_early, ignore_preemption_signals
+
+    original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    try:
+        catch_signals_early()
+        ignore_preemption_signals()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in PREEMPTION_SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)  # survives
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)

@@ -131,7 +131,7 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate(0, cfg) == pytest.approx(0.001)
     assert learning_rate(9, cfg) == pytest.approx(0.01)
     assert learning_rate(100, cfg) == pytest.approx(0.001)
-    with pytest.raises(ValueError, match="expected section.key=value"):
+    with pytest.raises(ValueError, match="must look like dotted.key=value"):  # engine.config parses --set
         load_config(None, ["train.steps"])
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(None, ["train.stepz=3"])

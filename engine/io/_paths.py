@@ -16,6 +16,17 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         raise InputError(path, "output exists; pass overwrite=True (--overwrite) to replace it")
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (0644 under the usual 022).
+
+    tempfile.mkstemp creates its files 0600 whatever the umask; a file written through one and
+    renamed into place gets this mode instead, like every other output.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def is_zarr_store(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
 

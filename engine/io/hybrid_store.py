@@ -2,7 +2,7 @@
 
 3D Cartesian data are fully sampled along the readout kx, so one centred 1D iFFT along kx turns
 k-space (coils, kx, ky, kz) into hybrid space (x, coils, ky, kz), in which every readout
-position x is an independent 2D multicoil problem on the (ky, kz) plane (DESIGN.md section 3).
+position x is an independent 2D multicoil problem on the (ky, kz) plane (docs/ARCHITECTURE.md, "Design").
 
 Store layout (Zarr format 3, one group):
     kspace     (x, coils, ky, kz) complex64, chunks (chunk_x, coils, ky, kz)
@@ -192,6 +192,31 @@ class HybridSlab:
     reference: np.ndarray | None
 
 
+def voxel_size_from_acquisition(acquisition: dict, image_shape: tuple[int, int, int],
+                                source: str = "") -> tuple[float, float, float] | None:
+    """(x, y, z) voxel size in mm from a store's acquisition attributes, or None if not recorded.
+
+    Read from `voxel_size_mm` (3 positive numbers), else from a field of view `recon_fov_mm` /
+    `encoded_fov_mm` whose matrix (`recon_matrix` / `encoded_matrix`) is the image grid.
+    A malformed `voxel_size_mm` raises InputError naming `source`.
+    """
+    given = acquisition.get("voxel_size_mm")
+    if given is not None:
+        try:
+            sizes = tuple(float(v) for v in given)
+        except (TypeError, ValueError):
+            sizes = ()
+        if len(sizes) != 3 or not all(np.isfinite(sizes)) or min(sizes) <= 0:
+            raise InputError(source, f"acquisition attribute voxel_size_mm must be 3 positive numbers "
+                             f"(x, y, z), got {given!r}")
+        return sizes
+    for space in ("recon", "encoded"):
+        fov, matrix = acquisition.get(f"{space}_fov_mm"), acquisition.get(f"{space}_matrix")
+        if fov is not None and matrix is not None and [int(m) for m in matrix] == list(image_shape):
+            return tuple(float(f) / int(m) for f, m in zip(fov, matrix))
+    return None
+
+
 class HybridStore:
     """Read-only view of a hybrid-space store; validates it on opening, reads slabs on demand.
 
@@ -252,6 +277,12 @@ class HybridStore:
     def shape(self) -> tuple[int, int, int, int]:
         """(x, coils, ky, kz)."""
         return tuple(int(s) for s in self._kspace.shape)
+
+    @property
+    def voxel_size_mm(self) -> tuple[float, float, float] | None:
+        """(x, y, z) voxel size in mm from the acquisition attributes; None when not recorded."""
+        nx, _, ny, nz = self.shape
+        return voxel_size_from_acquisition(self.attrs.get("acquisition") or {}, (nx, ny, nz), self.path)
 
     @property
     def n_readout(self) -> int:

@@ -2,7 +2,7 @@
 
 MATLAB stores arrays column-major, so h5py sees the axes reversed: a MATLAB array
 (rows, cols, coils) appears as (coils, cols, rows). The reader restores MATLAB's order, takes the
-last MATLAB axis as the coil axis (as in ../shared/data/real2d/marcsous_phantom_c8_256x256.mat),
+last MATLAB axis as the coil axis (as in the phantom.mat of GitHub marcsous/parallel),
 and returns k-space = fftc(coil images) over the spatial axes. Complex values are stored as a
 compound with fields `real` and `imag`.
 """

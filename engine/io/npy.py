@@ -1,4 +1,4 @@
-"""NumPy .npy k-space (the ../shared/data convention): complex, coils first, centred, orthonormal."""
+"""NumPy .npy k-space (the engine's convention): complex, coils first, centred, orthonormal."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,10 @@
 """OME-Zarr (NGFF 0.4) output volume, written in parallel by ranks, completion marker last.
 
 Layout (Zarr format 2, as NGFF 0.4 requires; '/' chunk-key separator):
-    <out>/.zattrs     multiscales (NGFF 0.4): one image "magnitude", axes x, y, z (space, mm),
-                      one scale level whose dataset path is "magnitude"; plus "infusion": format,
+    <out>/.zattrs     multiscales (NGFF 0.4): one image "magnitude", axes x, y, z (space; unit
+                      millimeter and the voxel size as scale when the input store records it,
+                      else scale 1 and no unit), one scale level whose dataset path is
+                      "magnitude"; plus "infusion": format,
                       shape, chunk_x, user attrs, metrics, and "complete" (the marker).
     <out>/magnitude   (x, y, z) float32, chunks (chunk_x, y, z)   <- what NGFF viewers show
     <out>/complex     (x, y, z) complex64, same chunks            <- the reconstruction itself
@@ -41,14 +43,19 @@ FORMAT_VERSION = 1
 ARRAY_NAMES = ("magnitude", "complex")
 
 
-def ngff_multiscales(voxel_size: Sequence[float], name: str = "magnitude") -> list[dict]:
-    """NGFF 0.4 `multiscales` metadata for one (x, y, z) scale level stored at path `name`."""
+def ngff_multiscales(voxel_size: Sequence[float] | None, name: str = "magnitude") -> list[dict]:
+    """NGFF 0.4 `multiscales` metadata for one (x, y, z) scale level stored at path `name`.
+
+    voxel_size: (x, y, z) in mm; None when the acquisition did not record it: the scale is then 1
+    and the axes carry no unit, so a viewer shows voxels rather than a made-up physical size.
+    """
+    unit = {} if voxel_size is None else {"unit": "millimeter"}
+    scale = [1.0, 1.0, 1.0] if voxel_size is None else [float(v) for v in voxel_size]
     return [{
         "version": NGFF_VERSION,
         "name": name,
-        "axes": [{"name": axis, "type": "space", "unit": "millimeter"} for axis in "xyz"],
-        "datasets": [{"path": name, "coordinateTransformations": [
-            {"type": "scale", "scale": [float(v) for v in voxel_size]}]}],
+        "axes": [{"name": axis, "type": "space", **unit} for axis in "xyz"],
+        "datasets": [{"path": name, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
         "type": "none",
         "metadata": {"description": "INFusion reconstruction magnitude; complex64 data in the "
                                     "sibling array 'complex'"},
@@ -66,12 +73,12 @@ class VolumeWriter:
             completion marker survives); without it an existing path is refused.
         rank: 0 creates the store; any other rank opens the one rank 0 created (after a barrier)
             and checks that shape and chunk_x agree.
-        voxel_size: (x, y, z) in mm for the NGFF scale transform.
+        voxel_size: (x, y, z) in mm for the NGFF scale transform; None: unknown (scale 1, no unit).
         attrs: JSON-friendly attributes stored under "infusion" (config, source, ...), rank 0 only.
     """
 
     def __init__(self, path: str | Path, shape: Sequence[int], chunk_x: int, overwrite: bool = False,
-                 *, rank: int = 0, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                 *, rank: int = 0, voxel_size: Sequence[float] | None = None,
                  attrs: dict | None = None):
         self.path = Path(path)
         shape = tuple(int(s) for s in shape)
@@ -89,7 +96,7 @@ class VolumeWriter:
 
     @classmethod
     def create(cls, path: str | Path, shape: Sequence[int], chunk_x: int, overwrite: bool = False,
-               voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+               voxel_size: Sequence[float] | None = None,
                attrs: dict | None = None) -> VolumeWriter:
         """Rank 0: create the store (then barrier before the others open it)."""
         return cls(path, shape, chunk_x, overwrite, rank=0, voxel_size=voxel_size, attrs=attrs)
@@ -153,7 +160,7 @@ class VolumeWriter:
 
 
 def _create(path: Path, shape: tuple[int, int, int], chunk_x: int, overwrite: bool,
-            voxel_size: Sequence[float], attrs: dict) -> zarr.Group:
+            voxel_size: Sequence[float] | None, attrs: dict) -> zarr.Group:
     refuse_existing(path, overwrite)
     if path.exists():
         if not is_zarr_store(path):
@@ -164,6 +171,7 @@ def _create(path: Path, shape: tuple[int, int, int], chunk_x: int, overwrite: bo
         "multiscales": ngff_multiscales(voxel_size),
         ATTRS_KEY: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
                     "shape_xyz": list(shape), "chunk_x": chunk_x,
+                    "voxel_size_mm": None if voxel_size is None else [float(v) for v in voxel_size],
                     "arrays": {"magnitude": "float32 |complex|, the NGFF image",
                                "complex": "complex64 reconstruction (x, y, z)"},
                     "attrs": json_friendly(attrs)},

@@ -22,7 +22,8 @@ MAPS_SOURCES = ("espirit", "file", "none")
 def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0, chunk_x: int = 8,
                  maps_from: str = "espirit", maps_path: str | Path | None = None,
                  calib_width: int = 24, overwrite: bool = False,
-                 mask_path: str | Path | None = None) -> Path:
+                 mask_path: str | Path | None = None,
+                 voxel_size: tuple[float, float, float] | None = None) -> Path:
     """Convert a 3D multicoil case to a hybrid-space store (engine.io.hybrid_store).
 
     Args:
@@ -37,6 +38,8 @@ def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0,
         overwrite: replace an existing store.
         mask_path: sampling mask (ky, kz) 0/1 (.npy, .npz or .h5 dataset `mask`) applied to the
             input (retrospective undersampling of fully sampled data); default: the input's.
+        voxel_size: (x, y, z) mm, stored as the acquisition attribute `voxel_size_mm` (the output
+            volume's OME-Zarr scale); default: what the input's header says, if anything.
     """
     if maps_from not in MAPS_SOURCES:
         raise ValueError(f"maps_from must be one of {MAPS_SOURCES}, got {maps_from!r}")
@@ -47,6 +50,11 @@ def prepare_case(input_path: str | Path, out_path: str | Path, *, echo: int = 0,
     if data.layout != "3d":
         raise InputError(data.source, f"prepare needs 3D k-space (coils, kx, ky, kz), got layout "
                          f"{data.layout!r} with shape {tuple(data.kspace.shape)}", "kspace")
+    if voxel_size is not None:
+        sizes = [float(v) for v in voxel_size]
+        if len(sizes) != 3 or not all(np.isfinite(sizes)) or min(sizes) <= 0:
+            raise ValueError(f"voxel size must be 3 positive numbers (x, y, z) in mm, got {voxel_size}")
+        data.attrs["acquisition"] = {**(data.attrs.get("acquisition") or {}), "voxel_size_mm": sizes}
     mask = None
     if mask_path is not None:
         from engine.physics.masks import load_mask  # lazy: sigpy is heavy
@@ -109,11 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prepare", description="Convert a 3D multicoil case to a hybrid-space Zarr store "
         "(1D iFFT along the readout, chunked along it) for the distributed 3D engine.")
-    parser.add_argument("input", help="3D case: SKM-TEA-style .h5, BART .cfl, .npy, .mat (v7.3)")
+    parser.add_argument("input", nargs="?", default=None,
+                        help="3D case: SKM-TEA-style .h5, BART .cfl, .npy, .mat (v7.3), or the bundled "
+                        "data/colin27_eval_volume_72x64x40.npz (same as --demo)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the bundled 3D example undersampled as configs/demo3d.yaml's `bundled:` "
+                        "section (Poisson-disc R = 4, chunks of 4): the store the 3D demo reads")
     parser.add_argument("--out", required=True, help="the Zarr store to create (e.g. case.zarr)")
     parser.add_argument("--echo", type=int, default=0, help="echo of a multi-echo file (default 0)")
-    parser.add_argument("--chunk-x", type=int, default=8,
-                        help="readout positions per chunk (default 8)")
+    parser.add_argument("--chunk-x", type=int, default=None,
+                        help="readout positions per chunk (default 8; 4 for the bundled example)")
     parser.add_argument("--maps-from", choices=MAPS_SOURCES, default="espirit",
                         help="coil maps: ESPIRiT estimate, the input file's maps, or none")
     parser.add_argument("--maps", default=None,
@@ -122,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling mask (ky, kz) 0/1 (.npy, .npz or .h5 dataset 'mask') applied "
                         "to the input; default: the input's own sampling")
     parser.add_argument("--calib-width", type=int, default=24, help="ESPIRiT calibration width")
+    parser.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="voxel size in mm, stored in the acquisition attributes and written as "
+                        "the output volume's OME-Zarr scale (default: from the input's header, if any)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     return parser
 
@@ -134,14 +150,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _prepare_and_summarise(args))
 
 
+def _is_bundled_case(path: str) -> bool:
+    from engine.examples import CASE_3D_PATH
+
+    return Path(path).name == CASE_3D_PATH.name and path.endswith(".npz")
+
+
 def _prepare_and_summarise(args: argparse.Namespace) -> int:
-    out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=args.chunk_x,
-                       maps_from=args.maps_from, maps_path=args.maps, calib_width=args.calib_width,
-                       overwrite=args.overwrite, mask_path=args.mask)
+    if args.demo and args.input is not None:
+        raise ValueError("give an input file or --demo, not both")
+    if args.input is None and not args.demo:
+        raise ValueError("no input: give a 3D case file, or --demo for the bundled example")
+    if args.demo or _is_bundled_case(args.input):
+        if args.maps or args.mask or args.voxel_size:
+            raise ValueError("--demo (the bundled case) brings its own maps, mask and voxel size: "
+                             "drop --maps, --mask and --voxel-size")
+        from engine.examples import bundled_mask_3d, write_bundled_store_3d
+        from engine.recon3d_config import BundledCaseConfig  # the demo's undersampling defaults
+
+        demo = BundledCaseConfig()
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise InputError(out, "output exists; pass --overwrite to replace it")
+        out = write_bundled_store_3d(out, bundled_mask_3d(demo.mask, demo.acceleration, demo.calib),
+                                     demo.chunk_x if args.chunk_x is None else args.chunk_x,
+                                     overwrite=args.overwrite)
+    else:
+        out = prepare_case(args.input, args.out, echo=args.echo, chunk_x=8 if args.chunk_x is None else args.chunk_x,
+                           maps_from=args.maps_from, maps_path=args.maps, calib_width=args.calib_width,
+                           overwrite=args.overwrite, mask_path=args.mask, voxel_size=args.voxel_size)
     store = HybridStore(out)
     mask = store.attrs["mask"]
+    voxel = store.voxel_size_mm
     print(f"wrote {out}: (x, coils, ky, kz) = {store.shape}, chunk_x = {store.chunk_x}, "
           f"acceleration {mask['acceleration']:.2f} (mask {mask['origin']}), maps: "
           f"{store.attrs['maps']['origin'] or 'none'}, reference: "
-          f"{store.attrs['reference']['kind'] or 'none'}")
+          f"{store.attrs['reference']['kind'] or 'none'}, voxel size: "
+          f"{' x '.join(f'{v:g}' for v in voxel) + ' mm' if voxel else 'not recorded (pass --voxel-size)'}")
     return 0

@@ -1,7 +1,7 @@
 """The diffusion-prior regulariser applied to 2D planes of the INR's output.
 
 Modes (`PriorTermConfig.mode`):
-- "reference" (INFusion, arXiv 2406.13895, and ../shared/DESIGN.md section 1): per call draw t
+- "reference" (INFusion, arXiv 2406.13895, and docs/ARCHITECTURE.md, "The reference recipe"): per call draw t
   per plane, x_t = stopgrad(x) + t * noise, integrate the 10-step EDM Euler ODE (rho 7,
   sigma_min 0.002) from t to 0 to get x_0, and penalise distance(x, x_0) (LPIPS-VGG in the paper).
 - "tweedie": the one-step denoiser estimate x_0 = D(x_t; t) (Tweedie's formula, EDM Eq. 2-3) as

@@ -31,7 +31,7 @@ class FourierFeatures(nn.Module):
 
     B `(n_freq, in_dim)` ~ N(0, sigma^2), drawn from a seeded generator and kept as a buffer, so a
     checkpoint restores the same frequencies. The paper's INR uses 64 frequencies with sigma 9 on
-    coordinates in [0, 1] (../shared/DESIGN.md section 1). `coord_range` maps inputs in that range
+    coordinates in [0, 1] (docs/ARCHITECTURE.md, "The reference recipe"). `coord_range` maps inputs in that range
     linearly to [0, 1] first.
     """
 

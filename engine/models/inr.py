@@ -1,6 +1,6 @@
 """Implicit neural representations of complex MR images: encoding -> MLP trunk -> complex head.
 
-- `INRZ` (3D, z-discretized; ../shared/DESIGN.md sections 1 and 3): coordinates (u, v) -> D
+- `INRZ` (3D, z-discretized; docs/ARCHITECTURE.md, "Design"): coordinates (u, v) -> D
   complex outputs, one per position along the discretized axis. The head holds one row of
   weights per output position, `weight (D, 2, hidden)` (real / imag) and `bias (D, 2)`, so that
   `forward(coords, rows)` evaluates only the requested rows and a rank can own a slab of rows.

@@ -113,7 +113,8 @@ def espirit_maps_hybrid(
     with warnings.catch_warnings():
         warnings.simplefilter("once")  # one undersampled-centre warning, not one per position
         for x in tqdm(
-            range(hybrid.shape[0]), desc="ESPIRiT per readout position", disable=not progress
+            range(hybrid.shape[0]), desc="ESPIRiT per readout position",
+            disable=None if progress else True,  # None: no bar when stderr is not a terminal
         ):
             maps[x] = espirit_maps(hybrid[x], calib_width, thresh, kernel_width, crop, max_iter)
     return maps

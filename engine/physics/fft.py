@@ -1,6 +1,6 @@
 """Centred orthonormal FFTs.
 
-Convention (the same as ../shared/data and fastMRI): the DC sample sits at index n // 2 and
+Convention (the same as fastMRI): the DC sample sits at index n // 2 and
 `image = fftshift(ifftn(ifftshift(k)), norm="ortho")` over the transformed axes. Orthonormal
 scaling makes the FFT unitary, so its adjoint is exactly the inverse FFT.
 """

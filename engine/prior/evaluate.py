@@ -1,6 +1,6 @@
 """Denoising check of a prior on held-out slices (never in its training set).
 
-    python -m engine.prior.evaluate [--prior DIR] [--out evaluation.json]
+    python -m engine.prior.evaluate --colin27 colin27_t1_1mm.nii.gz [--prior DIR] [--out evaluation.json]
 
 Default slice: Colin27 1 mm, axial, world z = 40 mm (voxel k = 111; evaluation part z >= 25 mm),
 zero-padded to 256 x 256, given a fixed smooth phase, scaled by :func:`normalise`. Noise is
@@ -24,12 +24,11 @@ from engine.prior.checkpoint import default_prior_path, load_prior
 from engine.prior.edm import EDMPrior
 from engine.prior.intensity import complex_to_channels, normalise
 
-COLIN_1MM = "/work/shared/data/volumes/colin27_t1_1mm.nii.gz"
 EVAL_WORLD_Z_MM = 40.0
 EVALUATION_PART_MIN_Z_MM = 25.0
 
 
-def colin_eval_slice(path: str = COLIN_1MM, world_z_mm: float = EVAL_WORLD_Z_MM, size: int = 256) -> np.ndarray:
+def colin_eval_slice(path: str, world_z_mm: float = EVAL_WORLD_Z_MM, size: int = 256) -> np.ndarray:
     """An axial slice of Colin27 from the evaluation part, zero-padded to size x size, with a
     smooth phase: (size, size) complex64, not yet normalised."""
     import nibabel as nib
@@ -93,6 +92,9 @@ def seconds_per_call(prior: EDMPrior, size: int = 256, repeats: int = 5) -> floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", default=str(default_prior_path()))
+    parser.add_argument("--colin27", required=True,
+                        help="the Colin27 T1 volume at 1 mm (colin27_t1_1mm.nii.gz; not shipped: BSD-3, "
+                        "e.g. from Debian's mricron-data package)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
     parser.add_argument("--real", nargs="*", default=[], help="evaluation-only real k-space .npy files")
     args = parser.parse_args(argv)
@@ -101,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "prior": args.prior,
-        "colin27_eval_slice": {"file": COLIN_1MM, "world_z_mm": EVAL_WORLD_Z_MM, "orientation": "axial",
+        "colin27_eval_slice": {"file": Path(args.colin27).name, "world_z_mm": EVAL_WORLD_Z_MM, "orientation": "axial",
                                "padded_to": 256, "phase": "fixed smooth (0.7 + 1.2x - 0.8y + 0.6xy rad)",
-                               "rows": denoising_rmse(prior, colin_eval_slice())},
+                               "rows": denoising_rmse(prior, colin_eval_slice(args.colin27))},
         "real_slices_rss": {Path(p).name: denoising_rmse(prior, real_slice_rss(p)) for p in args.real},
         "seconds_per_256x256_call": seconds_per_call(prior),
     }

@@ -138,10 +138,6 @@ class PriorTrainConfig:
                 "data": data, "train": train}
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PriorTrainConfig:
     """Read a YAML run config and apply ``section.key=value`` overrides (values parsed as YAML)."""
     values: dict = {}
@@ -150,15 +146,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"load_config: {path} does not exist")
         values = yaml.safe_load(path.read_text()) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.steps=10")
-        dotted, raw = item.split("=", 1)
-        keys = dotted.split(".")
-        node = values
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = _parse_value(raw)
+    if overrides:  # the same KEY=VALUE parsing as every other launcher (engine.config)
+        from engine.config import merge_dicts, parse_overrides
+
+        values = merge_dicts(values, parse_overrides(overrides))
     return PriorTrainConfig.from_dict(values)
 
 

@@ -1,0 +1,281 @@
+"""launch/slurm/recon3d.sbatch on a real SLURM (slurmctld + slurmd + munged on this machine).
+
+scripts/slurm_localhost.sh starts the daemons in a temporary folder (installing Debian's
+slurm-wlm and munge with apt-get when root and missing); without root or packages the test is
+skipped with that reason. Selected with `-m slurm` (left out of a plain run: it starts system
+daemons); .ci/run runs it.
+
+Five 2-rank CPU jobs of the same tiny reconstruction run side by side (with the sbatch header's
+CPU example options):
+- one uninterrupted (the reference volume);
+- one preempted eight times by the test, each at a later step: three times each
+  `scancel --signal=USR1` and `scancel --signal=TERM` (the ranks get the signal, not the batch
+  shell), then `scancel --batch --signal=TERM` (the batch shell alone) and
+  `scancel --full --signal=USR1` (shell and ranks);
+- three with a real three-minute time limit and `--signal=USR1@100`: SLURM itself signals them 50
+  to 80 s into each segment (its timer ticks every 30 s), until they are done; in the first segment
+  the test holds their ranks with SIGSTOP until after that window, so the warning always finds
+  them running, however fast the machine.
+Then a job on a store that does not exist must fail with exit 2, and a job cancelled with a plain
+`scancel` must end cancelled: neither is requeued.
+Every preemption must requeue (the test releases the requeued job from SLURM's ~2 min requeue
+delay with `scontrol update StartTime=now`), every segment must resume from the previous one's
+checkpoint, and every volume must be bit-identical to the reference. Before the fix, when one
+rank exited with 75 first srun killed the other and about half of such preemptions did not
+requeue; the 8 + at least 3 preemptions here would show that with near certainty.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm_localhost.sh"
+SBATCH = ROOT / "launch" / "slurm" / "recon3d.sbatch"
+RELEASE_AFTER_S = 3  # seconds between seeing a job requeued and releasing it
+CANNOT_RUN_HERE = 77  # scripts/slurm_localhost.sh: not root, or no packages and no apt-get
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
+
+# A small, fast run of configs/demo3d.yaml; checkpoints only on preemption, so any checkpoint a
+# segment resumes from was written by the preemption under test.
+OVERRIDES = ["device=cpu", "inr.hidden=32", "inr.encoding.levels=4", "inr.encoding.log2_table_size=10",
+             "inr.encoding.max_res=32", "slices.per_step=2", "prior.start_step=20", "prior.every=3",
+             "baseline.l1_wavelet=false", "output.montage=false", "output.log_every=5", "checkpoint.every=0"]
+# The header's CPU example: it must fit a small node.
+CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1",
+               "--mem-per-cpu=1500M"]
+# (scancel options, fraction of the steps at which they are sent): three times each signal to the
+# ranks, then the batch shell alone (it forwards SIGUSR1 to the ranks), then shell and ranks.
+SIGNAL_PLAN = [(("--signal=USR1",), 0.05), (("--signal=TERM",), 0.15), (("--signal=USR1",), 0.25),
+               (("--signal=TERM",), 0.35), (("--signal=USR1",), 0.45), (("--signal=TERM",), 0.55),
+               (("--batch", "--signal=TERM"), 0.65), (("--full", "--signal=USR1"), 0.75)]
+STEPS = 800
+# The time-limit jobs run with --time=3 --signal=USR1@100. SLURM's timer ticks every 30 s and
+# sends the warning once the time left is within the asked 100 s plus one tick: 50 to 80 s into
+# a segment (measured with slurm-wlm 22.05); the limit itself is enforced 180 to 210 s in. Their
+# ranks are held with SIGSTOP from their first logged step until LIMIT_HOLD_S into the first
+# segment, so on a machine of any speed the warning comes while they still run (it is delivered
+# on SIGCONT), with over 90 s left to checkpoint before the limit.
+LIMIT_OPTIONS = ("--time=3", "--signal=USR1@100")
+LIMIT_HOLD_S = 82
+LIMIT_JOBS = ("limit1", "limit2", "limit3")  # each preempted by SLURM's time limit at least once
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    env: dict
+
+    def run(self, *args: str, check: bool = True) -> str:
+        # cwd: sbatch records it as SLURM_SUBMIT_DIR, where the script expects the repository root
+        done = subprocess.run(list(args), check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def job(self, job_id: int) -> dict:
+        line = self.run("scontrol", "show", "job", "-o", str(job_id))
+        return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if sys.platform != "linux":
+        pytest.skip("the localhost SLURM cluster needs Linux")
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], check=False, capture_output=True,
+                             text=True, timeout=900)
+    if started.returncode == CANNOT_RUN_HERE:
+        pytest.skip(started.stderr.strip().splitlines()[-1])
+    assert started.returncode == 0, f"scripts/slurm_localhost.sh start failed:\n{started.stderr}"
+    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf"), "OMP_NUM_THREADS": "1",
+           "CONFIG": "configs/demo3d.yaml",  # read by the sbatch script
+           # the jobs inherit this interpreter's environment (the sbatch script then skips its set-up)
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        yield Cluster(folder, env)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], check=True, timeout=120)
+
+
+def make_store(path: Path) -> Path:
+    """A tiny smooth complex volume (x, y, z) = (8, 32, 16), 4 smooth coils, a random mask with
+    a fully sampled centre, voxel size 2 x 1 x 1.5 mm."""
+    import torch
+
+    from engine.io.data import MulticoilData
+    from engine.io.hybrid_store import prepare_hybrid_store
+    from engine.physics.fft import fftc
+
+    nx, ny, nz = 8, 32, 16
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in (nx, ny, nz)), indexing="ij")
+    image = ((np.exp(-(x**2 + 3 * y**2 + 2 * z**2)) + 0.5 * (np.abs(y) < 0.3)) * np.exp(1j * (x + y)))
+    maps = np.stack([np.exp(-((y - c) ** 2 + z**2)) * np.exp(1j * c * z) for c in (-0.6, -0.2, 0.2, 0.6)])
+    maps /= np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
+    kspace = fftc(torch.from_numpy((maps * image).astype(np.complex64)), dims=(1, 2, 3)).numpy()
+    kspace += 0.01 * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))
+    mask = (rng.random((ny, nz)) < 0.35).astype(np.float32)
+    mask[ny // 2 - 3:ny // 2 + 3, nz // 2 - 2:nz // 2 + 2] = 1
+    data = MulticoilData(kspace=kspace.astype(np.complex64), maps=maps.astype(np.complex64),
+                         reference=image.astype(np.complex64), source="tiny slurm test case", layout="3d",
+                         attrs={"acquisition": {"voxel_size_mm": [2.0, 1.0, 1.5]}})
+    return prepare_hybrid_store(data, path, mask=mask, chunk_x=2)
+
+
+def submit(cluster: Cluster, store: Path, out: Path, steps: int, *options: str) -> int:
+    text = cluster.run("sbatch", "--parsable", f"--output={out.with_suffix('.log')}", *CPU_OPTIONS, *options,
+                       str(SBATCH), str(store), str(out), "--set", f"steps={steps}", *OVERRIDES)
+    return int(text.strip().split(";")[0])
+
+
+def run_seconds(text: str) -> int:
+    """scontrol's RunTime ([days-]hh:mm:ss) in seconds."""
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
+
+
+def last_logged_step(out: Path) -> int:
+    log = out.with_name(out.name.removesuffix(".zarr") + "_run") / "log.csv"
+    try:
+        rows = log.read_text().strip().splitlines()[1:]
+    except FileNotFoundError:
+        return -1
+    return int(rows[-1].split(",")[0]) if rows else -1
+
+
+class Watcher:
+    """Polls every job, releases a requeued one from SLURM's requeue delay at once, and fails
+    with the jobs' logs as soon as one fails."""
+
+    def __init__(self, cluster: Cluster, jobs: dict[str, int], outs: dict[str, Path], hold: tuple = ()):
+        self.cluster, self.jobs, self.outs = cluster, jobs, outs
+        self.hold = {name: "waiting" for name in hold}  # -> "stopped" -> "released"
+        self.released = dict.fromkeys(jobs, 0)
+        self.requeue_seen: dict[str, float] = {}
+        self.info: dict[str, dict] = {}
+
+    def poll(self) -> None:
+        for name, job_id in self.jobs.items():
+            info = self.info[name] = self.cluster.job(job_id)
+            restarts = int(info.get("Restarts", 0))
+            if info.get("JobState") == "PENDING" and restarts > self.released[name]:
+                # Not in the second of the requeue itself: slurmd still holds the revocation of the
+                # previous run's credential and refuses a new start then ("Job credential revoked").
+                first_seen = self.requeue_seen.setdefault(name, time.monotonic())
+                if time.monotonic() - first_seen >= RELEASE_AFTER_S:
+                    self.cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                    self.released[name] = restarts
+                    del self.requeue_seen[name]
+            if self.hold.get(name) and restarts == 0 and info.get("JobState") == "RUNNING":
+                self._hold(name, job_id, run_seconds(info.get("RunTime", "0")))
+            if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                raise AssertionError(f"job {name} ({job_id}) ended {info['JobState']} ({info.get('Reason')}):\n"
+                                     f"{self.log(name)[-4000:]}")
+
+    def _hold(self, name: str, job_id: int, seconds: int) -> None:
+        """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment."""
+        if self.hold[name] == "waiting" and last_logged_step(self.outs[name]) >= 0:
+            self.cluster.run("scancel", "--signal=STOP", str(job_id))
+            self.hold[name] = "stopped"
+        elif self.hold[name] == "stopped" and seconds >= LIMIT_HOLD_S:
+            self.cluster.run("scancel", "--signal=CONT", str(job_id))
+            self.hold[name] = "released"
+
+    def log(self, name: str) -> str:
+        path = self.outs[name].with_suffix(".log")
+        return path.read_text() if path.exists() else ""
+
+    def state(self, name: str) -> str:
+        return self.info[name].get("JobState", "")
+
+    def restarts(self, name: str) -> int:
+        return int(self.info[name].get("Restarts", 0))
+
+    def until(self, condition, seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.poll()
+            if condition():
+                return
+            time.sleep(0.5)
+        tails = "\n".join(f"--- {name}:\n{self.log(name)[-2000:]}" for name in self.jobs)
+        raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}\n{tails}")
+
+
+def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(cluster, tmp_path):
+    from engine.io.ome_zarr import open_volume
+
+    store = make_store(tmp_path / "tiny.zarr")
+    steps = STEPS
+    names = ("reference", "signals", *LIMIT_JOBS)
+    outs = {name: tmp_path / f"{name}.zarr" for name in names}
+    jobs = {name: submit(cluster, store, outs[name], steps, *(LIMIT_OPTIONS if name in LIMIT_JOBS else ()))
+            for name in names}
+    watch = Watcher(cluster, jobs, outs, hold=LIMIT_JOBS)
+
+    # The test's own preemptions of one job, each at a later step, alternating the two signals.
+    for count, (options, fraction) in enumerate(SIGNAL_PLAN, start=1):
+        step = int(fraction * steps)
+        watch.until(lambda step=step: watch.state("signals") == "RUNNING"
+                    and last_logged_step(outs["signals"]) >= step, 600, f"step {step} of the signals job")
+        cluster.run("scancel", *options, str(jobs["signals"]))
+        watch.until(lambda count=count: watch.restarts("signals") >= count, 180,
+                    f"the requeue after scancel {' '.join(options)} at step {step}")
+    watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in names), 900, "every job to complete")
+
+    # Not requeued: a run that fails (here: refused input, exit 2; there is no new checkpoint), and a
+    # cancelled job (plain scancel: its ranks get SIGTERM and checkpoint, but the job must end).
+    refused_out, cancelled_out = tmp_path / "refused.zarr", tmp_path / "cancelled.zarr"
+    refused = submit(cluster, tmp_path / "absent.zarr", refused_out, steps)
+    cancelled = submit(cluster, store, cancelled_out, steps)
+    ended = ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT")
+    deadline, cancel_sent = time.monotonic() + 300, False
+    while time.monotonic() < deadline:
+        states = [cluster.job(job).get("JobState") for job in (refused, cancelled)]
+        if not cancel_sent and states[1] == "RUNNING" and last_logged_step(cancelled_out) >= 0:
+            cluster.run("scancel", str(cancelled))
+            cancel_sent = True
+        if cancel_sent and all(state in ended for state in states):
+            break
+        time.sleep(0.5)
+    info, log = cluster.job(refused), refused_out.with_suffix(".log").read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log
+    assert "absent.zarr: Zarr store not found" in log and "requeueing" not in log
+    time.sleep(2 * RELEASE_AFTER_S)  # a requeue would show by now
+    info, log = cluster.job(cancelled), cancelled_out.with_suffix(".log").read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
+    assert "not requeued" in log and "requeueing" not in log, log
+
+    reference = open_volume(outs["reference"])
+    assert watch.restarts("reference") == 0
+    expected = reference.complex[...]
+    scale = reference.multiscales[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [2.0, 1.0, 1.5]  # the store's voxel size reaches the OME-Zarr output
+    report = []
+    for name in names[1:]:
+        restarts, log = watch.restarts(name), watch.log(name)
+        report.append(f"{name}: {restarts} requeues")
+        assert watch.info[name]["ExitCode"] == "0:0", f"{name}: exit {watch.info[name]['ExitCode']}\n{log[-3000:]}"
+        assert restarts >= (len(SIGNAL_PLAN) if name == "signals" else 1), f"{name}: {restarts} requeues\n{log}"
+        # every segment but the last ended in a requeue with a checkpoint, and the next resumed from it
+        assert log.count("checkpoint written; requeueing job") == restarts, log
+        assert len(re.findall(r"resumed from step \d+", log)) == restarts, log
+        assert "\r" not in log, f"{name}: progress-bar carriage returns in a batch log"
+        volume = open_volume(outs[name])
+        assert np.array_equal(volume.complex[...], expected), f"{name}: volume differs from the uninterrupted run"
+        assert volume.metrics["resumed_from_step"] > 0
+    print("; ".join(report))  # shown with -s: the preemptions each job went through
