@@ -15,6 +15,9 @@ Commands (from the repository root):
     # a real 4-coil slice at R = 8 with the paper's recipe (slow: 80,000 U-Net evaluations)
     python launch/recon2d.py ../shared/data/real2d/4h_GE_kspace_c4_256x256.npy --accel 8 \
         --config configs/reference2d.yaml --out runs/ge_r8_reference
+    # label-free per-case choices (TV weight, prior weight incl. 0, stop) on 8 % held-out k-space, then a refit
+    python launch/recon2d.py ../shared/data/real2d/4h_GE_kspace_c4_256x256.npy --accel 6 \
+        --config configs/auto2d.yaml --out runs/ge_r6_auto     # or: --set selection.enabled=true
     # a fastMRI volume, slice 10, 1D random mask with 24 ACS lines, a config override
     python launch/recon2d.py case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
         --set optim.steps=400 --set prior.every=2 --out runs/case_1d
@@ -85,6 +88,10 @@ def _job(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
                           if k in ("nrmse_percent", "psnr_db", "ssim", "seconds", "prior_evals"))
         print(f"{method:12s} {shown}")
+        if "selection" in values:
+            chosen = values["selection"]["chosen"]
+            print(f"{'':12s} chosen on held-out k-space: tv_weight {chosen['tv_weight']:g}, prior weight "
+                  f"{chosen['prior_weight']:g}, {chosen['steps']} steps (metrics.json: every candidate's curve)")
     print(f"wrote {args.out}")
     return 0
 
