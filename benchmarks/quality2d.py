@@ -10,10 +10,14 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - real: 4h_GE and 4h_mpr (real 4-coil brain slices), 4h_Ph (real resolution phantom, own rows);
 - sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
   axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
-- 256: 4h_GE at full 256 x 256, R = 6, seed 0.
+- 256: 4h_GE and 4h_mpr at full 256 x 256 (all R and seeds).
 Methods: zero_filled; l1_wavelet (engine.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
-(configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); reference
+(configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
+mode with label-free choices of TV weight, prior weight and stop on 8 % held-out k-space, then a
+refit on all samples; engine.selection2d), which also logs `fast_auto_norefit` (the chosen
+candidate's image before the refit) and every candidate's held-out validation curve with its NRMSE
+(the reference only scores, it never steers the choice); reference
 (configs/reference2d.yaml with --reference-steps iterations instead of 8000, only on the rows
 named by --reference-rows, because one iteration costs seconds on CPU). On the 128 px crops the
 two prior modes get `prior.upsample=2`: the crops' ~2 mm pixels are coarser than the prior's
@@ -25,7 +29,7 @@ run in parts and resume; `report` turns them into benchmarks/results/quality2d.m
 Commands (repository root; the real slices stay in ../shared/data and are never committed):
     nice -n 5 python benchmarks/quality2d.py run --part real --methods zero_filled l1_wavelet l1_wavelet_best inr inr_tv fast
     nice -n 5 python benchmarks/quality2d.py run --part sim
-    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods l1_wavelet_best inr_tv fast
+    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods l1_wavelet l1_wavelet_best inr_tv fast fast_auto
     nice -n 5 python benchmarks/quality2d.py run --part real --methods reference --reference-steps 500 --reference-rows 4h_GE:6:0
     # speed: one row, methods back to back on an otherwise idle machine, into their own file
     python benchmarks/quality2d.py run --part real --cases 4h_GE --rows 4h_GE:6:0 \
@@ -55,12 +59,16 @@ REPORT = REPO / "benchmarks" / "results" / "quality2d.md"
 ACCELERATIONS = (4, 6, 8)
 SEEDS = (0, 1)
 CROP = 128
-METHODS = ("zero_filled", "l1_wavelet", "l1_wavelet_best", "inr", "inr_tv", "fast", "reference")
-CONFIGS = {"inr": "inr2d.yaml", "inr_tv": "inr_tv2d.yaml", "fast": "demo2d.yaml", "reference": "reference2d.yaml"}
+METHODS = ("zero_filled", "l1_wavelet", "l1_wavelet_best", "inr", "inr_tv", "fast", "fast_auto", "reference")
+CONFIGS = {"inr": "inr2d.yaml", "inr_tv": "inr_tv2d.yaml", "fast": "demo2d.yaml", "fast_auto": "auto2d.yaml",
+           "reference": "reference2d.yaml"}
+# written by the fast_auto run itself: its chosen candidate's image before the refit on all samples
+UNREFIT = "fast_auto_norefit"
+REPORTED = (*METHODS[:7], UNREFIT, METHODS[7])
 PARTS = {
     "real": ("4h_GE", "4h_mpr", "4h_Ph"),
     "sim": ("bundled_colin27_z45", "mni152_axial"),
-    "256": ("4h_GE_256",),
+    "256": ("4h_GE_256", "4h_mpr_256"),
 }
 NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 MNI_SLICE = 110  # axial voxel index of the 1 mm MNI152 volume (evaluation-only data)
@@ -121,11 +129,16 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
     overrides = ["progress=false"]
     if method == "reference":
         overrides.append(f"optim.steps={reference_steps}")
-    if method in ("fast", "reference") and kspace.shape[-1] == CROP:
+    if method in ("fast", "fast_auto", "reference") and kspace.shape[-1] == CROP:
         # the 128 px crops have ~2 mm pixels, coarser than the prior's training data: it sees them
         # at 2x (k-space zero-padding; engine.losses.prior_term), 256 px, as it would see the full slice
         overrides.append("prior.upsample=2")
     config = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], overrides)
+    if config.selection.enabled:  # the reference only adds NRMSE to the validation curves
+        image, info = reconstruct_2d(kspace, maps, mask, config, reference, support)
+        return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
+                "steps": info["steps"], "stopped": info["stopped"], "selection": info["selection"],
+                "unrefit_image": info["unrefit_image"]}
     image, info = reconstruct_2d(kspace, maps, mask, config)
     return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
             "steps": info["steps"], "stopped": info["stopped"]}
@@ -145,7 +158,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
     for case in cases or PARTS[part]:
         kspace = load_case(case)
         maps, reference, support = espirit_reference(kspace)
-        rows = [(6, 0)] if part == "256" else [(r, s) for r in ACCELERATIONS for s in SEEDS]
+        rows = [(r, s) for r in ACCELERATIONS for s in SEEDS]
         for acceleration, seed in rows:
             mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)
             if only_rows and f"{case}:{acceleration}:{seed}" not in only_rows:
@@ -157,14 +170,25 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
                 result = run_method(method, kspace, maps, mask, reference, support, reference_steps)
+                unrefit = result.pop("unrefit_image", None)
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},
                        "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+                rows_out = [row]
+                if unrefit is not None:
+                    chosen = row["selection"]["chosen"]
+                    rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals")},
+                                     "method": UNREFIT, **all_metrics(unrefit, reference, support),
+                                     "seconds": row["seconds"] - row["selection"].get("refit_seconds", 0.0),
+                                     "steps": chosen["steps"], "stopped": "selection",
+                                     "machine": row["machine"], "date": row["date"]})
                 with open(out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(f"{case} R={acceleration} seed={seed} {method}: NRMSE {row['nrmse_percent']:.2f} % "
-                      f"in {row['seconds']:.1f} s, {row['prior_evals']} prior evals", flush=True)
+                    fh.writelines(json.dumps(written) + "\n" for written in rows_out)
+                for written in rows_out:
+                    print(f"{case} R={acceleration} seed={seed} {written['method']}: NRMSE "
+                          f"{written['nrmse_percent']:.2f} % in {written['seconds']:.1f} s, "
+                          f"{written['prior_evals']} prior evals", flush=True)
 
 
 def machine() -> str:
@@ -230,6 +254,55 @@ def summary_section(rows: list[dict]) -> list[str]:
     return lines + ["", f"Cases: {', '.join(cases)}; only (case, R, seed) rows where every listed method ran.", ""]
 
 
+def selection_section(rows: list[dict]) -> list[str]:
+    """Per (case, R, seed): INR + TV, fast, fast with label-free choices, what was chosen, and the
+    best candidate of the same list judged by the reference (the oracle), plus the seed spread."""
+    auto = [r for r in rows if r["method"] == "fast_auto"]
+    if not auto:
+        return []
+    nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
+    lines = ["## Label-free choices (fast_auto, configs/auto2d.yaml): per slice, R and mask seed, NRMSE %", "",
+             ("Chosen on 8 % held-out measured samples (no reference); `candidate` is the chosen candidate's "
+              "image (fit without the held-out samples), `refit` the same settings rerun on all samples "
+              "(what fast_auto returns). Oracle: the candidate of the same runs with the lowest NRMSE at its "
+              "own held-out stop (`any stop`: at any check). Within 2 %: chosen candidate <= 1.02 x oracle "
+              "(both fit without the held-out samples)."), "",
+             ("| case | R | seed | INR + TV | fast | fast_auto (refit) | candidate | chosen TV / prior / steps | "
+              "oracle of the list | oracle any stop | within 2 % | selection s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    within, total = 0, 0
+    for r in sorted(auto, key=lambda r: (r["size"], r["case"], r["seed"], r["R"])):
+        key = (r["case"], r["size"], r["R"], r["seed"])
+        selection, chosen = r["selection"], r["selection"]["chosen"]
+        candidates = selection["candidates"]
+        picked = next(c for c in candidates if c["tv_weight"] == chosen["tv_weight"]
+                      and c["prior_weight"] == chosen["prior_weight"])
+        oracle = min(candidates, key=lambda c: c["nrmse_percent"])
+        any_stop = min(p["nrmse_percent"] for c in candidates for p in c["curve"])
+        ok = picked["nrmse_percent"] <= 1.02 * oracle["nrmse_percent"]
+        within, total = within + ok, total + 1
+
+        def shown(method: str, key: tuple = key) -> str:
+            value = nrmse.get((*key, method))
+            return "-" if value is None else f"{value:.2f}"
+
+        lines.append(f"| {r['case']} ({r['size']} px) | {r['R']} | {r['seed']} | {shown('inr_tv')} | {shown('fast')} | "
+                     f"{r['nrmse_percent']:.2f} | {picked['nrmse_percent']:.2f} | {chosen['tv_weight']:g} / "
+                     f"{chosen['prior_weight']:g} / {chosen['steps']} | {oracle['nrmse_percent']:.2f} "
+                     f"({oracle['tv_weight']:g} / {oracle['prior_weight']:g} / {oracle['stop_step']}) | "
+                     f"{any_stop:.2f} | {'yes' if ok else 'no'} | {r['seconds']:.0f} |")
+    lines += ["", f"Chosen within 2 % of the oracle on {within} of {total} rows.", ""]
+    spread = []
+    for method in ("inr_tv", "fast", "fast_auto"):
+        gaps = [abs(nrmse[(c, z, a, 0, method)] - nrmse[(c, z, a, 1, method)])
+                for (c, z, a, s, m) in nrmse if m == method and s == 0 and z != CROP and (c, z, a, 1, method) in nrmse]
+        if gaps:
+            spread.append(f"{method} mean {np.mean(gaps):.2f}, max {np.max(gaps):.2f} points over {len(gaps)} (case, R)")
+    if spread:
+        lines += ["Seed spread at 256 px (|seed 0 - seed 1| NRMSE): " + "; ".join(spread) + ".", ""]
+    return lines
+
+
 def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     rows = read_rows(runs)
     timing = read_rows(timing_runs) if timing_runs is not None else []
@@ -250,12 +323,13 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         "",
     ]
     lines += summary_section(rows)
+    lines += selection_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",
                   "| R | method | seeds | NRMSE % | PSNR dB | SSIM | seconds | prior evals | steps |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for acceleration in ACCELERATIONS:
-            for method in METHODS:
+            for method in REPORTED:
                 entries = by_key.get((case, size, acceleration, method))
                 if not entries:
                     continue

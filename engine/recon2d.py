@@ -41,6 +41,7 @@ from engine.losses.wavelet import wavelet_l1
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
 from engine.physics.fft import ifftc
 from engine.preemption import Preempted, PreemptionFlag
+from engine.selection2d import SelectionConfig
 
 
 @dataclass
@@ -122,6 +123,9 @@ class Recon2DConfig:
     regularisers: RegularisersConfig = field(default_factory=RegularisersConfig)
     prior: PriorTermConfig = field(default_factory=PriorTermConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """label-free per-case choice of TV weight, prior weight and stop on held-out k-space
+    (engine.selection2d); off by default, on in configs/auto2d.yaml."""
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
     """checkpoints of launch/recon2d.py runs (every n steps, at the end and on SIGTERM / SIGUSR1);
     not part of the config hash a resumed run is checked against."""
@@ -409,8 +413,15 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
         ("steps" | "early_stop" | "non_finite"), skipped_steps, history (list of dicts: step, lr,
         total, dc, tv, wavelet, prior[, nrmse_percent]; a skipped step logs {step, skipped: why}),
         resumed_from (step or None), config.
+        With `config.selection.enabled` the work is done by
+        engine.selection2d.select_and_reconstruct_2d (its info adds `selection` and
+        `unrefit_image`); those runs are not checkpointed, `checkpoint_dir` and `resume` are unused.
     """
     config = config or Recon2DConfig()
+    if config.selection.enabled:
+        from engine.selection2d import select_and_reconstruct_2d
+
+        return select_and_reconstruct_2d(kspace, maps, mask, config, reference, support, prior)
     device = resolve_device(config.device)
     kspace_t = _as_tensor(kspace, "kspace", True, device)
     maps_t = _as_tensor(maps, "maps", True, device)

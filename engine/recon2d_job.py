@@ -16,9 +16,10 @@ COMPARISONS = ("zero_filled", "l1_wavelet", "inr")
 
 
 def plain_inr_config(config: Recon2DConfig) -> Recon2DConfig:
-    """The same run with the prior and every regulariser off: the unregularised INR."""
+    """The same run with the prior, every regulariser and the label-free selection off: the unregularised INR."""
     return dataclasses.replace(config, prior=dataclasses.replace(config.prior, mode="off"),
-                               regularisers=RegularisersConfig())
+                               regularisers=RegularisersConfig(),
+                               selection=dataclasses.replace(config.selection, enabled=False))
 
 
 def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = None,
@@ -36,7 +37,8 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     own mask and gets images only.
     Writes to `out_dir` (refused when not empty unless `overwrite`): recon_<method>.npy,
     mask/reference/support .npy, metrics.json (per method nrmse_percent, psnr_db, ssim, seconds,
-    prior_evals, skipped_steps), comparison.png, config.yaml (the resolved config) and
+    prior_evals, skipped_steps; with config.selection.enabled, infusion also gets `selection`: what
+    the held-out samples chose and every candidate's validation curve), comparison.png, config.yaml (the resolved config) and
     history.json; metrics.json is written last, so a folder without it is incomplete. While the
     INR fits run, their checkpoints live in `out_dir/checkpoints/<method>` (deleted once the run is
     complete); `resume` continues an interrupted run from them (a SIGTERM / SIGUSR1 checkpoints
@@ -117,6 +119,8 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
         results[method] = {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
                            "steps": info["steps"], "stopped": info["stopped"],
                            "skipped_steps": info["skipped_steps"]}
+        if "selection" in info:  # what the held-out samples chose, with every candidate's validation curve
+            results[method]["selection"] = info["selection"]
         histories[method] = info["history"]
     for result in results.values():
         result.setdefault("prior_evals", 0)

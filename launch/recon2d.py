@@ -15,6 +15,9 @@ Commands (from the repository root):
     # your fully sampled slice (.npy: coils, ny, nx) at R = 8 with the paper's recipe (slow: 80,000
     # U-Net evaluations)
     python launch/recon2d.py your_slice.npy --accel 8 --config configs/reference2d.yaml --out runs/r8_reference
+    # label-free per-case choices (TV weight, prior weight incl. 0, stop) on 8 % held-out k-space, then a refit
+    python launch/recon2d.py your_slice.npy --accel 6 --config configs/auto2d.yaml --out runs/r6_auto
+    #   (or any config with --set selection.enabled=true)
     # a fastMRI volume, slice 10, 1D random mask with 24 ACS lines, a config override
     python launch/recon2d.py your_case.h5 --slice 10 --mask random1d --accel 4 --calib 24 \
         --set optim.steps=400 prior.every=2 --out runs/case_1d
@@ -89,6 +92,10 @@ def _job(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
                           if k in ("nrmse_percent", "psnr_db", "ssim", "seconds", "prior_evals"))
         print(f"{method:12s} {shown}")
+        if "selection" in values:
+            chosen = values["selection"]["chosen"]
+            print(f"{'':12s} chosen on held-out k-space: tv_weight {chosen['tv_weight']:g}, prior weight "
+                  f"{chosen['prior_weight']:g}, {chosen['steps']} steps (metrics.json: every candidate's curve)")
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,263 @@
+"""Label-free, per-case choices for the 2D fit: a held-out part of the measured k-space decides.
+
+Why: the fast mode's prior weight, TV weight and loss-plateau stop were tuned on two slices; on
+slices from other scanners the prior can cost quality, and a user has no reference to tune
+against. The measured samples are the only ground truth a user has, so a seeded random part of
+them (`holdout_fraction`) is withheld from the fit, and the relative data-consistency error on it,
+||M_h F S x - y_h||^2 / ||y_h||^2 (engine.losses.DataConsistency, "energy"), scores each
+candidate: k-space cross-validation, as in self-supervised MRI (SSDU).
+
+Procedure (`select_and_reconstruct_2d`):
+1. split the mask into fit and held-out samples (`split_holdout`: disjoint, seeded, union = mask);
+2. warm start: the first `warm_start_steps` steps (at most prior.start_step, before which the
+   prior is inactive anyway) run once on the fit samples with the config's TV weight and without
+   the prior; every candidate continues from a copy of that state;
+3. each candidate (TV weight, prior weight) runs on the fit samples; every `validate_every` steps
+   the image the run would return (with average_last: the mean of the last images) is scored on
+   the held-out samples; the run stops after `patience` checks without a new minimum (not before
+   `min_steps`) or at optim.steps. Its score is the minimum, its stop the step of the minimum (the
+   loss-plateau early stop of the config is replaced by this);
+4. search "tv_then_prior": the TV weights with the prior off, then the non-zero prior weights at
+   the chosen TV weight (|tv| + |prior| - 1 runs); "grid": every pair (|tv| x |prior| runs);
+5. the lowest score wins (`choose`); with `refit` the chosen settings run again from scratch on
+   all measured samples for the chosen number of steps and that image is returned, else the
+   chosen candidate's image (fit without the held-out samples).
+A reference, when given, only adds NRMSE to the validation curves (for benchmarks); it never
+steers a choice. The selection runs are not checkpointed (a resumed job starts them again).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SelectionConfig:
+    """Label-free choice of TV weight, prior weight and stop from held-out k-space (module docstring)."""
+
+    enabled: bool = False
+    """choose per case (launch/recon2d.py: --set selection.enabled=true or configs/auto2d.yaml)."""
+    holdout_fraction: float = 0.08
+    """fraction of the measured samples withheld from the candidate fits (0 < f < 0.5)."""
+    holdout_seed: int = 0
+    """seed of the held-out draw (independent of the mask seed)."""
+    tv_weights: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)
+    """candidate regularisers.tv_weight values."""
+    prior_weights: tuple[float, ...] = (0.0, 0.05, 0.1)
+    """candidate constant prior weights (replace prior.weight_start and weight_end; weight_scale is
+    kept); 0 = prior off. Non-zero values are skipped when the config's prior.mode is 'off'."""
+    search: Literal["tv_then_prior", "grid"] = "tv_then_prior"
+    """'tv_then_prior': TV weights with the prior off, then prior weights at the chosen TV weight;
+    'grid': every (TV, prior) pair."""
+    warm_start_steps: int = 100
+    """steps run once and shared by all candidates (capped at prior.start_step and optim.steps - 1;
+    0: none)."""
+    validate_every: int = 25
+    """steps between held-out checks (the stop is chosen on this grid)."""
+    patience: int = 3
+    """stop a candidate after this many checks without a new minimum of the held-out error."""
+    min_steps: int = 200
+    """never stop a candidate before this step (counted from 0, warm start included)."""
+    refit: bool = True
+    """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"selection.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        if not self.tv_weights or not self.prior_weights:
+            raise ValueError("selection.tv_weights and selection.prior_weights must not be empty")
+        if min(self.tv_weights) < 0 or min(self.prior_weights) < 0:
+            raise ValueError("selection weights must be >= 0")
+        if self.validate_every < 1 or self.patience < 1 or self.warm_start_steps < 0:
+            raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
+
+
+def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the measured samples of `mask` `(ny, nx)` into (fit_mask, holdout_mask), float32 0/1.
+
+    A uniform random `fraction` of the measured points (seeded by `seed`) is held out; the two
+    masks are disjoint and their sum is the mask.
+    """
+    measured = np.flatnonzero(np.asarray(mask).ravel() > 0)
+    count = round(fraction * measured.size)
+    if count < 1 or count >= measured.size:
+        raise ValueError(f"holding out {fraction} of {measured.size} measured samples leaves none to "
+                         f"{'hold out' if count < 1 else 'fit'}")
+    held = np.random.default_rng(seed).choice(measured, count, replace=False)
+    holdout = np.zeros(np.asarray(mask).size, np.float32)
+    holdout[held] = 1.0
+    holdout = holdout.reshape(np.shape(mask))
+    return (np.asarray(mask) > 0).astype(np.float32) - holdout, holdout
+
+
+def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate with the lowest held-out error (the first one on a tie)."""
+    return min(candidates, key=lambda c: c["validation_error"])
+
+
+def candidate_config(config, tv_weight: float, prior_weight: float):
+    """`config` with this TV weight, this constant prior weight (0: prior off) and no loss-plateau stop."""
+    prior = (dataclasses.replace(config.prior, mode="off") if prior_weight == 0 else
+             dataclasses.replace(config.prior, weight_start=prior_weight, weight_end=prior_weight))
+    return dataclasses.replace(
+        config, prior=prior, regularisers=dataclasses.replace(config.regularisers, tv_weight=tv_weight),
+        early_stop=dataclasses.replace(config.early_stop, enabled=False),
+        selection=dataclasses.replace(config.selection, enabled=False), progress=False)
+
+
+class _Scorer:
+    """Relative held-out DC error of an image in the data's units (plus NRMSE when a reference is given)."""
+
+    def __init__(self, kspace_t, maps_t, holdout_t, reference, support):
+        from engine.losses.dc import DataConsistency
+
+        self.dc = DataConsistency(kspace_t * holdout_t, maps_t, holdout_t, "energy", "torch")
+        self.reference, self.support = reference, support
+
+    def __call__(self, image: torch.Tensor, step: int) -> dict[str, float]:
+        error = float(self.dc(image))
+        point = {"step": step, "validation_error": error if np.isfinite(error) else float("inf")}
+        if self.reference is not None:
+            from engine.metrics import nrmse_percent
+
+            point["nrmse_percent"] = nrmse_percent(image.cpu().numpy(), self.reference, self.support)
+        return point
+
+
+def _run_candidate(fit, selection: SelectionConfig, scorer: _Scorer) -> dict[str, Any]:
+    """Step `fit` with held-out checks until the patience stop or optim.steps (module docstring, 3)."""
+    curve, best, best_image, since_best = [], None, None, 0
+    while fit.stopped is None:
+        fit.step()
+        if fit.next_step % selection.validate_every and fit.stopped is None:
+            continue
+        image = fit.final_image()
+        point = scorer(image, fit.next_step)
+        curve.append(point)
+        if best is None or point["validation_error"] < best["validation_error"]:
+            best, best_image, since_best = point, image, 0
+        else:
+            since_best += 1
+        if since_best >= selection.patience and fit.next_step >= selection.min_steps:
+            break
+    result = {"validation_error": best["validation_error"], "stop_step": best["step"],
+              "steps_run": fit.next_step, "prior_evals": fit.prior_evals, "skipped_steps": fit.guard.total,
+              "curve": curve}
+    if "nrmse_percent" in best:
+        result["nrmse_percent"] = best["nrmse_percent"]
+    return result | {"image": best_image}
+
+
+def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, reference: Any = None,
+                              support: Any = None, prior: torch.nn.Module | None = None
+                              ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Choose TV weight, prior weight and stop on held-out k-space, then (optionally) refit.
+
+    Args as engine.recon2d.reconstruct_2d (`config.selection` holds the choices).
+    Returns:
+        image `(ny, nx)` complex64 in the units of `kspace` (the refit, or the chosen candidate's
+        image without refit), and info: seconds, steps (of the returned image's run), prior_evals
+        (all runs), stopped ("selection"), history (the refit's), scale, skipped_steps, config,
+        unrefit_image (the chosen candidate's image, fit without the held-out samples) and
+        selection: {holdout_fraction, holdout_seed, fit_samples, holdout_samples, search,
+        warm_start_steps, candidates: [{tv_weight, prior_weight, validation_error, stop_step,
+        steps_run, prior_evals, seconds, curve: [{step, validation_error[, nrmse_percent]}]
+        [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit}.
+    """
+    from engine.config import config_to_dict
+    from engine.recon2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
+
+    selection = config.selection
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    kspace_t = _as_tensor(kspace, "kspace", True, device)
+    maps_t = _as_tensor(maps, "maps", True, device)
+    mask_np = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, np.float32)
+    fit_mask, holdout = split_holdout(mask_np, selection.holdout_fraction, selection.holdout_seed)
+    fit_mask_t, holdout_t = _as_tensor(fit_mask, "mask", False, device), _as_tensor(holdout, "mask", False, device)
+    reference = None if reference is None else np.asarray(reference)
+    support = None if support is None else np.asarray(support)
+    scorer = _Scorer(kspace_t, maps_t, holdout_t, reference, support)
+
+    prior_on = config.prior.mode != "off"
+    prior_weights = [w for w in selection.prior_weights if prior_on or w == 0] or [0.0]
+    if prior_on and any(w > 0 for w in prior_weights) and prior is None:
+        prior = load_prior_for(config.prior, device)  # loaded once, shared by every candidate
+
+    # the prior is inactive before prior.start_step, so a warm start up to it costs no candidate a prior step
+    warm_steps = min(selection.warm_start_steps, config.prior.start_step if prior_on else config.optim.steps,
+                     config.optim.steps - 1)
+    warm_state = None
+    if warm_steps > 0:
+        trunk = INRFit2D(kspace_t, maps_t, fit_mask_t, candidate_config(config, config.regularisers.tv_weight, 0.0),
+                         device, None, None, None)
+        while trunk.next_step < warm_steps and trunk.stopped is None:
+            trunk.step()
+        warm_state = trunk.state_dict(0.0)
+    warm_seconds = time.perf_counter() - start
+
+    candidates: list[dict[str, Any]] = []
+    images: list[torch.Tensor] = []
+
+    def run(tv_weight: float, prior_weight: float) -> None:
+        began = time.perf_counter()
+        fit = INRFit2D(kspace_t, maps_t, fit_mask_t, candidate_config(config, tv_weight, prior_weight),
+                       device, prior, None, None)
+        if warm_state is not None:
+            fit.load_state_dict(copy.deepcopy(warm_state))
+        result = _run_candidate(fit, selection, scorer)
+        images.append(result.pop("image"))
+        candidates.append({"tv_weight": tv_weight, "prior_weight": prior_weight, **result,
+                           "seconds": time.perf_counter() - began})
+
+    if selection.search == "grid":
+        for tv_weight in selection.tv_weights:
+            for prior_weight in prior_weights:
+                run(tv_weight, prior_weight)
+    else:
+        first_prior = 0.0 if 0.0 in prior_weights else prior_weights[0]
+        for tv_weight in selection.tv_weights:
+            run(tv_weight, first_prior)
+        tv_chosen = choose(candidates)["tv_weight"]
+        for prior_weight in prior_weights:
+            if prior_weight != first_prior:
+                run(tv_chosen, prior_weight)
+    chosen = choose(candidates)
+    unrefit_image = images[candidates.index(chosen)]
+    record = {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
+              "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
+              "search": selection.search, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
+              "candidates": candidates,
+              "chosen": {key: chosen[key] for key in ("tv_weight", "prior_weight", "validation_error")}
+              | {"steps": chosen["stop_step"]},
+              "refit": selection.refit}
+    prior_evals = sum(c["prior_evals"] for c in candidates)
+    skipped = sum(c["skipped_steps"] for c in candidates)
+    history: list[dict[str, Any]] = []
+    image, scale = unrefit_image, None
+    if selection.refit:
+        began = time.perf_counter()
+        mask_t = _as_tensor(mask_np, "mask", False, device)
+        refit = INRFit2D(kspace_t, maps_t, mask_t, candidate_config(config, chosen["tv_weight"], chosen["prior_weight"]),
+                         device, prior, reference, support)
+        while refit.next_step < chosen["stop_step"] and refit.stopped is None:
+            refit.step()
+        image, history, prior_evals = refit.final_image(), refit.history, prior_evals + refit.prior_evals
+        scale, skipped = refit.scale, skipped + refit.guard.total
+        record["refit_seconds"] = time.perf_counter() - began
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {"seconds": time.perf_counter() - start, "steps": chosen["stop_step"], "prior_evals": prior_evals,
+            "scale": scale, "stopped": "selection", "skipped_steps": skipped, "last_change": float("nan"),
+            "history": history, "resumed_from": None, "config": config_to_dict(config),
+            "unrefit_image": unrefit_image.cpu().numpy(), "selection": record}
+    return image.cpu().numpy(), info
+
+
+__all__ = ["SelectionConfig", "candidate_config", "choose", "select_and_reconstruct_2d", "split_holdout"]

@@ -1,0 +1,152 @@
+"""engine.selection2d: held-out split, choice by minimum held-out error, end-to-end on a tiny case."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.selection2d import choose, split_holdout
+from tests.test_recon2d import TinyDenoiser, case, small_config  # noqa: F401 (case is a fixture)
+
+
+def test_holdout_is_disjoint_seeded_and_of_the_requested_size():
+    mask = (np.random.default_rng(3).random((40, 40)) < 0.3).astype(np.float32)
+    fit, held = split_holdout(mask, 0.1, seed=7)
+    assert np.all(fit * held == 0) and np.array_equal(fit + held, mask)
+    assert held.sum() == round(0.1 * mask.sum()) and np.all(held <= mask)
+    again, held_again = split_holdout(mask, 0.1, seed=7)
+    assert np.array_equal(held, held_again) and np.array_equal(fit, again)
+    assert not np.array_equal(held, split_holdout(mask, 0.1, seed=8)[1])
+    with pytest.raises(ValueError, match="none to hold out"):
+        split_holdout(np.eye(4, dtype=np.float32), 0.05, seed=0)
+
+
+def test_choose_takes_the_lowest_held_out_error():
+    candidates = [{"name": "a", "validation_error": 0.3}, {"name": "b", "validation_error": 0.1},
+                  {"name": "c", "validation_error": 0.2}]
+    assert choose(candidates)["name"] == "b"
+
+
+def selection_config(**selection):
+    return small_config(optim={"steps": 80}, regularisers={"tv_weight": 1e-4},
+                        prior={"mode": "tweedie", "inject_noise": False, "start_step": 20, "every": 5,
+                               "noise": "loguniform", "t_low": 0.005, "t_high_start": 0.02, "t_high_end": 0.01,
+                               "distance": "l2", "weight_start": 0.1, "weight_end": 0.1, "weight_scale": 1.0},
+                        selection={"enabled": True, "holdout_fraction": 0.1, "validate_every": 10,
+                                   "patience": 2, "min_steps": 40, "warm_start_steps": 20, **selection})
+
+
+def test_selection_end_to_end(case, monkeypatch):  # noqa: F811
+    """Candidates fit without the held-out samples, the refit with all; the minimum wins; curves recorded."""
+    from engine import recon2d
+
+    kspace, maps, mask, image = case
+    seen_masks = []
+    original = recon2d.INRFit2D.__init__
+
+    def recording_init(self, kspace_t, maps_t, mask_t, *args, **kwargs):
+        seen_masks.append(mask_t.cpu().numpy().copy())
+        original(self, kspace_t, maps_t, mask_t, *args, **kwargs)
+
+    monkeypatch.setattr(recon2d.INRFit2D, "__init__", recording_init)
+    # a TV weight of 5 flattens the image: the held-out samples must reject it
+    config = selection_config(tv_weights=[1e-4, 5.0], prior_weights=[0.0, 0.1])
+    denoiser = TinyDenoiser()
+    result, info = recon2d.reconstruct_2d(kspace, maps, mask, config, reference=image, prior=denoiser)
+    record = info["selection"]
+    fit_mask, held = split_holdout(mask, 0.1, 0)
+    # warm start, 2 TV candidates, 1 prior candidate, refit
+    assert len(seen_masks) == 5 and len(record["candidates"]) == 3
+    for seen in seen_masks[:-1]:
+        assert np.array_equal(seen, fit_mask) and np.all(seen * held == 0)
+    assert np.array_equal(seen_masks[-1], mask)
+    errors = [c["validation_error"] for c in record["candidates"]]
+    assert record["chosen"]["validation_error"] == min(errors)
+    assert record["candidates"][1]["tv_weight"] == 5.0 and errors[1] > min(errors)
+    assert record["chosen"]["tv_weight"] == 1e-4
+    for candidate in record["candidates"]:
+        curve = candidate["curve"]
+        best = min(curve, key=lambda point: point["validation_error"])
+        assert candidate["stop_step"] == best["step"] and "nrmse_percent" in best
+        assert [p["step"] for p in curve] == list(range(30, candidate["steps_run"] + 1, 10))
+        # patience: no more than 2 checks after the minimum once past min_steps
+        assert candidate["steps_run"] <= max(candidate["stop_step"] + 20, 40)
+    assert record["candidates"][2]["prior_weight"] == 0.1 and record["candidates"][2]["prior_evals"] > 0
+    assert info["steps"] == record["chosen"]["steps"] and result.shape == mask.shape
+    assert info["unrefit_image"].shape == mask.shape and not np.array_equal(info["unrefit_image"], result)
+    json.dumps(record)  # plain values only
+
+
+def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # noqa: F811
+    from engine.recon2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    config = selection_config(tv_weights=[1e-4], prior_weights=[0.0, 0.1], refit=False)
+    result, info = reconstruct_2d(kspace, maps, mask, config, prior=TinyDenoiser())
+    assert np.array_equal(result, info["unrefit_image"]) and "refit_seconds" not in info["selection"]
+
+
+def fully_sampled_case(path):
+    """A smooth 32 x 32 object with 4 coils, fully sampled, saved as .npy (as in test_recon2d)."""
+    y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
+    image = (np.exp(-(x ** 2 + y ** 2) * 3) * (1 + 0.3 * (x > 0))).astype(np.complex64)
+    maps = np.stack([np.exp(-((x - cx) ** 2 + (y - cy) ** 2)) for cx, cy in [(-1, 0), (1, 0), (0, 1), (0, -1)]])
+    coil_images = (maps * image).astype(np.complex64)
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coil_images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    np.save(path, kspace.astype(np.complex64))
+    return path
+
+
+def test_job_records_the_choice_in_metrics_json(tmp_path):
+    from engine.recon2d_job import recon2d_job
+
+    source = fully_sampled_case(tmp_path / "case.npy")
+    config = small_config(optim={"steps": 60}, selection={"enabled": True, "tv_weights": [1e-4, 1e-3],
+                                                          "validate_every": 10, "min_steps": 30})
+    recon2d_job(config, str(tmp_path / "run"), str(source), acceleration=3.0, seed=0, calib_width=12,
+                compare=("inr",))
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
+    selection = written["infusion"]["selection"]
+    assert selection["chosen"]["prior_weight"] == 0.0  # the config's prior is off: non-zero weights skipped
+    assert [c["tv_weight"] for c in selection["candidates"]] == [1e-4, 1e-3]
+    assert all(c["curve"] for c in selection["candidates"]) and "selection" not in written["inr"]
+
+
+def test_auto2d_is_demo2d_plus_the_selection_section():
+    """configs/auto2d.yaml must not drift from the fixed fast mode it chooses around."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.recon2d import Recon2DConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    auto = load_config(Recon2DConfig, configs / "auto2d.yaml", [])
+    fixed = load_config(Recon2DConfig, configs / "demo2d.yaml", [])
+    assert auto.selection.enabled and dataclasses.replace(auto, selection=fixed.selection) == fixed
+    assert fixed.regularisers.tv_weight in auto.selection.tv_weights
+    assert fixed.prior.weight_start in auto.selection.prior_weights and 0.0 in auto.selection.prior_weights
+
+
+def test_launcher_turns_the_selection_on_with_set(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from engine.config import config_to_dict
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "recon2d.py"
+    spec = importlib.util.spec_from_file_location("launch_recon2d", path)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(small_config(optim={"steps": 40}))))
+    source = fully_sampled_case(tmp_path / "case.npy")
+    code = launcher.main([str(source), "--out", str(tmp_path / "run"), "--config", str(config_file), "--accel", "3",
+                          "--calib-width", "12", "--compare", "--set", "selection.enabled=true",
+                          "--set", "selection.tv_weights=[1e-4, 1e-3]", "--set", "selection.min_steps=20"])
+    assert code == 0 and "chosen on held-out k-space" in capsys.readouterr().out
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]["infusion"]
+    assert len(written["selection"]["candidates"]) == 2
