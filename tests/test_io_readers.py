@@ -31,8 +31,8 @@ from engine.io.skmtea import guess_readout_domain
 from engine.physics.fft import fftc, ifftc
 
 # Development data outside the repository (not shipped: no licence to redistribute); the test
-# skips without it. INFUSION_DEV_DATA overrides the default ../shared/data beside the clone.
-DEV_DATA = Path(os.environ.get("INFUSION_DEV_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# skips without it. INFUSION_SHARED_DATA overrides the default ../shared/data beside the clone.
+DEV_DATA = Path(os.environ.get("INFUSION_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL_BART = DEV_DATA / "raw" / "bart_brain_undersampled" / "ksp.cfl"
 
 ISMRMRD_HEADER = """<?xml version="1.0" encoding="utf-8"?>
@@ -191,7 +191,7 @@ def test_bart_plane_becomes_2d(tmp_path, rng):
     np.testing.assert_array_equal(data.kspace, np.moveaxis(array[0], 2, 0))
 
 
-@pytest.mark.skipif(not REAL_BART.exists(), reason=f"needs the real BART case {REAL_BART} (set INFUSION_DEV_DATA)")
+@pytest.mark.skipif(not REAL_BART.exists(), reason=f"needs the real BART case {REAL_BART} (set INFUSION_SHARED_DATA)")
 def test_real_bart_case():
     data = read_input(REAL_BART)
     assert data.layout == "2d" and data.kspace.shape == (8, 180, 230)
