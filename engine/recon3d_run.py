@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -357,6 +358,8 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
     path, refusal = None, None
     if ctx.is_main:
         path = folder / bundled_store_name(cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)
+        if path.exists() and _without_voxel_size(path):  # made by an engine before voxel sizes: remake it
+            shutil.rmtree(path)
         if not path.exists():
             try:  # e.g. an unreachable acceleration: refused before anything is written
                 mask = bundled_mask_3d(cfg.mask, cfg.acceleration, cfg.calib)
@@ -371,6 +374,17 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
         raise ValueError(refusal)
     ctx.barrier()
     return Path(path)
+
+
+def _without_voxel_size(store: Path) -> bool:
+    """True for a readable hybrid store that records no voxel size (older engines wrote none)."""
+    from engine.io.errors import InputError
+    from engine.io.hybrid_store import HybridStore
+
+    try:
+        return HybridStore(store).voxel_size_mm is None
+    except InputError:  # unreadable: left for the run's own check to name the problem
+        return False
 
 
 # ================================================================================== the job

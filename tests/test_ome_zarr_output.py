@@ -97,3 +97,23 @@ def test_voxel_size_from_acquisition_attributes():
     assert voxel_size_from_acquisition({"recon_fov_mm": [8, 12, 20], "recon_matrix": [4, 6, 9]}, grid) is None
     with pytest.raises(InputError, match=r"case\.zarr: acquisition attribute voxel_size_mm must be 3 positive"):
         voxel_size_from_acquisition({"voxel_size_mm": [1, 0, 1]}, grid, "case.zarr")
+
+
+def test_a_bundled_store_without_voxel_size_is_remade(tmp_path):
+    """Stores cached in outputs/bundled by an engine that recorded no voxel size are remade on
+    reuse, so the volume and montage get the true 3 x 3 x 2 mm instead of square voxels."""
+    from engine.examples import bundled_case_3d, bundled_mask_3d, bundled_store_name
+    from engine.io.data import MulticoilData
+    from engine.io.hybrid_store import prepare_hybrid_store
+    from engine.recon3d_config import BundledCaseConfig
+    from engine.recon3d_run import prepare_bundled_store
+
+    cfg = BundledCaseConfig()
+    old = tmp_path / bundled_store_name(cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)
+    case = bundled_case_3d()
+    data = MulticoilData(kspace=case["kspace"], maps=case["maps"], reference=case["reference"], layout="3d",
+                         source="older engine")
+    prepare_hybrid_store(data, old, mask=bundled_mask_3d(cfg.mask, cfg.acceleration, cfg.calib), chunk_x=cfg.chunk_x)
+    assert HybridStore(old).voxel_size_mm is None
+    path = prepare_bundled_store(cfg, tmp_path, init_distributed(device="cpu", env={}))
+    assert path == old and HybridStore(path).voxel_size_mm == (3.0, 3.0, 2.0)
