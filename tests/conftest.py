@@ -25,3 +25,13 @@ def bundled_2d() -> dict:
     from engine.examples import bundled_case_2d
 
     return bundled_case_2d()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny problems run fastest so, and on the shared 2-core machine OpenMP
+    spin-waits make 2 threads slower. Modules opt in with pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_recon3d import make_tiny_store, one_thread, tiny_config, tiny_prior  # noqa: F401 (fixture)
+from tiny3d import make_tiny_store, tiny_config, tiny_prior
 
 from engine.checkpoint import (
     CheckpointManager,
@@ -23,6 +23,8 @@ from engine.checkpoint import (
 from engine.dist import DistContext, init_distributed, launch_local
 from engine.preemption import REQUEUE_EXIT_CODE, Preempted
 from engine.recon3d_run import run_recon3d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx() -> DistContext:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from test_recon3d import NX, NY, NZ, make_tiny_store, one_thread, tiny_config, tiny_prior  # noqa: F401 (fixture)
+from tiny3d import NX, NY, NZ, make_tiny_store, tiny_config, tiny_prior
 
 from engine.dist import init_distributed
 from engine.io.errors import InputError
 from engine.io.hybrid_store import HybridStore, voxel_size_from_acquisition
 from engine.io.ome_zarr import open_volume
 from engine.recon3d_run import run_recon3d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ome_zarr_models = pytest.importorskip("ome_zarr_models", reason="ome-zarr-models (dev extra) is not installed")
 ome_zarr_reader = pytest.importorskip("ome_zarr.reader", reason="ome-zarr (dev extra) is not installed")

@@ -42,13 +42,7 @@ def tiny_prior(seed: int = 0, sigma_data: float = 0.5) -> EDMPrior:
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianDenoiser:

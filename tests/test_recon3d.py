@@ -7,73 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny3d import NX, TINY, make_tiny_store, tiny_config, tiny_prior
 
-from engine.config import build_config
 from engine.dist import DistContext, init_distributed, launch_local
-from engine.io.data import MulticoilData
-from engine.io.hybrid_store import HybridStore, prepare_hybrid_store
+from engine.io.hybrid_store import HybridStore
 from engine.physics.fft import fftc
 from engine.physics.operators import sense_operator
-from engine.recon3d import Recon3D, Recon3DConfig, dc_sum, global_percentile
+from engine.recon3d import Recon3D, dc_sum, global_percentile
 from engine.recon3d_run import run_recon3d
 
-NX, COILS, NY, NZ, CHUNK_X = 16, 2, 16, 8, 4
-
-TINY = {
-    "steps": 4,
-    "inr": {"hidden": 16, "layers": 1, "encoding": {"kind": "hashgrid", "levels": 4, "log2_table_size": 10,
-                                                    "min_res": 4, "max_res": 16}},
-    "slices": {"per_step": 2, "num_shards": 2, "seed": 3},
-    "dc": {"full_every": 3, "chunk": 3},
-    "prior": {"mode": "tweedie", "distance": "l2", "weight_start": 1.0, "weight_end": 0.5, "weight_scale": 0.1},
-    "tv_weight": 0.01,
-    "optim": {"lr": 0.01},
-    "output": {"progress": False, "eval_rows": 4},
-    "baseline": {"l1_wavelet_3d": False},
-}
-
-
-def tiny_config(**changes) -> Recon3DConfig:
-    from engine.config import merge_dicts
-
-    return build_config(Recon3DConfig, merge_dicts(TINY, changes))
-
-
-def tiny_prior():
-    """A small random EDM U-Net (seeded): the prior path without the shipped weights."""
-    from engine.prior import EDMPrior, UNetConfig
-
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(0)
-    prior = EDMPrior(UNetConfig(base_channels=8, channel_mult=(1, 2), attention_levels=(), groupnorm_groups=4,
-                                noise_embedding_channels=16, embedding_mult=2))
-    torch.set_rng_state(generator_state)
-    return prior.eval()
-
-
-def make_tiny_store(path: Path) -> Path:
-    """A smooth complex volume, 2 random smooth coils, a random mask with a centre: prepared with
-    engine.io.prepare_hybrid_store, chunked by 4 along the readout."""
-    rng = np.random.default_rng(0)
-    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in (NX, NY, NZ)), indexing="ij")
-    image = (np.exp(-(x**2 + 2 * y**2 + z**2) * 2) * np.exp(1j * (x + y))).astype(np.complex64)
-    maps = np.stack([np.exp(-((x - c) ** 2 + y**2)) * np.exp(1j * c * z) for c in (-0.5, 0.5)]).astype(np.complex64)
-    coil_kspace = fftc(torch.from_numpy(maps * image), dims=(1, 2, 3)).numpy()
-    noise = 0.01 * (rng.standard_normal(coil_kspace.shape) + 1j * rng.standard_normal(coil_kspace.shape))
-    mask = (rng.random((NY, NZ)) < 0.5).astype(np.float32)
-    mask[NY // 2 - 2:NY // 2 + 2, NZ // 2 - 1:NZ // 2 + 1] = 1
-    data = MulticoilData(kspace=(coil_kspace + noise).astype(np.complex64), maps=maps, reference=image,
-                         source="tiny", layout="3d")
-    return prepare_hybrid_store(data, path, mask=mask, chunk_x=CHUNK_X)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +247,6 @@ def test_a_non_finite_step_is_skipped_on_every_shard(tiny_store, monkeypatch):
 
 def test_prior_on_unmeasured_frequencies_only_leaves_measured_ones_alone(tiny_store):
     """unmeasured_only in 3D: the prior term's gradient has no component on the measured (ky, kz)."""
-    from engine.physics.fft import fftc
 
     cfg = tiny_config(prior={"mode": "tweedie", "distance": "l2", "every": 1, "start_step": 0,
                              "inject_noise": False, "unmeasured_only": True})

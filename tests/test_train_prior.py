@@ -24,13 +24,7 @@ TINY_MODEL = {"unet": {"base_channels": 8, "channel_mult": [1, 2], "attention_le
               "sigma_data": 0.4}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_volume(shape=(24, 24, 24), seed: int = 0) -> np.ndarray:
