@@ -167,10 +167,21 @@ def test_early_stopper_uses_window_means():
     assert stops == [False] * 7 + [True]
 
 
-def test_bf16_autocast_runs(case):
-    kspace, maps, mask, _ = case
-    image, _info = reconstruct_2d(kspace, maps, mask, small_config(optim={"steps": 5}, autocast_bf16=True))
-    assert image.dtype == np.complex64 and np.isfinite(image).all()
+def test_bf16_autocast_with_the_prior_follows_float32(case):
+    """bf16 autocast of the INR and the U-Net, prior on: the same fit as float32 within bf16 rounding
+    (measured after 20 steps: 0.3 % of the image norm, NRMSE 42.88 vs 42.88 %)."""
+    from tiny3d import tiny_prior
+
+    kspace, maps, mask, truth = case
+    results = {}
+    for bf16 in (False, True):
+        cfg = small_config(optim={"steps": 20}, autocast_bf16=bf16,
+                           prior={"mode": "tweedie", "every": 2, "distance": "l2", "noise": "loguniform"})
+        results[bf16] = reconstruct_2d(kspace, maps, mask, cfg, reference=truth, prior=tiny_prior())
+    (full, full_info), (half, half_info) = results[False], results[True]
+    assert half.dtype == np.complex64 and half_info["prior_evals"] == full_info["prior_evals"] == 10
+    assert 0 < np.linalg.norm(half - full) / np.linalg.norm(full) < 0.02
+    assert abs(half_info["history"][-1]["nrmse_percent"] - full_info["history"][-1]["nrmse_percent"]) < 0.5
 
 
 def test_bad_inputs(case):

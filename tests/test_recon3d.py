@@ -183,18 +183,25 @@ def test_global_percentile_matches_numpy():
     assert abs(got - float(np.percentile(values.numpy(), 99.0))) < 2 * float(values.max()) / 65536 + 1e-4
 
 
-def test_single_process_run_is_reproducible_and_bf16_switch_runs(tiny_store):
+def test_single_process_run_is_reproducible_and_bf16_follows_float32(tiny_store):
     a = Recon3D(tiny_config(), HybridStore(tiny_store), single_process(), prior=tiny_prior())
     b = Recon3D(tiny_config(), HybridStore(tiny_store), single_process(), prior=tiny_prior())
     for _ in range(2):
         ra, rb = a.step(), b.step()
         assert torch.equal(ra.rows, rb.rows) and ra.terms == rb.terms
     assert np.array_equal(a.evaluate_slab(), b.evaluate_slab())
-    # bf16 autocast of trunk and head (the prior is left out: bf16 convolutions are slow on CPU)
-    half = Recon3D(tiny_config(bf16=True, prior={"mode": "off"}), HybridStore(tiny_store), single_process())
-    result = half.step()
-    assert half.bf16 and all(np.isfinite(v) for v in result.terms.values())
-    assert half.evaluate_slab().dtype == np.complex64
+    # bf16 autocast of trunk, head and prior follows float32 within bf16 rounding (measured after 4
+    # steps: DC and prior terms within 0.2 %, the slab within 0.7 % of its norm)
+    half = Recon3D(tiny_config(bf16=True), HybridStore(tiny_store), single_process(), prior=tiny_prior())
+    full = Recon3D(tiny_config(), HybridStore(tiny_store), single_process(), prior=tiny_prior())
+    for _ in range(4):
+        half_terms, full_terms = half.step().terms, full.step().terms
+    assert half.bf16 and not full.bf16
+    for term in ("dc", "prior"):
+        assert half_terms[term] == pytest.approx(full_terms[term], rel=0.02)
+    half_slab, full_slab = half.evaluate_slab(), full.evaluate_slab()
+    assert half_slab.dtype == np.complex64
+    assert 0 < np.linalg.norm(half_slab - full_slab) / np.linalg.norm(full_slab) < 0.03
 
 
 def test_clear_errors_for_impossible_splits(tiny_store):
