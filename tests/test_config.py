@@ -104,14 +104,28 @@ def test_bad_files(tmp_path):
 
 
 def test_shipped_configs_load():
-    """Every configs/*2d.yaml builds a Recon2DConfig (no unknown keys, right types)."""
+    """Every YAML in configs/ builds its config class (no unknown keys, right types), and no YAML
+    there is left out of this list."""
+    import json
     from pathlib import Path
 
+    from engine.prior.train import load_config as load_prior_config
     from engine.recon2d import Recon2DConfig
+    from engine.recon3d_config import Recon3DConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    names = ["demo2d.yaml", "reference2d.yaml", "inr2d.yaml", "inr_tv2d.yaml"]
-    for name in names:
-        cfg = load_config(Recon2DConfig, root / name)
-        assert cfg.optim.steps > 0
+    two_d = ["demo2d.yaml", "reference2d.yaml", "inr2d.yaml", "inr_tv2d.yaml", "auto2d.yaml"]
+    three_d = ["demo3d.yaml", "fullres3d.yaml"]
+    prior = ["prior_train.yaml"]
+    assert sorted(p.name for p in root.glob("*.yaml")) == sorted(two_d + three_d + prior)
+    for name in two_d:
+        assert load_config(Recon2DConfig, root / name).optim.steps > 0
     assert load_config(Recon2DConfig, root / "reference2d.yaml").prior.mode == "reference"
+    assert load_config(Recon2DConfig, root / "auto2d.yaml").selection.enabled
+    demo3d, fullres3d = (load_config(Recon3DConfig, root / name) for name in three_d)
+    assert demo3d.plane_grids.enabled and demo3d.device == "auto"
+    assert fullres3d.steps > 0 and fullres3d.grad_sync in ("allreduce", "ddp", "deepspeed")
+    assert load_prior_config(root / "prior_train.yaml").train.steps > 0
+    for name in ("deepspeed_zero1.json", "deepspeed_zero2.json"):
+        stage = json.loads((root / name).read_text())["zero_optimization"]["stage"]
+        assert stage == int(name[-6])
