@@ -31,7 +31,7 @@ NOT_RUN = [
 # L1-wavelet comparison) change, never what the command exercises.
 FEWER_STEPS = {
     "launch/recon2d.py": ["--set", "optim.steps=3"],
-    "launch/recon3d.py": ["--set", "steps=3", "baseline.l1_wavelet=false"],
+    "launch/recon3d.py": ["--set", "steps=3", "baseline.l1_wavelet_3d=false"],
 }
 
 
