@@ -44,6 +44,7 @@ from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
+from engine.models.encodings import level_resolutions
 from engine.physics.fft import ifftc
 from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from engine.recon3d_config import (
@@ -96,8 +97,7 @@ class PlaneGrids(nn.Module):
     def __init__(self, config: PlaneGridConfig, x_start: int, x_stop: int, plane: tuple[int, int]):
         super().__init__()
         max_res = config.max_res or 2 * max(plane)
-        growth = math.exp((math.log(max_res) - math.log(config.min_res)) / max(config.levels - 1, 1))
-        self.resolutions = [math.floor(config.min_res * growth**level) for level in range(config.levels)]
+        self.resolutions = level_resolutions(config.min_res, max_res, config.levels)
         self.x_start, self.features = x_start, config.features_per_level
         self.levels = nn.ParameterList()
         for res in self.resolutions:

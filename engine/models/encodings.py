@@ -26,6 +26,13 @@ def coordinate_grid(shape: Sequence[int], device: torch.device | str | None = No
     return torch.stack(mesh, dim=-1).reshape(-1, len(shape))
 
 
+def level_resolutions(min_res: int, max_res: int, levels: int) -> list[int]:
+    """Grid resolutions N_l = floor(min_res * b^l), b = exp((ln max_res - ln min_res)/(L-1)) of a
+    multiresolution grid (Instant-NGP eq. 2-3)."""
+    growth = math.exp((math.log(max_res) - math.log(min_res)) / max(levels - 1, 1))
+    return [math.floor(min_res * growth ** level) for level in range(levels)]
+
+
 class FourierFeatures(nn.Module):
     """Gaussian random Fourier features gamma(v) = [sin(2 pi B v), cos(2 pi B v)] (Tancik et al. 2020).
 
@@ -90,8 +97,7 @@ class HashGridEncoding(nn.Module):
         self.features_per_level = features_per_level
         self.table_size = 2 ** log2_table_size
         self.out_dim = levels * features_per_level
-        growth = math.exp((math.log(max_res) - math.log(min_res)) / max(levels - 1, 1))
-        self.resolutions = [math.floor(min_res * growth ** level) for level in range(levels)]
+        self.resolutions = level_resolutions(min_res, max_res, levels)
         self.hashed = [(res + 1) ** in_dim > self.table_size for res in self.resolutions]
         generator = torch.Generator().manual_seed(seed)
         # Level l stores min(T, (N_l+1)^d) vectors (as Instant-NGP does); one Parameter per level so
