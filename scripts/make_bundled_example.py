@@ -1,6 +1,6 @@
-"""Regenerate the bundled example cases in data/ from ../shared/data (Colin27, 1 mm).
+"""Regenerate the bundled example cases in data/ from the Colin27 1 mm volume (mricron-data packaging).
 
-    python scripts/make_bundled_example.py [--source ../shared/data/volumes]
+    python scripts/make_bundled_example.py [--source FOLDER_WITH_COLIN27]   # default: the developers' data folder
 
 Real anatomy, simulated coils and phase. Only the evaluation part of Colin27 is used (world
 z >= 25 mm, voxel index k >= 96 in the 1 mm volume; docs/ARCHITECTURE.md), so the prior, which
@@ -109,7 +109,7 @@ def make_case_2d(volume: np.ndarray) -> Path:
         "</encoding></ismrmrdHeader>"
     )
     params = {
-        "source": f"../shared/data/volumes/{COLIN_FILE}",
+        "source": f"Colin27 {COLIN_FILE}",
         "slice_k": SLICE_K_2D,
         "world_z_mm": SLICE_K_2D - 71,
         "crop_start_colin_y_x": offsets,
@@ -168,7 +168,7 @@ def make_case_3d(volume: np.ndarray) -> Path:
         "case_id": case_id,
         "description": f"{LABEL}: Colin27 evaluation slab world z 25..104 mm, 3 x 3 x 2 mm, "
         f"{SIMULATION['ncoils']} birdcage coils, SNR {SIMULATION['snr']:g}",
-        "source": f"../shared/data/volumes/{COLIN_FILE}",
+        "source": f"Colin27 {COLIN_FILE}",
         "slab_k": list(SLAB_K_3D),
         "axes": "x = Colin y reversed (anterior->posterior, readout), y = Colin x, "
         "z = Colin z (inferior->superior)",
