@@ -11,6 +11,7 @@ This module knows nothing about what the configs hold; 2D and 3D reconstruction 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -125,6 +126,18 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
     raise ConfigError(f"config key '{key}'{where}: unsupported annotation {tp!r}")
 
 
+def _close_names(name: str, known: Mapping[str, Any]) -> list[str]:
+    """Known keys that look like `name`: near spellings and renamed keys (final_lr_fraction ->
+    lr_final_fraction, autocast_bf16 -> bf16: the old name contains, or reorders, the new one)."""
+    close = difflib.get_close_matches(name, list(known), n=2, cutoff=0.6)
+    words = set(name.lower().split("_"))
+    for key in known:
+        same_words = set(key.split("_")) == words
+        if key not in close and (same_words or (len(key) >= 4 and key in name) or (len(name) >= 4 and name in key)):
+            close.append(key)
+    return close
+
+
 def build_config(cls: type[T], data: Mapping[str, Any] | None, *, source: str | None = None,
                  prefix: str = "") -> T:
     """Build the (nested) dataclass `cls` from a mapping; missing keys keep their defaults.
@@ -143,8 +156,11 @@ def build_config(cls: type[T], data: Mapping[str, Any] | None, *, source: str | 
     unknown = [k for k in data if k not in fields]
     if unknown:
         full = [f"{prefix}.{k}" if prefix else str(k) for k in unknown]
+        hints = [f"{key!r}: did you mean {' or '.join(map(repr, guesses))}?" for key, guesses in
+                 ((key, _close_names(str(name), fields)) for key, name in zip(full, unknown)) if guesses]
         raise ConfigError(f"unknown config key{'s' if len(full) > 1 else ''} {', '.join(map(repr, full))}"
-                          f"{_describe(source)}; {cls.__name__} accepts: {', '.join(fields)}")
+                          f"{_describe(source)}{' (' + '; '.join(hints) + ')' if hints else ''}; "
+                          f"{cls.__name__} accepts: {', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name

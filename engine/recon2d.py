@@ -57,8 +57,8 @@ class OptimConfig:
     eps: float = 1e-15
     """Adam epsilon (hash-grid tables get tiny, sparse gradients; Instant-NGP uses 1e-15)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """learning-rate decay after warm-up, down to lr * final_lr_fraction at the last step."""
-    final_lr_fraction: float = 0.1
+    """learning-rate decay after warm-up, down to lr * lr_final_fraction at the last step."""
+    lr_final_fraction: float = 0.1
     """cosine / linear: final lr as a fraction of lr."""
     warmup_steps: int = 0
     """linear warm-up from 0 over this many steps."""
@@ -129,9 +129,9 @@ class Recon2DConfig:
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
     """checkpoints of launch/recon2d.py runs (every n steps, at the end and on SIGTERM / SIGUSR1);
     not part of the config hash a resumed run is checked against."""
-    autocast_bf16: bool | Literal["auto"] = "auto"
-    """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32); 'auto':
-    on CUDA only (CPUs without bf16 units gain nothing)."""
+    bf16: bool | None = None
+    """run the INR trunk and the prior under bf16 autocast (DC and losses stay float32); null:
+    on where the device supports it (CUDA with bf16; CPUs without bf16 units gain nothing)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     seed: int = 0
@@ -174,7 +174,7 @@ def learning_rate_factor(step: int, config: OptimConfig) -> float:
     if config.schedule == "constant":
         return 1.0
     progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps - 1, 1)
-    low = config.final_lr_fraction
+    low = config.lr_final_fraction
     if config.schedule == "cosine":
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0 - (1.0 - low) * progress
@@ -260,7 +260,7 @@ class INRFit2D:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                           eps=config.optim.eps, fused=True)  # one fused kernel per step
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.use_bf16 = device.type == "cuda" if config.autocast_bf16 == "auto" else bool(config.autocast_bf16)
+        self.use_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.bf16 is None else config.bf16
         self.prior_term = None
         if config.prior.mode != "off":
             prior = prior if prior is not None else load_prior_for(config.prior, device)

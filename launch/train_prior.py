@@ -26,9 +26,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.config import add_override_option
+from engine.config import add_override_option, load_config
 from engine.preemption import NON_FINITE_EXIT_CODE
-from engine.prior.train import NonFiniteTraining, load_config, train_prior
+from engine.prior.train import NonFiniteTraining, PriorTrainConfig, train_prior
 from engine.validate import run_cli
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: str, overrides: list[str]) -> int:
     try:
-        summary = train_prior(load_config(config, overrides))
+        summary = train_prior(load_config(PriorTrainConfig, config, overrides))
     except NonFiniteTraining as stopped:
         print(f"error: {stopped}", file=sys.stderr)
         return NON_FINITE_EXIT_CODE

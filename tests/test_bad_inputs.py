@@ -501,9 +501,9 @@ def test_recon3d_keeps_the_checkpoints_of_an_interrupted_run(good_store, recon3d
 
 
 @pytest.mark.parametrize("overrides, pattern", [
-    (["train.stepz=3"], r"TrainConfig: unknown keys \['stepz'\]"),
-    (["train.steps=ten"], r"config key 'train\.steps' must be an integer, got 'ten'"),
-    (["model.unet.channel_mult=2"], r"config key 'model\.unet\.channel_mult' must be a list"),
+    (["train.stepz=3"], r"unknown config key 'train\.stepz' in .*prior_train\.yaml \+ overrides \('train\.stepz': did you mean 'steps'\?\)"),
+    (["train.steps=ten"], r"config key 'train\.steps' in .*prior_train\.yaml \+ overrides must be an integer, got 'ten'"),
+    (["model.unet.channel_mult=2"], r"config key 'model\.unet\.channel_mult' in .*prior_train\.yaml \+ overrides must be a list"),
     (["data.volumes=[{path: {absent}}]", "train.device=cpu"], r"absent\.nii\.gz"),
 ])
 def test_train_prior_refuses(overrides, pattern, mains, tmp_path, capsys):

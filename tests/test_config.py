@@ -109,7 +109,7 @@ def test_shipped_configs_load():
     import json
     from pathlib import Path
 
-    from engine.prior.train import load_config as load_prior_config
+    from engine.prior.train import PriorTrainConfig
     from engine.recon2d import Recon2DConfig
     from engine.recon3d_config import Recon3DConfig
 
@@ -125,7 +125,19 @@ def test_shipped_configs_load():
     demo3d, fullres3d = (load_config(Recon3DConfig, root / name) for name in three_d)
     assert demo3d.plane_grids.enabled and demo3d.device == "auto"
     assert fullres3d.steps > 0 and fullres3d.grad_sync in ("allreduce", "ddp", "deepspeed")
-    assert load_prior_config(root / "prior_train.yaml").train.steps > 0
+    assert load_config(PriorTrainConfig, root / "prior_train.yaml").train.steps > 0
     for name in ("deepspeed_zero1.json", "deepspeed_zero2.json"):
         stage = json.loads((root / name).read_text())["zero_optimization"]["stage"]
         assert stage == int(name[-6])
+
+
+def test_a_renamed_key_is_refused_with_its_new_name():
+    """The old names of renamed keys (2D optim.final_lr_fraction, autocast_bf16) point to the new ones."""
+    from engine.recon2d import Recon2DConfig
+
+    with pytest.raises(ConfigError, match=r"'optim\.final_lr_fraction': did you mean 'lr_final_fraction'\?"):
+        load_config(Recon2DConfig, None, ["optim.final_lr_fraction=0.2"])
+    with pytest.raises(ConfigError, match=r"'autocast_bf16': did you mean 'bf16'\?"):
+        load_config(Recon2DConfig, None, ["autocast_bf16=false"])
+    with pytest.raises(ConfigError, match=r"'optim\.stepz': did you mean 'steps'\?"):
+        load_config(Recon2DConfig, None, ["optim.stepz=3"])

@@ -222,7 +222,7 @@ def test_checkpoint_errors_are_clear(tmp_path) -> None:
         load_prior(tmp_path)
     info["unet"]["bogus"] = 1
     (tmp_path / "arch.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"unknown config key 'unet\.bogus' in .*arch\.json"):
         load_prior(tmp_path)
     with pytest.raises(FileNotFoundError, match="arch.json"):
         load_prior(tmp_path / "missing")

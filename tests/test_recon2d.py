@@ -175,7 +175,7 @@ def test_bf16_autocast_with_the_prior_follows_float32(case):
     kspace, maps, mask, truth = case
     results = {}
     for bf16 in (False, True):
-        cfg = small_config(optim={"steps": 20}, autocast_bf16=bf16,
+        cfg = small_config(optim={"steps": 20}, bf16=bf16,
                            prior={"mode": "tweedie", "every": 2, "distance": "l2", "noise": "loguniform"})
         results[bf16] = reconstruct_2d(kspace, maps, mask, cfg, reference=truth, prior=tiny_prior())
     (full, full_info), (half, half_info) = results[False], results[True]
@@ -197,7 +197,7 @@ def test_bad_inputs(case):
 
 
 def test_learning_rate_schedules():
-    cfg = OptimConfig(steps=11, schedule="cosine", final_lr_fraction=0.1, warmup_steps=0)
+    cfg = OptimConfig(steps=11, schedule="cosine", lr_final_fraction=0.1, warmup_steps=0)
     assert learning_rate_factor(0, cfg) == pytest.approx(1.0)
     assert learning_rate_factor(10, cfg) == pytest.approx(0.1)
     assert learning_rate_factor(5, cfg) == pytest.approx(0.55)

@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+from engine.config import load_config
 from engine.prior import load_prior
 from engine.prior.data import DataConfig, PatchSampler, VolumeSource, read_volume, training_part
-from engine.prior.train import learning_rate, load_config, run_training
+from engine.prior.train import PriorTrainConfig, learning_rate, run_training
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,15 +121,15 @@ def test_patch_sampler(volume_file) -> None:
 
 
 def test_learning_rate_schedule() -> None:
-    cfg = load_config(None, ["train.steps=100", "train.lr=0.01", "train.lr_warmup_steps=10",
+    cfg = load_config(PriorTrainConfig, None, ["train.steps=100", "train.lr=0.01", "train.lr_warmup_steps=10",
                              "train.lr_final_fraction=0.1"]).train
     assert learning_rate(0, cfg) == pytest.approx(0.001)
     assert learning_rate(9, cfg) == pytest.approx(0.01)
     assert learning_rate(100, cfg) == pytest.approx(0.001)
     with pytest.raises(ValueError, match="must look like dotted.key=value"):  # engine.config parses --set
-        load_config(None, ["train.steps"])
-    with pytest.raises(ValueError, match="unknown keys"):
-        load_config(None, ["train.stepz=3"])
+        load_config(PriorTrainConfig, None, ["train.steps"])
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.stepz'"):
+        load_config(PriorTrainConfig, None, ["train.stepz=3"])
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -137,12 +138,12 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def test_resume_is_exact(tmp_path, volume_file) -> None:
-    straight = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
+    straight = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
     cfg_b = tiny_config(volume_file, tmp_path / "b", stop_at_step=2)
-    first = run_training(load_config(write_config(tmp_path, cfg_b)))
+    first = run_training(load_config(PriorTrainConfig, write_config(tmp_path, cfg_b)))
     assert first.summary["steps"] == 2
     cfg_b["train"]["stop_at_step"] = 0
-    resumed = run_training(load_config(write_config(tmp_path, cfg_b)))
+    resumed = run_training(load_config(PriorTrainConfig, write_config(tmp_path, cfg_b)))
     assert resumed.summary["start_step"] == 2
     for mine, theirs in [(resumed.model, straight.model), (resumed.ema, straight.ema)]:
         for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values()):
@@ -164,7 +165,7 @@ def test_resume_is_exact(tmp_path, volume_file) -> None:
 def _ddp_worker(rank: int, world: int, config_path: str, rendezvous: str, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    result = run_training(load_config(config_path), init_method=rendezvous)
+    result = run_training(load_config(PriorTrainConfig, config_path), init_method=rendezvous)
     torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
     import torch.distributed as dist
 
@@ -190,7 +191,7 @@ def test_ddp_two_ranks_gloo_equal_one_process_on_both_ranks_data(tmp_path, volum
     assert len(_csv_rows(tmp_path / "ddp" / "loss.csv")) == 2
 
     draw_one_rank = train_module.draw_batch
-    seed = load_config(path).train.seed
+    seed = load_config(PriorTrainConfig, path).train.seed
     streams = [torch.Generator().manual_seed(seed + 1 + 1000 * rank) for rank in (0, 1)]
 
     def both_ranks_batches(sampler, batch_size, generator):
@@ -198,12 +199,12 @@ def test_ddp_two_ranks_gloo_equal_one_process_on_both_ranks_data(tmp_path, volum
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
     monkeypatch.setattr(train_module, "draw_batch", both_ranks_batches)
-    single = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "one", steps=2))))
+    single = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "one", steps=2))))
     for name, weight in single.model.state_dict().items():
         torch.testing.assert_close(weight, r0[name], rtol=1e-5, atol=1e-6, msg=name)
     # and rank 0's data alone would have given other weights: the check above sees rank 1's data
     monkeypatch.setattr(train_module, "draw_batch", draw_one_rank)
-    alone = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "alone", steps=2))))
+    alone = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "alone", steps=2))))
     assert any(not torch.allclose(p, r0[n], rtol=1e-5, atol=1e-6) for n, p in alone.model.state_dict().items())
 
 

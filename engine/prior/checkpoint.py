@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.config import build_config, config_to_dict
 from engine.prior.edm import EDMPrior
 from engine.prior.intensity import INTENSITY_NORMALISATION
 from engine.prior.unet import UNetConfig
@@ -43,7 +44,7 @@ def save_prior(directory: str | Path, model: EDMPrior, arch: dict | None = None,
     info = {
         "format_version": FORMAT_VERSION,
         "model": "EDMPrior",
-        "unet": arch if arch is not None else model.config.to_dict(),
+        "unet": arch if arch is not None else config_to_dict(model.config),
         "sigma_data": model.sigma_data,
         "intensity_normalisation": INTENSITY_NORMALISATION,
         "input_layout": "(B, 2, H, W) float32, channels (real, imag)",
@@ -78,7 +79,8 @@ def load_prior(directory: str | Path | None = None, device: str | torch.device =
         raise ValueError(f"load_prior: {directory / ARCH_FILE} describes {info.get('model')!r}, not EDMPrior")
     if "unet" not in info or "sigma_data" not in info:
         raise ValueError(f"load_prior: {directory / ARCH_FILE} lacks 'unet' or 'sigma_data'")
-    model = EDMPrior(UNetConfig.from_dict(info["unet"]), sigma_data=float(info["sigma_data"]))
+    model = EDMPrior(build_config(UNetConfig, info["unet"], source=str(directory / ARCH_FILE),
+                                          prefix="unet"), sigma_data=float(info["sigma_data"]))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"load_prior: no {WEIGHTS_FILE} in {directory}")

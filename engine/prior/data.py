@@ -72,21 +72,6 @@ class DataConfig:
     scanner: ScannerAugmentConfig = field(default_factory=ScannerAugmentConfig)
     """Augmentations that mimic other scanners and contrasts (engine/prior/augment.py; off by default)."""
 
-    @classmethod
-    def from_dict(cls, values: dict) -> DataConfig:
-        values = dict(values)
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"DataConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        for v in values.get("volumes") or []:
-            extra = set(v) - set(VolumeSource.__dataclass_fields__) if isinstance(v, dict) else set()
-            if extra:
-                raise ValueError(f"DataConfig.volumes: unknown keys {sorted(extra)} in {v}")
-        from engine.config import build_config  # checks every value's type, naming the key
-
-        return build_config(cls, values, prefix="data")
-
 
 def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a 3D volume: (array (X, Y, Z) float32 or complex64, affine (4, 4) or None)."""

@@ -20,11 +20,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
 
 from engine.checkpoint import atomic_torch_save
+from engine.config import config_to_dict
 from engine.dist import DistContext, init_distributed
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
@@ -67,7 +69,7 @@ class TrainConfig:
     """Steps between training-state checkpoints (and one at the end)."""
     resume: bool = True
     """Continue from out_dir/checkpoint if it exists."""
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "deepspeed"] = "ddp"
     """'ddp' (torch DDP when WORLD_SIZE > 1, plain otherwise) or 'deepspeed'."""
     deepspeed_config: str = "configs/deepspeed_zero2.json"
     """DeepSpeed JSON (ZeRO stage 1 or 2); batch size and lr are set from this config."""
@@ -88,69 +90,23 @@ class TrainConfig:
     NonFiniteTraining, the last checkpoint (written from good weights) kept. DDP path only:
     DeepSpeed steps are not checked."""
 
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
-        from engine.config import build_config  # checks every value's type, naming the key
 
-        return build_config(cls, values, prefix="train")
+@dataclass
+class PriorModelConfig:
+    """The network: the U-Net's architecture and the EDM data standard deviation."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    sigma_data: float = 0.5
+    """Standard deviation of the training patches (EDM preconditioning)."""
 
 
 @dataclass
 class PriorTrainConfig:
-    """The whole run: model, data and training sections."""
+    """The whole run (configs/prior_train.yaml): model, data and training sections."""
 
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    sigma_data: float = 0.5
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PriorTrainConfig:
-        unknown = set(values) - {"model", "data", "train"}
-        if unknown:
-            raise ValueError(f"prior config: unknown sections {sorted(unknown)} (model, data, train)")
-        model = dict(values.get("model", {}))
-        bad = set(model) - {"unet", "sigma_data"}
-        if bad:
-            raise ValueError(f"prior config: unknown keys {sorted(bad)} in 'model' (unet, sigma_data)")
-        sigma_data = model.get("sigma_data", 0.5)
-        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
-            from engine.config import ConfigError  # a ValueError, like the other refusals here
-
-            raise ConfigError(f"config key 'model.sigma_data' must be a number, got {sigma_data!r}")
-        return cls(
-            unet=UNetConfig.from_dict(model.get("unet", {})),
-            sigma_data=float(sigma_data),
-            data=DataConfig.from_dict(values.get("data", {})),
-            train=TrainConfig.from_dict(values.get("train", {})),
-        )
-
-    def to_dict(self) -> dict:
-        from engine.config import config_to_dict  # tuples become lists, for YAML
-
-        data = config_to_dict(self.data)
-        train = asdict(self.train)
-        train["adam_betas"] = list(self.train.adam_betas)
-        return {"model": {"unet": self.unet.to_dict(), "sigma_data": self.sigma_data},
-                "data": data, "train": train}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PriorTrainConfig:
-    """Read a YAML run config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"load_config: {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-    if overrides:  # the same KEY=VALUE parsing as every other launcher (engine.config)
-        from engine.config import merge_dicts, parse_overrides
-
-        values = merge_dicts(values, parse_overrides(overrides))
-    return PriorTrainConfig.from_dict(values)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -304,8 +260,6 @@ def draw_batch(sampler: PatchSampler, batch_size: int, generator: torch.Generato
 def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> TrainResult:
     """:func:`train_prior`, also returning this rank's model and EMA."""
     tc = cfg.train
-    if tc.parallel not in ("ddp", "deepspeed"):
-        raise ValueError(f"train.parallel must be 'ddp' or 'deepspeed', got {tc.parallel!r}")
     info = join_ranks(tc.device, None if tc.parallel == "deepspeed" else init_method)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -314,11 +268,11 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     ckpt_dir = out / "checkpoint"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     info.barrier()
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = EDMPrior(cfg.unet, cfg.sigma_data).to(info.device)
+    model = EDMPrior(cfg.model.unet, cfg.model.sigma_data).to(info.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     data_gen = torch.Generator().manual_seed(tc.seed + 1 + 1000 * info.rank)
 
@@ -379,7 +333,7 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
             group["lr"] = lr
         clean, sigma, noise = (t.to(info.device) for t in draw_batch(sampler, tc.batch_size, data_gen))
         with autocast:
-            loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.sigma_data)
+            loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.model.sigma_data)
         bad = False
         if engine is not None:
             engine.backward(loss)
@@ -451,11 +405,11 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
 
 __all__ = [
     "NonFiniteTraining",
+    "PriorModelConfig",
     "PriorTrainConfig",
     "TrainConfig",
     "TrainResult",
     "learning_rate",
-    "load_config",
     "run_training",
     "train_prior",
     "update_ema",

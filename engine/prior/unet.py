@@ -11,7 +11,7 @@ The network F_theta(c_in * x; c_noise) of EDM (Karras et al. 2022, Eq. 7): input
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +42,6 @@ class UNetConfig:
     """Groups of every GroupNorm (each level's channel count must be divisible by it)."""
     dropout: float = 0.0
     """Dropout inside residual blocks."""
-
-    @classmethod
-    def from_dict(cls, values: dict) -> UNetConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        from engine.config import build_config  # checks every value's type, naming the key
-
-        return build_config(cls, values, prefix="model.unet")
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["channel_mult"] = list(self.channel_mult)
-        values["attention_levels"] = list(self.attention_levels)
-        return values
 
     @property
     def size_multiple(self) -> int:
