@@ -2,8 +2,9 @@
 
 One step = forward + loss + adjoint (loss.backward() with respect to the image), the work the
 reconstruction loops do per iteration. Paths:
-  composite   torch autograd through engine.physics.operators.sense_operator (fftshift, fftn, ...)
-  torch-ref   kernels.sense.dc_loss(backend="torch"): modulation instead of shifts, custom backward
+  composite   torch autograd through engine.physics.sense.sense_operator (fftshift, fftn, ...)
+  torch-ref   kernels.sense.dc_loss(backend="torch") = engine.physics.sense.residual_sum: modulation
+              instead of shifts, plain autograd
   triton      dc_loss(backend="triton", fft="torch"): Triton kernels (1)-(3) around cuFFT
   triton-fft  dc_loss(backend="triton", fft="triton"): Triton FFT fused into (1)-(3)
               (power-of-two planes only: 256 x 256 here)
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.physics.operators import sense_operator
+from engine.physics.sense import sense_operator
 from kernels.sense import dc_loss, triton_fft_applies
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from engine.metrics import nrmse_percent
+from engine.physics import sense
 from engine.physics.fft import ifftc
-from engine.physics.operators import sense_operator
+from engine.physics.sense import sense_operator
 
 # Both tuned on the Colin27 training-part slice (module docstring): lowest mean NRMSE over
 # R = 4, 6, 8 x seeds 0, 1 (c on a 0.25-decade grid: 3.5 % vs 3.6 % at 1.8e-4, 3.8 % at 5.6e-5).
@@ -497,22 +498,10 @@ L1_3D_ITERATIONS = 100
 L1_3D_HALO = 8  # readout planes added on each side of a slab: the db4 support at the finest levels
 
 
-def _hybrid_forward(volume: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(n, ny, nz) -> (n, C, ky, kz): M F_yz (S v)."""
-    from engine.physics.fft import fftc
-
-    return fftc(maps * volume[:, None]) * mask
-
-
-def _hybrid_adjoint(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(n, C, ky, kz) -> (n, ny, nz): sum_c conj(S_c) F_yz^H (M y_c)."""
-    return (maps.conj() * ifftc(kspace * mask)).sum(dim=1)
-
-
 def zero_filled_3d(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """SENSE adjoint of hybrid k-space (n, C, ky, kz) with maps (n, C, ny, nz) -> (n, ny, nz) complex64."""
     k, m = torch.from_numpy(np.asarray(kspace, np.complex64)), torch.from_numpy(np.asarray(maps, np.complex64))
-    return _hybrid_adjoint(k, m, torch.from_numpy(np.asarray(mask, np.float32))).numpy()
+    return sense.adjoint(k, m, torch.from_numpy(np.asarray(mask, np.float32))).numpy()
 
 
 def intensity_scale_3d(zero_filled_volume: np.ndarray) -> float:
@@ -552,12 +541,12 @@ def l1_wavelet_3d(
         raise ValueError(f"expected kspace and maps (n, C, ky, kz) and mask (ky, kz), got "
                          f"{tuple(k.shape)}, {tuple(m.shape)}, {tuple(w.shape)}")
     k = k * w
-    adjoint_data = _hybrid_adjoint(k, m, w)
+    adjoint_data = sense.adjoint(k, m, w)
     if lamda is None:
         lamda = factor * (intensity_scale_3d(adjoint_data.numpy()) if scale is None else scale)
 
     def normal(v: torch.Tensor) -> torch.Tensor:
-        return _hybrid_adjoint(_hybrid_forward(v, m, w), m, w)
+        return sense.adjoint(sense.forward(v, m, w), m, w)
 
     step = 1.0 / max_eigenvalue(normal, torch.zeros(adjoint_data.shape, dtype=torch.complex64))
     wavelet = sp.linop.Wavelet(tuple(adjoint_data.shape), wave_name=wave_name)

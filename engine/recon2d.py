@@ -34,12 +34,12 @@ import torch
 
 from engine.checkpoint import CheckpointConfig, capture_rng_state, restore_rng_state
 from engine.config import config_to_dict
-from engine.losses.dc import DataConsistency
+from engine.losses.dc import Backend, DataConsistency
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.losses.tv import total_variation
 from engine.losses.wavelet import wavelet_l1
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
-from engine.physics.fft import ifftc
+from engine.physics import sense
 from engine.preemption import Preempted, PreemptionFlag
 from engine.selection2d import SelectionConfig
 
@@ -73,8 +73,9 @@ class DCConfig:
     normalisation: Literal["samples", "energy", "none", "array"] = "samples"
     """'samples': mean over measured samples; 'array': mean over the whole k-space array (the
     paper's MSE); 'energy': relative to ||y||^2; 'none': plain sum (engine.losses.dc)."""
-    backend: Literal["auto", "torch", "kernels"] = "auto"
-    """'kernels': kernels.sense.dc_loss; 'torch': engine.losses.dc's own path; 'auto': kernels if present."""
+    backend: Backend = "auto"
+    """kernels.sense backend: 'triton' (fused kernels, CUDA), 'torch' (engine.physics.sense) or 'auto'
+    (Triton for CUDA tensors with even plane sizes, torch otherwise)."""
 
 
 @dataclass
@@ -156,7 +157,7 @@ def resolve_device(name: str) -> torch.device:
 
 def zero_filled_image(kspace: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """sum_c conj(S_c) ifftc(y_c): `(C, ny, nx)` -> `(ny, nx)` complex."""
-    return (maps.conj() * ifftc(kspace)).sum(0)
+    return sense.adjoint(kspace, maps)
 
 
 def robust_scale(image: torch.Tensor, percentile: float = 99.0) -> float:

@@ -45,7 +45,7 @@ from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
 from engine.models.encodings import level_resolutions
-from engine.physics.fft import ifftc
+from engine.physics import sense
 from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from engine.recon3d_config import (
     BaselineConfig,
@@ -60,6 +60,7 @@ from engine.recon3d_config import (
     result_config,
 )
 from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
+from kernels.sense import dc_loss
 
 # ================================================================================== pieces
 
@@ -143,19 +144,6 @@ def build_sharded_inr(config: INRConfig, nx: int, x_start: int, x_stop: int) -> 
         head.weight.copy_(full.head.weight[x_start:x_stop])
         head.bias.copy_(full.head.bias[x_start:x_stop])
     return GridTrunk(full.encoding, full.trunk), head
-
-
-def dc_sum(image: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, kspace: torch.Tensor,
-           backend: str = "auto") -> torch.Tensor:
-    """sum |M F (S image) - y|^2 over a batch of planes (differentiable, float32 scalar).
-
-    image (B, ny, nz) complex64; maps, kspace (B, C, ny, nz) complex64 (kspace zero outside the
-    mask); mask (ny, nz) float32. The engine's one DC call: kernels.sense.dc_loss (fused Triton
-    kernels on CUDA, the torch reference on CPU; backend "auto" | "torch" | "triton").
-    """
-    from kernels.sense import dc_loss
-
-    return dc_loss(image, maps, mask, kspace, backend=backend)
 
 
 def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: int = 65536) -> float:
@@ -263,7 +251,7 @@ class Recon3D:
         self.reference = None if slab.reference is None else np.asarray(slab.reference)
         self.measured_per_plane = float(mask.sum()) * coils
         # Intensity convention of the prior: 99th percentile of the zero-filled magnitude -> 1.
-        zero_filled = torch.cat([(m.conj() * ifftc(k)).sum(dim=1) for k, m in zip(kspace.split(8), maps.split(8))])
+        zero_filled = torch.cat([sense.adjoint(k, m) for k, m in zip(kspace.split(8), maps.split(8))])
         self.scale = global_percentile(zero_filled.abs(), 99.0, ctx)
         self.zero_filled = zero_filled.numpy()
         kspace = kspace / self.scale
@@ -378,7 +366,7 @@ class Recon3D:
 
     def _dc_term(self, planes: torch.Tensor, rows: torch.Tensor, weight: float) -> torch.Tensor:
         kspace, maps = self._slab_data(rows)
-        return dc_sum(planes, maps, self.mask, kspace, self.cfg.dc.backend) * (weight / self.measured_per_plane)
+        return dc_loss(planes, maps, self.mask, kspace, backend=self.cfg.dc.backend) * (weight / self.measured_per_plane)
 
     def step(self) -> StepResult:
         """One optimisation step (collective when distributed)."""
@@ -560,7 +548,6 @@ __all__ = [
     "SliceConfig",
     "StepResult",
     "build_sharded_inr",
-    "dc_sum",
     "global_percentile",
     "result_config",
 ]

@@ -13,6 +13,7 @@ from engine.checkpoint import (
     CheckpointConfig,
 )
 from engine.config import config_to_dict
+from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
 
@@ -43,8 +44,9 @@ class DCConfig:
     """The last n steps all use full DC."""
     chunk: int = 16
     """Planes per chunk in a full-DC pass (bounds its memory)."""
-    backend: str = "auto"
-    """kernels.sense backend when present ("auto": Triton on CUDA, torch on CPU)."""
+    backend: Backend = "auto"
+    """kernels.sense backend: 'triton' (fused kernels, CUDA), 'torch' (engine.physics.sense) or 'auto'
+    (Triton for CUDA tensors with even plane sizes, torch otherwise)."""
 
 
 @dataclass

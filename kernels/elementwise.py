@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import centring_sign
+from engine.physics.sense import centring_sign
 from kernels.runtime import check_launchable
 
 ELEMENTWISE_BLOCK = 1024  # pixels per program for kernels (1) and (2)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.physics.sense import centring_sign
 from kernels.elementwise import (
     as_float_mask,
     checkerboard_sign,
@@ -31,7 +32,6 @@ from kernels.elementwise import (
     scale_tensor,
     store_complex,
 )
-from kernels.reference import centring_sign
 from kernels.runtime import check_launchable
 from kernels.stockham_fft import check_length, lines_per_program, stockham_fft, twiddles
 

@@ -1,45 +1,21 @@
 """Pure-torch references of every Triton kernel in this package (no triton import).
 
 Each function has the signature of the Triton launcher it specifies (`kernels.elementwise`,
-`kernels.stockham_fft`, `kernels.fused_fft`) and works for any complex dtype, so the CPU path,
-float64 gradcheck and the kernel tests all use them. They live in one triton-free module, rather
+`kernels.stockham_fft`, `kernels.fused_fft`) and works for any complex dtype,
+so the kernel tests compare each launcher with its reference. They live in one triton-free module, rather
 than inside each kernel file, because importing triton must stay optional (CPU builds of torch).
 
-Centring identity used by the fused path (even ny and nx only). With the checkerboard
-m[u, v] = (-1)^(u+v) and the sign s = (-1)^(ny/2 + nx/2):
-
-    fftc(x)  = s * m * fft2(m * x,  norm="ortho")
-    ifftc(k) = s * m * ifft2(m * k, norm="ortho")
-
-Why: for even n, ifftshift is a roll by n/2, which multiplies the DFT by (-1)^k; the output
-fftshift evaluates that DFT at k - n/2, which turns exp(-2 pi i j k / n) into (-1)^j exp(...) and
-leaves (-1)^(k - n/2) = (-1)^(n/2) (-1)^k in front. s = +1 whenever ny and nx are multiples of 4
-(all benchmark sizes: 160, 256, 320, 512); s = -1 e.g. for 6 x 8. For odd n the shifts are not a
-modulation at all, so odd sizes take the shift path (`engine.physics.fft`) instead.
+The centring identity the kernels use (even ny and nx) and the SENSE model they compute are
+defined in engine.physics.sense; these functions split that computation the way the kernels do.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.physics.sense import centring_sign, checkerboard
+
 NORMS = ("ortho", "backward", "forward")
-
-
-def centring_sign(ny: int, nx: int) -> int:
-    """s = (-1)^(ny/2 + nx/2) of the centring identity; ValueError for odd sizes."""
-    if ny % 2 or nx % 2:
-        raise ValueError(
-            f"the modulation form of the centred FFT needs even plane sizes, got {ny} x {nx}; "
-            "odd sizes must use the fftshift path (engine.physics.fft.fftc)"
-        )
-    return -1 if (ny // 2 + nx // 2) % 2 else 1
-
-
-def checkerboard(ny: int, nx: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """m[u, v] = (-1)^(u+v), shape (ny, nx), real `dtype`."""
-    u = torch.arange(ny, device=device).unsqueeze(1)
-    v = torch.arange(nx, device=device).unsqueeze(0)
-    return (1 - 2 * ((u + v) % 2)).to(dtype)
 
 
 def _real_dtype(tensor: torch.Tensor) -> torch.dtype:

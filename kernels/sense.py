@@ -1,5 +1,6 @@
-"""SENSE forward model, adjoint and data-consistency loss through fused kernels: the one call the
-2D and 3D reconstruction loops make.
+"""The SENSE forward model, adjoint and data-consistency loss behind one call, with fused Triton
+kernels as the fast path on CUDA: the call the 2D and 3D reconstruction loops make (through
+engine.losses.dc.DataConsistency).
 
     loss = dc_loss(image, maps, mask, kspace)     # sum_{b,c,pixels} |M F(S_c x_b) - M y_bc|^2
 
@@ -10,17 +11,18 @@ centred orthonormal FFT of engine.physics.fft.fftc. The loss is the plain sum of
 divided by the number of samples: the caller scales it (e.g. by 1 / mask.sum() / C / B for an MSE).
 
 Backends (`backend=`):
-  "torch"  pure torch (kernels.reference + torch.fft); any complex dtype (complex128 for gradcheck).
-           Odd ny or nx take the fftshift path: autograd through engine.physics.operators.
-  "triton" the Triton kernels of kernels.elementwise (complex64; even ny and nx, else ValueError).
+  "torch"  engine.physics.sense, the definition of the model (plain autograd; any complex dtype,
+           complex128 for gradcheck; odd ny or nx through the fftshift form).
+  "triton" the Triton kernels of kernels.elementwise (complex64; even ny and nx, else ValueError),
+           tested against "torch" (tests/test_kernels_sense.py).
   "auto"   "triton" for CUDA tensors with even plane sizes when triton is installed, else "torch".
-FFT between the fused elementwise kernels (`fft=`):
+FFT between the fused elementwise kernels (`fft=`, Triton only):
   "torch"  torch.fft (cuFFT on GPU): the default until benchmarks/kernels.py shows otherwise.
   "triton" the Triton Stockham FFT fused with the elementwise kernels (kernels.fused_fft) where
            both plane sizes are powers of two <= 512; other sizes (320, 160) silently use cuFFT.
 
-`dc_loss` is an autograd.Function: forward = kernel (1), FFT, kernel (2) (loss and the masked
-residual in one pass); backward = 2 * dL * S^H F^H (M r) = inverse FFT then kernel (3). It
+On Triton, `dc_loss` is an autograd.Function: forward = kernel (1), FFT, kernel (2) (loss and the
+masked residual in one pass); backward = 2 * dL * S^H F^H (M r) = inverse FFT then kernel (3). It
 differentiates with respect to `image` only. `sense_forward` / `sense_adjoint` are autograd
 Functions too (each one's backward is the other), with respect to image / kspace.
 """
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kernels import reference
+from engine.physics import sense as model
 from kernels.runtime import kernel_module, triton_available
 
 BACKENDS = ("auto", "torch", "triton")
@@ -138,12 +140,8 @@ def triton_fft_applies(ny: int, nx: int) -> bool:
     return all(2 <= n <= 512 and n & (n - 1) == 0 for n in (ny, nx))
 
 
-def make_pipeline(
-    backend: str, fft: str, ny: int, nx: int
-) -> ElementwisePipeline | FusedFFTPipeline:
-    """The pipeline for a resolved backend ("torch" or "triton") and FFT choice."""
-    if backend == "torch":
-        return ElementwisePipeline(reference, _torch_fft2, _torch_ifft2)
+def make_pipeline(fft: str, ny: int, nx: int) -> ElementwisePipeline | FusedFFTPipeline:
+    """The Triton pipeline for this FFT choice and plane size."""
     elementwise = kernel_module("elementwise")
     if fft == "triton" and triton_fft_applies(ny, nx):
         return FusedFFTPipeline(kernel_module("fused_fft"), _triton_fft2_pipeline(elementwise))
@@ -151,7 +149,7 @@ def make_pipeline(
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, ny: int, nx: int) -> str:
-    """ "torch", "triton", or "shift" (torch with fftshifts, for odd sizes) for these inputs."""
+    """ "torch" or "triton" for these inputs (module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     even = ny % 2 == 0 and nx % 2 == 0
@@ -164,7 +162,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, ny: int, nx: int) -> str
         return "triton"
     if backend == "auto" and even and tensor.is_cuda and triton_available():
         return "triton"
-    return "torch" if even else "shift"
+    return "torch"
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -225,7 +223,7 @@ def _refuse_grad(**tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"`{name}` requires grad, but these fused operators differentiate only "
                 "with respect to the image (forward, loss) or k-space (adjoint); detach it, or use "
-                "engine.physics.operators.sense_operator for other gradients"
+                "backend='torch' (engine.physics.sense) for other gradients"
             )
 
 
@@ -286,19 +284,15 @@ class _SenseAdjoint(torch.autograd.Function):
 
 def _prepare(
     backend: str, fft: str, ny: int, nx: int, differentiated: str, tensors: dict[str, torch.Tensor]
-) -> tuple[str, ElementwisePipeline | FusedFFTPipeline | None, dict[str, torch.Tensor]]:
-    """Resolve the backend and pipeline; check gradients and dtypes of the named inputs."""
+) -> tuple[ElementwisePipeline | FusedFFTPipeline | None, dict[str, torch.Tensor]]:
+    """The Triton pipeline (None: the torch backend); checks gradients and dtypes for Triton."""
     if fft not in FFT_IMPLEMENTATIONS:
         raise ValueError(f"fft must be one of {FFT_IMPLEMENTATIONS}, got {fft!r}")
-    resolved = resolve_backend(backend, tensors[differentiated], ny, nx)
-    if resolved == "shift":
-        return resolved, None, tensors
+    if resolve_backend(backend, tensors[differentiated], ny, nx) == "torch":
+        return None, tensors
     _refuse_grad(**{name: t for name, t in tensors.items() if name != differentiated})
-    if resolved == "triton":
-        tensors = {
-            name: _as_complex64(name, t) if t.is_complex() else t for name, t in tensors.items()
-        }
-    return resolved, make_pipeline(resolved, fft, ny, nx), tensors
+    tensors = {name: _as_complex64(name, t) if t.is_complex() else t for name, t in tensors.items()}
+    return make_pipeline(fft, ny, nx), tensors
 
 
 def sense_forward(
@@ -317,11 +311,9 @@ def sense_forward(
     _check_maps(maps, batch, ny, nx)
     _check_mask(mask, ny, nx)
     _check_devices(image=image, maps=maps, mask=mask)
-    resolved, pipeline, t = _prepare(
-        backend, fft, ny, nx, "image", {"image": image, "maps": maps, "mask": mask}
-    )
-    if resolved == "shift":
-        return _shift_operator(maps, mask)(image)
+    pipeline, t = _prepare(backend, fft, ny, nx, "image", {"image": image, "maps": maps, "mask": mask})
+    if pipeline is None:
+        return model.forward(image, maps, mask)
     return _SenseForward.apply(t["image"], t["maps"], t["mask"], pipeline)
 
 
@@ -343,11 +335,9 @@ def sense_adjoint(
         raise ValueError(f"`maps` has {maps.shape[1]} coils, `kspace` has {n_coils}")
     _check_mask(mask, ny, nx)
     _check_devices(kspace=kspace, maps=maps, mask=mask)
-    resolved, pipeline, t = _prepare(
-        backend, fft, ny, nx, "kspace", {"kspace": kspace, "maps": maps, "mask": mask}
-    )
-    if resolved == "shift":
-        return _shift_operator(maps, mask).adjoint(kspace)
+    pipeline, t = _prepare(backend, fft, ny, nx, "kspace", {"kspace": kspace, "maps": maps, "mask": mask})
+    if pipeline is None:
+        return model.adjoint(kspace, maps, mask)
     return _SenseAdjoint.apply(t["kspace"], t["maps"], t["mask"], pipeline)
 
 
@@ -375,22 +365,9 @@ def dc_loss(
     _check_mask(mask, ny, nx)
     _check_kspace(kspace, batch, maps.shape[1], ny, nx)
     _check_devices(image=image, maps=maps, mask=mask, kspace=kspace)
-    resolved, pipeline, t = _prepare(
-        backend,
-        fft,
-        ny,
-        nx,
-        "image",
-        {"image": image, "maps": maps, "mask": mask, "kspace": kspace},
+    pipeline, t = _prepare(
+        backend, fft, ny, nx, "image", {"image": image, "maps": maps, "mask": mask, "kspace": kspace}
     )
-    if resolved == "shift":
-        residual = _shift_operator(maps, mask)(image) - mask.to(kspace.real.dtype) * kspace
-        return torch.sum(torch.abs(residual) ** 2)
+    if pipeline is None:
+        return model.residual_sum(image, maps, mask, kspace)
     return _DataConsistencyLoss.apply(t["image"], t["maps"], t["mask"], t["kspace"], pipeline)
-
-
-def _shift_operator(maps: torch.Tensor, mask: torch.Tensor):
-    """The fftshift-based SENSE operator (odd plane sizes)."""
-    from engine.physics.operators import sense_operator
-
-    return sense_operator(maps, mask)

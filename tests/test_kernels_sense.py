@@ -1,5 +1,5 @@
 """kernels.sense: dc_loss, sense_forward and sense_adjoint on every backend against the composite
-torch operators (engine.physics.operators.sense_operator), under the Triton interpreter.
+SENSE model (engine.physics.sense.sense_operator), under the Triton interpreter.
 
 Tolerances: float32 paths agree with the composite to summation-order rounding (loss rtol 1e-5,
 fields 2e-6 of their peak); the float64 gradchecks use torch's defaults.
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from engine.physics.operators import sense_operator
+from engine.physics.sense import sense_operator
 from kernels import sense
 from kernels.runtime import check_launchable, triton_available, triton_interpreter
 
@@ -155,11 +155,11 @@ def test_odd_sizes_use_the_shift_path_on_torch_and_are_refused_by_triton():
 def test_backend_and_fft_selection():
     cpu = torch.zeros(1)
     assert sense.resolve_backend("auto", cpu, 8, 8) == "torch"  # auto = triton on CUDA only
-    assert sense.resolve_backend("auto", cpu, 7, 8) == "shift"
+    assert sense.resolve_backend("auto", cpu, 7, 8) == "torch"  # odd: the fftshift form
     assert sense.resolve_backend("triton", cpu, 8, 8) == "triton"
-    assert isinstance(sense.make_pipeline("triton", "triton", 16, 32), sense.FusedFFTPipeline)
+    assert isinstance(sense.make_pipeline("triton", 16, 32), sense.FusedFFTPipeline)
     # 320 and 160 are no powers of two: the fused elementwise kernels run around torch.fft.
-    fallback = sense.make_pipeline("triton", "triton", 320, 160)
+    fallback = sense.make_pipeline("triton", 320, 160)
     assert isinstance(fallback, sense.ElementwisePipeline) and fallback.fft2 is sense._torch_fft2
     with pytest.raises(ValueError, match="backend must be one of"):
         sense.resolve_backend("cuda", cpu, 8, 8)
@@ -173,7 +173,7 @@ def test_auto_backend_picks_triton_for_cuda_tensors_of_even_planes(monkeypatch):
 
     monkeypatch.setattr(sense, "triton_available", lambda: True)
     assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "triton"
-    assert sense.resolve_backend("auto", CudaTensorStandIn(), 15, 256) == "shift"  # odd: fftshift path
+    assert sense.resolve_backend("auto", CudaTensorStandIn(), 15, 256) == "torch"  # odd: fftshift form
     monkeypatch.setattr(sense, "triton_available", lambda: False)
     assert sense.resolve_backend("auto", CudaTensorStandIn(), 16, 256) == "torch"
 

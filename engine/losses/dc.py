@@ -10,37 +10,20 @@ Normalisation (`normalisation`):
   masked array that the paper's code uses ("samples" times the sampling fraction).
 - "none": the plain sum of squared residuals.
 
-Backends: "kernels" = `kernels.sense.dc_loss` (fused Triton kernels on CUDA, their torch
-reference on CPU); "torch" = the local path below, which folds the centring shifts into the coil
-maps and the data once (the modulation identity of kernels/reference.py: for even sizes
-fftc(z) = s m fft2(m z) with m the (-1)^(u+v) checkerboard and s = +-1), so each evaluation is
-one coil multiply, one unshifted FFT and one masked difference; "auto" = "kernels" for CUDA
-tensors when that module exists, else "torch" (on 2 CPU cores the kernels' torch reference took
-1.29 s per INR step at 128 x 128 x 4 coils against 0.41 s for the local path, measured 2026-11-26).
+Every evaluation is one call of `kernels.sense.dc_loss` (backend "auto": the fused Triton kernels
+for CUDA tensors with even plane sizes, otherwise engine.physics.sense in plain torch; "torch",
+"triton" force one).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Literal
 
 import torch
 
-from engine.physics.fft import fftc
+from kernels.sense import dc_loss
 
 Normalisation = Literal["samples", "energy", "array", "none"]
-
-
-def _kernels_dc_loss():
-    try:
-        return importlib.import_module("kernels.sense").dc_loss
-    except (ImportError, AttributeError):
-        return None
-
-
-def _checkerboard(ny: int, nx: int, device: torch.device) -> torch.Tensor:
-    u = torch.arange(ny, device=device).unsqueeze(1)
-    v = torch.arange(nx, device=device).unsqueeze(0)
-    return (1 - 2 * ((u + v) % 2)).float()
+Backend = Literal["auto", "torch", "triton"]
 
 
 class DataConsistency(torch.nn.Module):
@@ -51,7 +34,7 @@ class DataConsistency(torch.nn.Module):
         maps: coil maps `(C, ny, nx)` or `(B|1, C, ny, nx)` complex64.
         mask: sampling mask `(ny, nx)` 0/1 float32.
         normalisation: "samples" | "energy" | "array" | "none" (module docstring).
-        backend: "auto" | "torch" | "kernels".
+        backend: "auto" | "torch" | "triton" (kernels.sense).
     Call: `dc(image)` with image `(ny, nx)` or `(B, ny, nx)` complex64 -> scalar float32; with
     batched data `(B, C, ny, nx)`, `dc(images, rows)` compares `images` `(R, ny, nx)` with the data
     planes `rows` only (the stochastic planes of the 3D loop). Normalisations are per plane and a
@@ -59,7 +42,7 @@ class DataConsistency(torch.nn.Module):
     """
 
     def __init__(self, kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor,
-                 normalisation: Normalisation = "samples", backend: str = "auto"):
+                 normalisation: Normalisation = "samples", backend: Backend = "auto"):
         super().__init__()
         if not kspace.is_complex() or not maps.is_complex():
             raise TypeError(f"kspace and maps must be complex, got {kspace.dtype} and {maps.dtype}")
@@ -68,13 +51,9 @@ class DataConsistency(torch.nn.Module):
         if kspace.shape[-2:] != mask.shape[-2:] or maps.shape[-3:] != kspace.shape[-3:]:
             raise ValueError(f"shape mismatch: kspace {tuple(kspace.shape)}, maps {tuple(maps.shape)}, "
                              f"mask {tuple(mask.shape)} (expected (C, ny, nx), (C, ny, nx), (ny, nx))")
-        if backend not in ("auto", "torch", "kernels"):
-            raise ValueError(f"unknown DC backend {backend!r}; choose auto, torch or kernels")
-        wants_kernel = backend == "kernels" or (backend == "auto" and kspace.device.type == "cuda")
-        kernel = _kernels_dc_loss() if wants_kernel else None
-        if backend == "kernels" and kernel is None:
-            raise ImportError("DC backend 'kernels' needs kernels.sense.dc_loss, which is not available")
-        self.kernel = kernel
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown DC backend {backend!r}; choose auto, torch or triton")
+        self.backend = backend
         mask = mask.float()
         kspace = kspace * mask
         coils = kspace.shape[-3]
@@ -88,19 +67,8 @@ class DataConsistency(torch.nn.Module):
         if denominators[normalisation] <= 0:
             raise ValueError(f"DC normalisation {normalisation!r} is zero: the mask or the data is empty")
         self.scale = 1.0 / denominators[normalisation]
-        ny, nx = mask.shape[-2:]
-        self.modulated = kernel is None and ny % 2 == 0 and nx % 2 == 0
-        if kernel is not None:
-            self.register_buffer("kspace", kspace)
-            self.register_buffer("maps", maps)
-        elif self.modulated:
-            sign = -1.0 if (ny // 2 + nx // 2) % 2 else 1.0
-            board = _checkerboard(ny, nx, kspace.device)
-            self.register_buffer("maps", maps * board)               # m S
-            self.register_buffer("kspace", kspace * (sign * board))  # s m y (s m is its own inverse)
-        else:  # odd sizes: plain shifted FFTs
-            self.register_buffer("kspace", kspace)
-            self.register_buffer("maps", maps)
+        self.register_buffer("kspace", kspace)
+        self.register_buffer("maps", maps)
         self.register_buffer("mask", mask)
 
     def _select(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,17 +84,9 @@ class DataConsistency(torch.nn.Module):
         """Sum over batch, coils and samples of |M F S x - y|^2 (float32 scalar)."""
         batched = image if image.ndim == 3 else image.unsqueeze(0)
         kspace, maps = self._select(rows)
-        if self.kernel is not None:
-            maps = maps if maps.ndim == 4 else maps.unsqueeze(0)
-            data = kspace if kspace.ndim == 4 else kspace.unsqueeze(0).expand(batched.shape[0], -1, -1, -1)
-            return self.kernel(batched, maps, self.mask, data)
-        coil_images = maps * batched.unsqueeze(-3)
-        if self.modulated:
-            prediction = torch.fft.fft2(coil_images, norm="ortho")
-        else:
-            prediction = fftc(coil_images)
-        residual = prediction * self.mask - kspace
-        return torch.view_as_real(residual).square().sum()
+        maps = maps if maps.ndim == 4 else maps.unsqueeze(0)
+        data = kspace if kspace.ndim == 4 else kspace.unsqueeze(0).expand(batched.shape[0], -1, -1, -1)
+        return dc_loss(batched, maps, self.mask, data, backend=self.backend)
 
     def forward(self, image: torch.Tensor, rows=None) -> torch.Tensor:
         """Normalised DC loss of `image` `(ny, nx)` or `(B, ny, nx)` complex64 (scalar); `rows`

@@ -1,24 +1,14 @@
-"""MRI forward model: centred FFTs, small linear operators, masks, coil maps, simulation."""
+"""MRI forward model: centred FFTs, the SENSE model (engine.physics.sense), masks, coil maps, simulation."""
 
 from engine.physics.coils import combine, espirit_maps, rss, support_mask
 from engine.physics.fft import fftc, ifftc
 from engine.physics.masks import achieved_acceleration, make_mask, seed_from_case
-from engine.physics.operators import (
-    CenteredFFT,
-    CoilMultiply,
-    Composed,
-    LinearOperator,
-    Mask,
-    sense_operator,
-)
+from engine.physics.sense import LinearOperator, SenseOperator, sense_operator
 from engine.physics.simulate import simulate_multicoil
 
 __all__ = [
-    "CenteredFFT",
-    "CoilMultiply",
-    "Composed",
     "LinearOperator",
-    "Mask",
+    "SenseOperator",
     "achieved_acceleration",
     "combine",
     "espirit_maps",

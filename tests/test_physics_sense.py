@@ -1,4 +1,4 @@
-"""Property tests of the MRI operators: one list of operators, every property over it.
+"""Property tests of the SENSE model (engine.physics.sense): one list of operators, every property over it.
 
 Each case builds (operator, input shape, output shape) for a dtype. Shapes mix even and odd sizes
 on purpose: the centring (DC at n // 2) is where odd sizes go wrong.
@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.physics import sense
 from engine.physics.fft import fftc, ifftc
-from engine.physics.operators import (
-    CenteredFFT,
-    CoilMultiply,
-    Composed,
-    LinearOperator,
-    Mask,
-    sense_operator,
-)
+from engine.physics.sense import LinearOperator, sense_operator
 
 DTYPES = [torch.complex64, torch.complex128]
 # Relative tolerances of inner products and elementwise comparisons per dtype.
@@ -42,21 +36,26 @@ def _mask(shape, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) < 0.4).float()
 
 
-def _coil_multiply(dtype, gen):
-    return OperatorCase(CoilMultiply(_randn((4, 6, 5), dtype, gen)), (6, 5), (4, 6, 5))
+class _CentredFFT(LinearOperator):
+    """fftc over `dims` as an operator: its adjoint must be ifftc."""
+
+    def __init__(self, dims):
+        self.dims = dims
+
+    def forward(self, x):
+        return fftc(x, self.dims)
+
+    def adjoint(self, y):
+        return ifftc(y, self.dims)
 
 
 def _fft_2d(dtype, gen):
-    return OperatorCase(CenteredFFT((-2, -1)), (3, 7, 6), (3, 7, 6))
+    return OperatorCase(_CentredFFT((-2, -1)), (3, 7, 6), (3, 7, 6))
 
 
 def _fft_one_axis(dtype, gen):
     # The 1D readout iFFT that turns 3D k-space into hybrid space acts on one axis only.
-    return OperatorCase(CenteredFFT((-3,)), (2, 5, 4, 3), (2, 5, 4, 3))
-
-
-def _mask_op(dtype, gen):
-    return OperatorCase(Mask(_mask((6, 5), gen)), (4, 6, 5), (4, 6, 5))
+    return OperatorCase(_CentredFFT((-3,)), (2, 5, 4, 3), (2, 5, 4, 3))
 
 
 def _sense_full(dtype, gen):
@@ -68,12 +67,6 @@ def _sense_masked(dtype, gen):
     return OperatorCase(op, (7, 6), (4, 7, 6))
 
 
-def _sense_composed_by_matmul(dtype, gen):
-    maps, mask = _randn((3, 5, 6), dtype, gen), _mask((5, 6), gen)
-    op = Mask(mask) @ CenteredFFT((-2, -1)) @ CoilMultiply(maps)
-    return OperatorCase(op, (5, 6), (3, 5, 6))
-
-
 def _sense_hybrid_3d(dtype, gen):
     # A batch of 3 readout positions, each its own 2D (ky, kz) problem with its own maps and
     # the shared (ky, kz) mask: image (x, ky, kz) -> k-space (x, coils, ky, kz).
@@ -82,13 +75,10 @@ def _sense_hybrid_3d(dtype, gen):
 
 
 OPERATORS: dict[str, Callable[[torch.dtype, torch.Generator], OperatorCase]] = {
-    "coil_multiply": _coil_multiply,
     "fft_2d": _fft_2d,
     "fft_one_axis": _fft_one_axis,
-    "mask": _mask_op,
     "sense_full": _sense_full,
     "sense_masked": _sense_masked,
-    "sense_matmul": _sense_composed_by_matmul,
     "sense_hybrid_3d": _sense_hybrid_3d,
 }
 
@@ -181,22 +171,31 @@ def test_fft_accepts_single_int_axis():
     x = torch.randn(4, 6, dtype=torch.complex64)
     torch.testing.assert_close(fftc(x, -1), fftc(x, (-1,)))
     torch.testing.assert_close(ifftc(x, 0), ifftc(x, (0,)))
-    torch.testing.assert_close(CenteredFFT(-1)(x), fftc(x, (-1,)))
 
 
-def test_composition_order_and_repr():
-    gen = torch.Generator().manual_seed(0)
-    maps, mask = _randn((2, 4, 4), torch.complex64, gen), _mask((4, 4), gen)
-    by_hand = Mask(mask) @ CenteredFFT() @ CoilMultiply(maps)
-    by_factory = sense_operator(maps, mask)
-    assert isinstance(by_hand, Composed) and len(by_hand.ops) == 3
-    assert repr(by_hand) == repr(by_factory) == "Mask @ CenteredFFT @ CoilMultiply"
-    x = _randn((4, 4), torch.complex64, gen)
-    torch.testing.assert_close(by_hand(x), by_factory(x))
+@pytest.mark.parametrize("shape", [(8, 12), (6, 10), (7, 5)], ids=str)  # s = +1, s = -1, odd
+@dtypes
+def test_residual_sum_is_the_masked_residual_of_forward(shape, dtype, torch_gen):
+    """The modulation form of residual_sum (even sizes) equals |M F S x - M y|^2, value and gradient."""
+    maps, mask = _randn((2, 3, 4, *shape), dtype, torch_gen), _mask(shape, torch_gen)
+    image = _randn((2, 3, *shape), dtype, torch_gen).requires_grad_(True)
+    kspace = _randn((2, 3, 4, *shape), dtype, torch_gen)
+    got = sense.residual_sum(image, maps, mask, kspace)
+    want = (sense.forward(image, maps, mask) - mask * kspace).abs().square().sum()
+    torch.testing.assert_close(got, want, rtol=RTOL[dtype], atol=0)
+    (grad_got,), (grad_want,) = (torch.autograd.grad(v, image) for v in (got, want))
+    torch.testing.assert_close(grad_got, grad_want, rtol=RTOL[dtype], atol=RTOL[dtype] * grad_want.abs().max())
+
+
+def test_centring_sign_and_checkerboard():
+    assert (sense.centring_sign(8, 12), sense.centring_sign(6, 8)) == (1, -1)
+    assert sense.checkerboard(2, 3, torch.float32, "cpu").tolist() == [[1, -1, 1], [-1, 1, -1]]
+    with pytest.raises(ValueError, match="even plane sizes"):
+        sense.centring_sign(7, 8)
 
 
 def test_operator_input_errors():
     with pytest.raises(TypeError, match="coil maps must be complex"):
-        CoilMultiply(torch.ones(2, 4, 4))
+        sense_operator(torch.ones(2, 4, 4))
     with pytest.raises(TypeError, match="mask must be real"):
-        Mask(torch.ones(4, 4, dtype=torch.complex64))
+        sense_operator(torch.ones(2, 4, 4, dtype=torch.complex64), torch.ones(4, 4, dtype=torch.complex64))
