@@ -66,8 +66,8 @@ PATHS: dict[str, Callable[..., torch.Tensor]] = {
 
 @dataclass
 class Result:
-    ny: int
-    nx: int
+    height: int
+    width: int
     batch: int
     path: str
     coils: int = COILS
@@ -77,23 +77,23 @@ class Result:
     failure: str | None = None
 
 
-def compulsory_bytes(batch: int, ny: int, nx: int, coils: int = COILS) -> int:
+def compulsory_bytes(batch: int, height: int, width: int, coils: int = COILS) -> int:
     """Read x (B P), maps (B C P), data (B C P) as complex64, mask (P) float32; write grad (B P)."""
-    plane = ny * nx
+    plane = height * width
     return 8 * plane * (2 * batch + 2 * batch * coils) + 4 * plane
 
 
-# Coil planes (B x C x ny x nx complex64) each path reads or writes per step, counted from the
+# Coil planes (B x C x height x width complex64) each path reads or writes per step, counted from the
 # kernels (kernels/README.md); cuFFT is assumed to read and write once per 2D transform.
 MODELLED_COIL_PLANES = {"triton": 11, "triton-fft": 7}
 
 
-def modelled_bytes(path: str, batch: int, ny: int, nx: int, coils: int = COILS) -> int | None:
+def modelled_bytes(path: str, batch: int, height: int, width: int, coils: int = COILS) -> int | None:
     """Bytes the path moves by the traffic model (None where no model: the torch paths)."""
     planes = MODELLED_COIL_PLANES.get(path)
     if planes is None:
         return None
-    plane = ny * nx
+    plane = height * width
     return 8 * plane * (planes * batch * coils + 2 * batch) + 4 * plane
 
 
@@ -148,15 +148,15 @@ def time_step(
     return statistics.median(times)
 
 
-def make_inputs(batch: int, ny: int, nx: int, device: torch.device, coils: int = COILS):
-    generator = torch.Generator(device=device).manual_seed(batch * 100003 + ny * 17 + nx)
-    image = torch.randn(batch, ny, nx, dtype=torch.complex64, device=device, generator=generator)
+def make_inputs(batch: int, height: int, width: int, device: torch.device, coils: int = COILS):
+    generator = torch.Generator(device=device).manual_seed(batch * 100003 + height * 17 + width)
+    image = torch.randn(batch, height, width, dtype=torch.complex64, device=device, generator=generator)
     maps = torch.randn(
-        batch, coils, ny, nx, dtype=torch.complex64, device=device, generator=generator
+        batch, coils, height, width, dtype=torch.complex64, device=device, generator=generator
     )
-    mask = (torch.rand(ny, nx, device=device, generator=generator) < SAMPLING_DENSITY).float()
+    mask = (torch.rand(height, width, device=device, generator=generator) < SAMPLING_DENSITY).float()
     kspace = torch.randn(
-        batch, coils, ny, nx, dtype=torch.complex64, device=device, generator=generator
+        batch, coils, height, width, dtype=torch.complex64, device=device, generator=generator
     )
     return image, maps, mask, kspace
 
@@ -197,20 +197,20 @@ def run(
     results: list[Result] = []
     notes: list[str] = []
     started = time.perf_counter()
-    for ny, nx in planes:
+    for height, width in planes:
         for batch in batches:
             if time.perf_counter() - started > TIME_BUDGET_S:
-                notes.append(f"skipped {ny} x {nx} batch {batch}: time budget {TIME_BUDGET_S} s")
+                notes.append(f"skipped {height} x {width} batch {batch}: time budget {TIME_BUDGET_S} s")
                 continue
-            inputs = make_inputs(batch, ny, nx, device, coils)
+            inputs = make_inputs(batch, height, width, device, coils)
             image = inputs[0].clone().requires_grad_()
             reference_loss = composite_loss(image, *inputs[1:])
             reference_loss.backward()
             reference = (reference_loss.item(), image.grad)
             for path in paths:
-                if path == "triton-fft" and not triton_fft_applies(ny, nx):
+                if path == "triton-fft" and not triton_fft_applies(height, width):
                     continue  # would silently be the "triton" path (cuFFT) again
-                result = Result(ny, nx, batch, path, coils)
+                result = Result(height, width, batch, path, coils)
                 run_case(path, inputs, reference, device, flush, result)
                 results.append(result)
                 print(format_row(result, None), flush=True)
@@ -221,16 +221,16 @@ def run(
 
 
 def format_row(result: Result, peak: float | None, composite_ms: float | None = None) -> str:
-    plane = f"{result.ny} x {result.nx}"
+    plane = f"{result.height} x {result.width}"
     if result.failure is not None:
         return f"| {plane} | {result.batch} | {result.path} | failed: {result.failure} |||||||"
     milliseconds = result.milliseconds
-    moved = compulsory_bytes(result.batch, result.ny, result.nx, result.coils)
+    moved = compulsory_bytes(result.batch, result.height, result.width, result.coils)
     gigabytes_per_s = moved / (milliseconds * 1e-3) / 1e9
     peak_share = f"{100 * gigabytes_per_s * 1e9 / peak:.0f}%" if peak else "n/a"
     times_bound = f"{milliseconds * 1e-3 / (moved / peak):.2f}" if peak else "n/a"
     speedup = f"{composite_ms / milliseconds:.2f}" if composite_ms else "n/a"
-    model = modelled_bytes(result.path, result.batch, result.ny, result.nx, result.coils)
+    model = modelled_bytes(result.path, result.batch, result.height, result.width, result.coils)
     times_own_bound = f"{milliseconds * 1e-3 / (model / peak):.2f}" if peak and model else "n/a"
     return (
         f"| {plane} | {result.batch} | {result.path} | {milliseconds:.3f} | {gigabytes_per_s:.0f} "
@@ -276,10 +276,10 @@ def report(results: list[Result], notes: list[str], device: torch.device) -> str
         "| plane | batch | path | ms | GB/s | of peak | x bound | x own | speedup | loss err | grad err |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    composite_ms = {(r.ny, r.nx, r.batch): r.milliseconds for r in results if r.path == "composite"}
+    composite_ms = {(r.height, r.width, r.batch): r.milliseconds for r in results if r.path == "composite"}
     for result in results:
         lines.append(
-            format_row(result, peak, composite_ms.get((result.ny, result.nx, result.batch)))
+            format_row(result, peak, composite_ms.get((result.height, result.width, result.batch)))
         )
     lines += ["", *[f"- {note}" for note in notes]]
     lines += ["", verdict(results, peak, composite_ms)]
@@ -291,7 +291,7 @@ def verdict(results: list[Result], peak: float | None, composite_ms) -> str:
     candidates = [
         r
         for r in results
-        if (r.ny, r.nx, r.batch) == (256, 256, 1) and r.path.startswith("triton") and r.milliseconds
+        if (r.height, r.width, r.batch) == (256, 256, 1) and r.path.startswith("triton") and r.milliseconds
     ]
     baseline = composite_ms.get((256, 256, 1))
     if not candidates or not baseline or not peak:

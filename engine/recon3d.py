@@ -1,4 +1,4 @@
-"""Distributed 3D INFusion: a readout-sharded z-discretized INR fitted with stochastic slices.
+"""Distributed 3D INFusion: a readout-sharded, readout-discretised INR fitted with stochastic slices.
 
 docs/ARCHITECTURE.md, "Design". The hybrid-space store (x, coils, ky, kz) makes every readout position x an
 independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encode coordinates
@@ -43,7 +43,7 @@ from engine.checkpoint import capture_rng_state, restore_rng_state
 from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
-from engine.models import INRZ, ComplexRowHead, INRConfig
+from engine.models import ComplexRowHead, INRConfig, ReadoutINR
 from engine.models.encodings import level_resolutions
 from engine.physics import sense
 from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
@@ -133,12 +133,12 @@ def plane_decoder(config: PlaneGridConfig, in_dim: int) -> nn.Module:
 
 
 def build_sharded_inr(config: INRConfig, nx: int, x_start: int, x_stop: int) -> tuple[GridTrunk, ComplexRowHead]:
-    """The trunk and the head rows [x_start, x_stop) of the INRZ with nx rows.
+    """The trunk and the head rows [x_start, x_stop) of the ReadoutINR with nx rows.
 
     The full model is initialised from config.seed on every rank (identical trunk everywhere,
     head rows identical to the single-process model's), then only the slab's rows are kept.
     """
-    full = INRZ(config, out_rows=nx, in_dim=2)
+    full = ReadoutINR(config, out_rows=nx, in_dim=2)
     head = ComplexRowHead(config.hidden, x_stop - x_start)
     with torch.no_grad():
         head.weight.copy_(full.head.weight[x_start:x_stop])

@@ -149,7 +149,7 @@ class Recon3DConfig:
     inr: INRConfig = field(default_factory=INRConfig)
     """Encoding, trunk and head (engine.models)."""
     plane_grids: PlaneGridConfig = field(default_factory=PlaneGridConfig)
-    """Per-plane feature grids beside the shared trunk (off: the plain z-discretized INR)."""
+    """Per-plane feature grids beside the shared trunk (off: the plain readout-discretised INR)."""
     slices: SliceConfig = field(default_factory=SliceConfig)
     dc: DCConfig = field(default_factory=DCConfig)
     prior: PriorTermConfig = field(default_factory=lambda: PriorTermConfig(mode="tweedie", distance="l2"))

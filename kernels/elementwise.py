@@ -44,9 +44,9 @@ def store_complex(ptr, element_offsets, inside, re, im):
 
 
 @triton.jit
-def checkerboard_sign(pixel, nx):
-    """(-1)^(u+v) as float32 for flat pixel indices u * nx + v."""
-    parity = (pixel // nx + pixel % nx) & 1
+def checkerboard_sign(pixel, width):
+    """(-1)^(u+v) as float32 for flat pixel indices u * width + v."""
+    parity = (pixel // width + pixel % width) & 1
     return (1 - 2 * parity).to(tl.float32)
 
 
@@ -55,14 +55,14 @@ def checkerboard_sign(pixel, nx):
 
 @triton.jit
 def _coil_expand_modulate_kernel(
-    image_ptr,  # (B, ny, nx, 2) float32: the complex64 image x
-    maps_ptr,  # (B_maps, C, ny, nx, 2) float32: coil maps S, B_maps in {1, B}
-    out_ptr,  # (B, C, ny, nx, 2) float32: s * m * S_c * x_b
+    image_ptr,  # (B, height, width, 2) float32: the complex64 image x
+    maps_ptr,  # (B_maps, C, height, width, 2) float32: coil maps S, B_maps in {1, B}
+    out_ptr,  # (B, C, height, width, 2) float32: s * m * S_c * x_b
     maps_batch_stride,  # complex elements between maps of consecutive b (0 when shared)
     n_coils,
-    plane_size,  # ny * nx
-    nx,
-    sign,  # s = (-1)^(ny/2 + nx/2)
+    plane_size,  # height * width
+    width,
+    sign,  # s = (-1)^(height/2 + width/2)
     BLOCK: tl.constexpr,
 ):
     pixel_block = tl.program_id(0)
@@ -75,14 +75,14 @@ def _coil_expand_modulate_kernel(
     s_re, s_im = load_complex(
         maps_ptr, batch * maps_batch_stride + coil * plane_size + pixel, inside
     )
-    modulation = sign * checkerboard_sign(pixel, nx)
+    modulation = sign * checkerboard_sign(pixel, width)
     out_re = (s_re * x_re - s_im * x_im) * modulation
     out_im = (s_re * x_im + s_im * x_re) * modulation
     store_complex(out_ptr, (batch * n_coils + coil) * plane_size + pixel, inside, out_re, out_im)
 
 
 def maps_batch_stride_of(maps: torch.Tensor, batch: int, name: str = "maps") -> int:
-    """Complex elements between the maps of consecutive images: C*ny*nx, or 0 for shared maps."""
+    """Complex elements between the maps of consecutive images: C*height*width, or 0 for shared maps."""
     if maps.shape[0] == batch:
         return maps.shape[1] * maps.shape[2] * maps.shape[3]
     if maps.shape[0] == 1:
@@ -91,17 +91,17 @@ def maps_batch_stride_of(maps: torch.Tensor, batch: int, name: str = "maps") -> 
 
 
 def coil_expand_modulate(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Triton kernel (1): s * m * S_c * x_b, (B, C, ny, nx) complex64.
+    """Triton kernel (1): s * m * S_c * x_b, (B, C, height, width) complex64.
 
     Args:
-        image: (B, ny, nx) complex64. maps: (B or 1, C, ny, nx) complex64.
+        image: (B, height, width) complex64. maps: (B or 1, C, height, width) complex64.
     """
     image, maps = image.contiguous(), maps.contiguous()
     check_launchable(_coil_expand_modulate_kernel, {"image": image, "maps": maps})
-    batch, ny, nx = image.shape
+    batch, height, width = image.shape
     n_coils = maps.shape[1]
-    out = torch.empty((batch, n_coils, ny, nx), dtype=torch.complex64, device=image.device)
-    plane_size = ny * nx
+    out = torch.empty((batch, n_coils, height, width), dtype=torch.complex64, device=image.device)
+    plane_size = height * width
     grid = (triton.cdiv(plane_size, ELEMENTWISE_BLOCK), n_coils, batch)
     _coil_expand_modulate_kernel[grid](
         torch.view_as_real(image),
@@ -110,8 +110,8 @@ def coil_expand_modulate(image: torch.Tensor, maps: torch.Tensor) -> torch.Tenso
         maps_batch_stride_of(maps, batch),
         n_coils,
         plane_size,
-        nx,
-        float(centring_sign(ny, nx)),
+        width,
+        float(centring_sign(height, width)),
         BLOCK=ELEMENTWISE_BLOCK,
         num_warps=NUM_WARPS,
     )
@@ -123,13 +123,13 @@ def coil_expand_modulate(image: torch.Tensor, maps: torch.Tensor) -> torch.Tenso
 
 @triton.jit
 def _masked_residual_kernel(
-    spectrum_ptr,  # (B*C, ny, nx, 2) float32: unshifted FFT output K
-    mask_ptr,  # (ny, nx) float32: sampling mask M
-    measured_ptr,  # (B*C, ny, nx, 2) float32: centred measured k-space y (if HAS_MEASURED)
-    out_ptr,  # (B*C, ny, nx, 2) float32: r = M m K - M y, or m M r when PREMODULATE
+    spectrum_ptr,  # (B*C, height, width, 2) float32: unshifted FFT output K
+    mask_ptr,  # (height, width) float32: sampling mask M
+    measured_ptr,  # (B*C, height, width, 2) float32: centred measured k-space y (if HAS_MEASURED)
+    out_ptr,  # (B*C, height, width, 2) float32: r = M m K - M y, or m M r when PREMODULATE
     partial_ptr,  # (B*C * n_pixel_blocks,) float32: per-program sum of |r|^2
-    plane_size,  # ny * nx
-    nx,
+    plane_size,  # height * width
+    width,
     HAS_MEASURED: tl.constexpr,
     PREMODULATE: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
@@ -142,7 +142,7 @@ def _masked_residual_kernel(
     element = plane * plane_size + pixel
 
     k_re, k_im = load_complex(spectrum_ptr, element, inside)
-    modulation = checkerboard_sign(pixel, nx)
+    modulation = checkerboard_sign(pixel, width)
     sampled = tl.load(mask_ptr + pixel, mask=inside, other=0.0)
     r_re = sampled * modulation * k_re
     r_im = sampled * modulation * k_im
@@ -159,13 +159,13 @@ def _masked_residual_kernel(
     store_complex(out_ptr, element, inside, r_re, r_im)
 
 
-def as_float_mask(mask: torch.Tensor, ny: int, nx: int, device: torch.device) -> torch.Tensor:
-    """The (ny, nx) sampling mask as a contiguous float32 tensor on `device`."""
+def as_float_mask(mask: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The (height, width) sampling mask as a contiguous float32 tensor on `device`."""
     if mask.is_complex():
         raise TypeError("`mask` must be real (0/1), got a complex tensor")
-    if mask.numel() != ny * nx:
-        raise ValueError(f"`mask` must have {ny} x {nx} entries, got shape {tuple(mask.shape)}")
-    return mask.reshape(ny, nx).to(device=device, dtype=torch.float32).contiguous()
+    if mask.numel() != height * width:
+        raise ValueError(f"`mask` must have {height} x {width} entries, got shape {tuple(mask.shape)}")
+    return mask.reshape(height, width).to(device=device, dtype=torch.float32).contiguous()
 
 
 def masked_residual(
@@ -180,9 +180,9 @@ def masked_residual(
     The loss is the sum of per-program partial sums (float32, deterministic, no atomics).
     """
     spectrum = spectrum.contiguous()
-    *_, ny, nx = spectrum.shape
-    planes = spectrum.numel() // (ny * nx)
-    mask = as_float_mask(mask, ny, nx, spectrum.device)
+    *_, height, width = spectrum.shape
+    planes = spectrum.numel() // (height * width)
+    mask = as_float_mask(mask, height, width, spectrum.device)
     tensors = {"spectrum": spectrum, "mask": mask}
     if measured is not None:
         if measured.shape != spectrum.shape:
@@ -192,7 +192,7 @@ def masked_residual(
         measured = measured.contiguous()
         tensors["measured"] = measured
     check_launchable(_masked_residual_kernel, tensors)
-    plane_size = ny * nx
+    plane_size = height * width
     n_blocks = triton.cdiv(plane_size, ELEMENTWISE_BLOCK)
     out = torch.empty_like(spectrum)
     partials = torch.empty(planes * n_blocks if compute_loss else 1, device=spectrum.device)
@@ -203,7 +203,7 @@ def masked_residual(
         torch.view_as_real(out),
         partials,
         plane_size,
-        nx,
+        width,
         HAS_MEASURED=measured is not None,
         PREMODULATE=premodulate,
         COMPUTE_LOSS=compute_loss,
@@ -218,14 +218,14 @@ def masked_residual(
 
 @triton.jit
 def _coil_combine_modulate_kernel(
-    coil_ptr,  # (B, C, ny, nx, 2) float32: unshifted ifft2 output z
-    maps_ptr,  # (B_maps, C, ny, nx, 2) float32: coil maps S
-    out_ptr,  # (B, ny, nx, 2) float32: scale * s * m * sum_c conj(S_c) z_c
+    coil_ptr,  # (B, C, height, width, 2) float32: unshifted ifft2 output z
+    maps_ptr,  # (B_maps, C, height, width, 2) float32: coil maps S
+    out_ptr,  # (B, height, width, 2) float32: scale * s * m * sum_c conj(S_c) z_c
     scale_ptr,  # (1,) float32: read on the device so backward needs no host sync
     maps_batch_stride,
     n_coils,
     plane_size,
-    nx,
+    width,
     sign,
     BLOCK: tl.constexpr,
 ):
@@ -242,7 +242,7 @@ def _coil_combine_modulate_kernel(
         )
         acc_re += s_re * z_re + s_im * z_im  # conj(S) z
         acc_im += s_re * z_im - s_im * z_re
-    factor = tl.load(scale_ptr) * sign * checkerboard_sign(pixel, nx)
+    factor = tl.load(scale_ptr) * sign * checkerboard_sign(pixel, width)
     store_complex(out_ptr, batch * plane_size + pixel, inside, acc_re * factor, acc_im * factor)
 
 
@@ -260,14 +260,14 @@ def coil_combine_modulate(
 ) -> torch.Tensor:
     """Triton kernel (3); semantics and shapes as `kernels.reference.coil_combine_modulate`."""
     coil_images, maps = coil_images.contiguous(), maps.contiguous()
-    batch, n_coils, ny, nx = coil_images.shape
+    batch, n_coils, height, width = coil_images.shape
     scale_values = scale_tensor(scale, coil_images.device)
     check_launchable(
         _coil_combine_modulate_kernel,
         {"coil_images": coil_images, "maps": maps, "scale": scale_values},
     )
-    out = torch.empty((batch, ny, nx), dtype=torch.complex64, device=coil_images.device)
-    plane_size = ny * nx
+    out = torch.empty((batch, height, width), dtype=torch.complex64, device=coil_images.device)
+    plane_size = height * width
     grid = (triton.cdiv(plane_size, COMBINE_BLOCK), batch)
     _coil_combine_modulate_kernel[grid](
         torch.view_as_real(coil_images),
@@ -277,8 +277,8 @@ def coil_combine_modulate(
         maps_batch_stride_of(maps, batch),
         n_coils,
         plane_size,
-        nx,
-        float(centring_sign(ny, nx)),
+        width,
+        float(centring_sign(height, width)),
         BLOCK=COMBINE_BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -5,7 +5,7 @@ Each function has the signature of the Triton launcher it specifies (`kernels.el
 so the kernel tests compare each launcher with its reference. They live in one triton-free module, rather
 than inside each kernel file, because importing triton must stay optional (CPU builds of torch).
 
-The centring identity the kernels use (even ny and nx) and the SENSE model they compute are
+The centring identity the kernels use (even height and width) and the SENSE model they compute are
 defined in engine.physics.sense; these functions split that computation the way the kernels do.
 """
 
@@ -29,13 +29,13 @@ def coil_expand_modulate(image: torch.Tensor, maps: torch.Tensor) -> torch.Tenso
     """s * m * S_c * x_b: coil images ready for an unshifted FFT.
 
     Args:
-        image: (B, ny, nx) complex.
-        maps: (B or 1, C, ny, nx) complex; a batch of 1 is shared by all B images.
+        image: (B, height, width) complex.
+        maps: (B or 1, C, height, width) complex; a batch of 1 is shared by all B images.
     Returns:
-        (B, C, ny, nx) complex.
+        (B, C, height, width) complex.
     """
-    ny, nx = image.shape[-2:]
-    sign_m = centring_sign(ny, nx) * checkerboard(ny, nx, _real_dtype(image), image.device)
+    height, width = image.shape[-2:]
+    sign_m = centring_sign(height, width) * checkerboard(height, width, _real_dtype(image), image.device)
     return maps * (image * sign_m).unsqueeze(1)
 
 
@@ -61,14 +61,14 @@ def masked_residual(
     adjoint's unshifted ifft2 (m is its own inverse).
 
     Args:
-        spectrum: (B, C, ny, nx) complex, unshifted FFT output (or centred data, see above).
-        mask: (ny, nx) real, 0/1.
-        measured: (B, C, ny, nx) complex, centred measured k-space, or None.
+        spectrum: (B, C, height, width) complex, unshifted FFT output (or centred data, see above).
+        mask: (height, width) real, 0/1.
+        measured: (B, C, height, width) complex, centred measured k-space, or None.
     Returns:
-        out (B, C, ny, nx) complex, loss 0-dim real tensor or None.
+        out (B, C, height, width) complex, loss 0-dim real tensor or None.
     """
-    ny, nx = spectrum.shape[-2:]
-    m = checkerboard(ny, nx, _real_dtype(spectrum), spectrum.device)
+    height, width = spectrum.shape[-2:]
+    m = checkerboard(height, width, _real_dtype(spectrum), spectrum.device)
     mask = mask.to(_real_dtype(spectrum))
     residual = mask * (m * spectrum)
     if measured is not None:
@@ -87,15 +87,15 @@ def coil_combine_modulate(
     """scale * s * m * sum_c conj(S_c) * z_c: adjoint of kernel (1) after an unshifted ifft2.
 
     Args:
-        coil_images: (B, C, ny, nx) complex, unshifted ifft2 output.
-        maps: (B or 1, C, ny, nx) complex.
+        coil_images: (B, C, height, width) complex, unshifted ifft2 output.
+        maps: (B or 1, C, height, width) complex.
         scale: real scalar tensor (e.g. 2 * dL/dloss in backward), or None for 1.
     Returns:
-        (B, ny, nx) complex.
+        (B, height, width) complex.
     """
-    ny, nx = coil_images.shape[-2:]
-    sign_m = centring_sign(ny, nx) * checkerboard(
-        ny, nx, _real_dtype(coil_images), coil_images.device
+    height, width = coil_images.shape[-2:]
+    sign_m = centring_sign(height, width) * checkerboard(
+        height, width, _real_dtype(coil_images), coil_images.device
     )
     combined = (maps.conj() * coil_images).sum(dim=1) * sign_m
     return combined if scale is None else combined * scale
@@ -118,7 +118,7 @@ def fft_axis(
 
 
 def expand_fft_rows(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Kernel (1) followed by the orthonormal FFT along x (rows): (B, C, ny, nx) complex."""
+    """Kernel (1) followed by the orthonormal FFT along the rows (width axis): (B, C, height, width) complex."""
     return fft_axis(coil_expand_modulate(image, maps), dim=-1)
 
 
@@ -128,14 +128,14 @@ def fft_columns_residual(
     measured: torch.Tensor,
     inverse_columns: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FFT along y (columns), then kernel (2) with premodulate=True, then optionally the iFFT along
+    """FFT along the columns (height axis), then kernel (2) with premodulate=True, then optionally the iFFT along
     y of the premodulated residual (the first half of backward's ifft2).
 
     Args:
-        row_spectrum: (B, C, ny, nx) complex, output of `expand_fft_rows`.
-        mask: (ny, nx) real; measured: (B, C, ny, nx) complex centred k-space.
+        row_spectrum: (B, C, height, width) complex, output of `expand_fft_rows`.
+        mask: (height, width) real; measured: (B, C, height, width) complex centred k-space.
     Returns:
-        state (B, C, ny, nx) complex (input of `ifft_rows_combine` when inverse_columns), loss.
+        state (B, C, height, width) complex (input of `ifft_rows_combine` when inverse_columns), loss.
     """
     premodulated, loss = masked_residual(
         fft_axis(row_spectrum, dim=-2), mask, measured, premodulate=True
@@ -147,5 +147,5 @@ def fft_columns_residual(
 def ifft_rows_combine(
     column_images: torch.Tensor, maps: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The orthonormal iFFT along x (rows) followed by kernel (3): (B, ny, nx) complex."""
+    """The orthonormal iFFT along the rows (width axis) followed by kernel (3): (B, height, width) complex."""
     return coil_combine_modulate(fft_axis(column_images, dim=-1, inverse=True), maps, scale)

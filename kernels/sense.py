@@ -4,16 +4,16 @@ engine.losses.dc.DataConsistency).
 
     loss = dc_loss(image, maps, mask, kspace)     # sum_{b,c,pixels} |M F(S_c x_b) - M y_bc|^2
 
-Layouts (docs/ARCHITECTURE.md): image (B, ny, nx) complex64; maps (B or 1, C, ny, nx) complex64
+Layouts (docs/ARCHITECTURE.md): image (B, height, width) complex64; maps (B or 1, C, height, width) complex64
 (a batch of 1 is shared by the B images: 2D slices of one coil set; B maps for B readout positions
-in 3D); mask (ny, nx) float32 0/1; kspace (B, C, ny, nx) complex64, centred (DC at n//2). F is the
+in 3D); mask (height, width) float32 0/1; kspace (B, C, height, width) complex64, centred (DC at n//2). F is the
 centred orthonormal FFT of engine.physics.fft.fftc. The loss is the plain sum of squares, not
 divided by the number of samples: the caller scales it (e.g. by 1 / mask.sum() / C / B for an MSE).
 
 Backends (`backend=`):
   "torch"  engine.physics.sense, the definition of the model (plain autograd; any complex dtype,
-           complex128 for gradcheck; odd ny or nx through the fftshift form).
-  "triton" the Triton kernels of kernels.elementwise (complex64; even ny and nx, else ValueError),
+           complex128 for gradcheck; odd height or width through the fftshift form).
+  "triton" the Triton kernels of kernels.elementwise (complex64; even height and width, else ValueError),
            tested against "torch" (tests/test_kernels_sense.py).
   "auto"   "triton" for CUDA tensors with even plane sizes when triton is installed, else "torch".
 FFT between the fused elementwise kernels (`fft=`, Triton only):
@@ -135,29 +135,29 @@ def _triton_fft2_pipeline(elementwise: ModuleType) -> ElementwisePipeline:
     )
 
 
-def triton_fft_applies(ny: int, nx: int) -> bool:
-    """Whether the Triton FFT handles an ny x nx plane (both powers of two in [2, 512])."""
-    return all(2 <= n <= 512 and n & (n - 1) == 0 for n in (ny, nx))
+def triton_fft_applies(height: int, width: int) -> bool:
+    """Whether the Triton FFT handles a height x width plane (both powers of two in [2, 512])."""
+    return all(2 <= n <= 512 and n & (n - 1) == 0 for n in (height, width))
 
 
-def make_pipeline(fft: str, ny: int, nx: int) -> ElementwisePipeline | FusedFFTPipeline:
+def make_pipeline(fft: str, height: int, width: int) -> ElementwisePipeline | FusedFFTPipeline:
     """The Triton pipeline for this FFT choice and plane size."""
     elementwise = kernel_module("elementwise")
-    if fft == "triton" and triton_fft_applies(ny, nx):
+    if fft == "triton" and triton_fft_applies(height, width):
         return FusedFFTPipeline(kernel_module("fused_fft"), _triton_fft2_pipeline(elementwise))
     return ElementwisePipeline(elementwise, _torch_fft2, _torch_ifft2)
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, ny: int, nx: int) -> str:
+def resolve_backend(backend: str, tensor: torch.Tensor, height: int, width: int) -> str:
     """ "torch" or "triton" for these inputs (module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    even = ny % 2 == 0 and nx % 2 == 0
+    even = height % 2 == 0 and width % 2 == 0
     if backend == "triton":
         if not even:
             raise ValueError(
                 f"the Triton SENSE kernels need even plane sizes (centring by modulation), got "
-                f"{ny} x {nx}; use backend='torch' (fftshift path) for odd sizes"
+                f"{height} x {width}; use backend='torch' (fftshift path) for odd sizes"
             )
         return "triton"
     if backend == "auto" and even and tensor.is_cuda and triton_available():
@@ -176,26 +176,26 @@ def _check_complex(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> N
         raise ValueError(f"`{name}` must be {layout}, got shape {tuple(tensor.shape)}")
 
 
-def _check_maps(maps: torch.Tensor, batch: int, ny: int, nx: int) -> None:
-    _check_complex("maps", maps, 4, "(B or 1, C, ny, nx)")
-    if maps.shape[0] not in (1, batch) or tuple(maps.shape[2:]) != (ny, nx):
+def _check_maps(maps: torch.Tensor, batch: int, height: int, width: int) -> None:
+    _check_complex("maps", maps, 4, "(B or 1, C, height, width)")
+    if maps.shape[0] not in (1, batch) or tuple(maps.shape[2:]) != (height, width):
         raise ValueError(
-            f"`maps` shape {tuple(maps.shape)} does not fit (B or 1, C, {ny}, {nx}), B = {batch}"
+            f"`maps` shape {tuple(maps.shape)} does not fit (B or 1, C, {height}, {width}), B = {batch}"
         )
 
 
-def _check_mask(mask: torch.Tensor, ny: int, nx: int) -> None:
+def _check_mask(mask: torch.Tensor, height: int, width: int) -> None:
     if not isinstance(mask, torch.Tensor) or mask.is_complex():
-        raise TypeError("`mask` must be a real (0/1) tensor of shape (ny, nx)")
-    if tuple(mask.shape) != (ny, nx):
-        raise ValueError(f"`mask` must have shape ({ny}, {nx}), got {tuple(mask.shape)}")
+        raise TypeError("`mask` must be a real (0/1) tensor of shape (height, width)")
+    if tuple(mask.shape) != (height, width):
+        raise ValueError(f"`mask` must have shape ({height}, {width}), got {tuple(mask.shape)}")
 
 
-def _check_kspace(kspace: torch.Tensor, batch: int, n_coils: int, ny: int, nx: int) -> None:
-    _check_complex("kspace", kspace, 4, "(B, C, ny, nx)")
-    if tuple(kspace.shape) != (batch, n_coils, ny, nx):
+def _check_kspace(kspace: torch.Tensor, batch: int, n_coils: int, height: int, width: int) -> None:
+    _check_complex("kspace", kspace, 4, "(B, C, height, width)")
+    if tuple(kspace.shape) != (batch, n_coils, height, width):
         raise ValueError(
-            f"`kspace` shape {tuple(kspace.shape)} != (B, C, ny, nx) = {(batch, n_coils, ny, nx)}"
+            f"`kspace` shape {tuple(kspace.shape)} != (B, C, height, width) = {(batch, n_coils, height, width)}"
         )
 
 
@@ -283,16 +283,16 @@ class _SenseAdjoint(torch.autograd.Function):
 
 
 def _prepare(
-    backend: str, fft: str, ny: int, nx: int, differentiated: str, tensors: dict[str, torch.Tensor]
+    backend: str, fft: str, height: int, width: int, differentiated: str, tensors: dict[str, torch.Tensor]
 ) -> tuple[ElementwisePipeline | FusedFFTPipeline | None, dict[str, torch.Tensor]]:
     """The Triton pipeline (None: the torch backend); checks gradients and dtypes for Triton."""
     if fft not in FFT_IMPLEMENTATIONS:
         raise ValueError(f"fft must be one of {FFT_IMPLEMENTATIONS}, got {fft!r}")
-    if resolve_backend(backend, tensors[differentiated], ny, nx) == "torch":
+    if resolve_backend(backend, tensors[differentiated], height, width) == "torch":
         return None, tensors
     _refuse_grad(**{name: t for name, t in tensors.items() if name != differentiated})
     tensors = {name: _as_complex64(name, t) if t.is_complex() else t for name, t in tensors.items()}
-    return make_pipeline(fft, ny, nx), tensors
+    return make_pipeline(fft, height, width), tensors
 
 
 def sense_forward(
@@ -302,16 +302,16 @@ def sense_forward(
     backend: str = "auto",
     fft: str = "torch",
 ) -> torch.Tensor:
-    """M F(S_c x_b): image (B, ny, nx) -> masked centred k-space (B, C, ny, nx), complex.
+    """M F(S_c x_b): image (B, height, width) -> masked centred k-space (B, C, height, width), complex.
 
     Differentiable with respect to `image` (backward = sense_adjoint).
     """
-    _check_complex("image", image, 3, "(B, ny, nx)")
-    batch, ny, nx = image.shape
-    _check_maps(maps, batch, ny, nx)
-    _check_mask(mask, ny, nx)
+    _check_complex("image", image, 3, "(B, height, width)")
+    batch, height, width = image.shape
+    _check_maps(maps, batch, height, width)
+    _check_mask(mask, height, width)
     _check_devices(image=image, maps=maps, mask=mask)
-    pipeline, t = _prepare(backend, fft, ny, nx, "image", {"image": image, "maps": maps, "mask": mask})
+    pipeline, t = _prepare(backend, fft, height, width, "image", {"image": image, "maps": maps, "mask": mask})
     if pipeline is None:
         return model.forward(image, maps, mask)
     return _SenseForward.apply(t["image"], t["maps"], t["mask"], pipeline)
@@ -324,18 +324,18 @@ def sense_adjoint(
     backend: str = "auto",
     fft: str = "torch",
 ) -> torch.Tensor:
-    """S^H F^H (M y): k-space (B, C, ny, nx) -> image (B, ny, nx), complex.
+    """S^H F^H (M y): k-space (B, C, height, width) -> image (B, height, width), complex.
 
     Differentiable with respect to `kspace` (backward = sense_forward).
     """
-    _check_complex("kspace", kspace, 4, "(B, C, ny, nx)")
-    batch, n_coils, ny, nx = kspace.shape
-    _check_maps(maps, batch, ny, nx)
+    _check_complex("kspace", kspace, 4, "(B, C, height, width)")
+    batch, n_coils, height, width = kspace.shape
+    _check_maps(maps, batch, height, width)
     if maps.shape[1] != n_coils:
         raise ValueError(f"`maps` has {maps.shape[1]} coils, `kspace` has {n_coils}")
-    _check_mask(mask, ny, nx)
+    _check_mask(mask, height, width)
     _check_devices(kspace=kspace, maps=maps, mask=mask)
-    pipeline, t = _prepare(backend, fft, ny, nx, "kspace", {"kspace": kspace, "maps": maps, "mask": mask})
+    pipeline, t = _prepare(backend, fft, height, width, "kspace", {"kspace": kspace, "maps": maps, "mask": mask})
     if pipeline is None:
         return model.adjoint(kspace, maps, mask)
     return _SenseAdjoint.apply(t["kspace"], t["maps"], t["mask"], pipeline)
@@ -352,21 +352,21 @@ def dc_loss(
     """Data-consistency loss sum_{b,c,pixels} |M F(S_c x_b) - M y_bc|^2 (plain sum; 0-dim).
 
     Args:
-        image: (B, ny, nx) complex64 (complex128 with backend="torch"); differentiated.
-        maps: (B or 1, C, ny, nx) complex; mask: (ny, nx) real 0/1; kspace: (B, C, ny, nx)
+        image: (B, height, width) complex64 (complex128 with backend="torch"); differentiated.
+        maps: (B or 1, C, height, width) complex; mask: (height, width) real 0/1; kspace: (B, C, height, width)
             complex measured data y (masked or not: M is applied to it). Not differentiated.
         backend: "auto" | "torch" | "triton" (module docstring); fft: "torch" | "triton".
     Returns:
         0-dim float32 tensor (float64 for complex128 inputs on the torch backend).
     """
-    _check_complex("image", image, 3, "(B, ny, nx)")
-    batch, ny, nx = image.shape
-    _check_maps(maps, batch, ny, nx)
-    _check_mask(mask, ny, nx)
-    _check_kspace(kspace, batch, maps.shape[1], ny, nx)
+    _check_complex("image", image, 3, "(B, height, width)")
+    batch, height, width = image.shape
+    _check_maps(maps, batch, height, width)
+    _check_mask(mask, height, width)
+    _check_kspace(kspace, batch, maps.shape[1], height, width)
     _check_devices(image=image, maps=maps, mask=mask, kspace=kspace)
     pipeline, t = _prepare(
-        backend, fft, ny, nx, "image", {"image": image, "maps": maps, "mask": mask, "kspace": kspace}
+        backend, fft, height, width, "image", {"image": image, "maps": maps, "mask": mask, "kspace": kspace}
     )
     if pipeline is None:
         return model.residual_sum(image, maps, mask, kspace)

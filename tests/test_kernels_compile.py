@@ -20,7 +20,7 @@ def _kernels():
     elementwise = kernel_module("elementwise")
     fft = kernel_module("stockham_fft")
     fused = kernel_module("fused_fft")
-    plane = {"NY": 256, "NX": 256}
+    plane = {"HEIGHT": 256, "WIDTH": 256}
     return [
         (elementwise._coil_expand_modulate_kernel, {"BLOCK": elementwise.ELEMENTWISE_BLOCK}, 4),
         (

@@ -17,7 +17,7 @@ from kernels.runtime import kernel_module, triton_available, triton_interpreter
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-# (batch, coils, ny, nx, maps batch): odd batch, 1 / 4 / 16 coils, shared and per-image maps,
+# (batch, coils, height, width, maps batch): odd batch, 1 / 4 / 16 coils, shared and per-image maps,
 # sign s = -1 (6 x 8), a plane size that is not a multiple of the block (34 x 34), 64 x 64.
 SHAPES = [
     (3, 4, 8, 8, 1),
@@ -35,16 +35,16 @@ def elementwise():
         yield kernel_module("elementwise")
 
 
-def _inputs(batch, coils, ny, nx, maps_batch, density, seed=0):
+def _inputs(batch, coils, height, width, maps_batch, density, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
     def complex_normal(*shape):
         return torch.randn(*shape, dtype=torch.complex64, generator=generator)
 
-    image = complex_normal(batch, ny, nx)
-    maps = complex_normal(maps_batch, coils, ny, nx)
-    mask = (torch.rand(ny, nx, generator=generator) < density).float()
-    measured = complex_normal(batch, coils, ny, nx)
+    image = complex_normal(batch, height, width)
+    maps = complex_normal(maps_batch, coils, height, width)
+    mask = (torch.rand(height, width, generator=generator) < density).float()
+    measured = complex_normal(batch, coils, height, width)
     return image, maps, mask, measured
 
 
@@ -104,13 +104,13 @@ def test_coil_combine_modulate_matches_reference(elementwise, shape):
     )
 
 
-@pytest.mark.parametrize("ny, nx", [(8, 8), (6, 8), (6, 10), (16, 32), (10, 12)])
-def test_centring_identity_of_the_references(ny, nx):
+@pytest.mark.parametrize("height, width", [(8, 8), (6, 8), (6, 10), (16, 32), (10, 12)])
+def test_centring_identity_of_the_references(height, width):
     """fftc = s m fft2(m .) and ifftc = s m ifft2(m .) for even sizes, exactly as documented."""
-    x = torch.randn(2, ny, nx, dtype=torch.complex128)
-    m = reference.checkerboard(ny, nx, torch.float64, "cpu")
-    s = reference.centring_sign(ny, nx)
-    assert s == (-1) ** (ny // 2 + nx // 2)
+    x = torch.randn(2, height, width, dtype=torch.complex128)
+    m = reference.checkerboard(height, width, torch.float64, "cpu")
+    s = reference.centring_sign(height, width)
+    assert s == (-1) ** (height // 2 + width // 2)
     torch.testing.assert_close(fftc(x), s * m * torch.fft.fft2(m * x, norm="ortho"))
     torch.testing.assert_close(ifftc(x), s * m * torch.fft.ifft2(m * x, norm="ortho"))
 

@@ -88,16 +88,16 @@ def test_fft_axis_refuses_other_dtypes(fft):
         fft.fft_axis(torch.zeros(2, 8, dtype=torch.complex128))
 
 
-# Fused kernels: (batch, coils, ny, nx, maps batch).
+# Fused kernels: (batch, coils, height, width, maps batch).
 FUSED_SHAPES = [(3, 4, 8, 8, 1), (3, 1, 16, 32, 3), (1, 16, 8, 4, 1), (1, 2, 2, 4, 1)]
 
 
-def _inputs(batch, coils, ny, nx, maps_batch, density=0.4, seed=2):
+def _inputs(batch, coils, height, width, maps_batch, density=0.4, seed=2):
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(batch, ny, nx, dtype=torch.complex64, generator=generator)
-    maps = torch.randn(maps_batch, coils, ny, nx, dtype=torch.complex64, generator=generator)
-    mask = (torch.rand(ny, nx, generator=generator) < density).float()
-    measured = torch.randn(batch, coils, ny, nx, dtype=torch.complex64, generator=generator)
+    image = torch.randn(batch, height, width, dtype=torch.complex64, generator=generator)
+    maps = torch.randn(maps_batch, coils, height, width, dtype=torch.complex64, generator=generator)
+    mask = (torch.rand(height, width, generator=generator) < density).float()
+    measured = torch.randn(batch, coils, height, width, dtype=torch.complex64, generator=generator)
     return image, maps, mask, measured
 
 
@@ -148,5 +148,5 @@ def test_fused_chain_is_the_centred_dc_residual_and_its_adjoint(fused):
 
 def test_fused_kernels_refuse_non_power_of_two_planes(fused):
     image, maps, _, _ = _inputs(1, 1, 8, 10, 1)
-    with pytest.raises(ValueError, match="nx is 10"):
+    with pytest.raises(ValueError, match="width is 10"):
         fused.expand_fft_rows(image, maps)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not in
 
 # (backend, fft): the torch reference, Triton elementwise + torch.fft, Triton with fused FFT.
 PATHS = [("torch", "torch"), ("triton", "torch"), ("triton", "triton")]
-# (batch, coils, ny, nx, maps batch): odd batch, 1 and 4 coils, s = -1 at 6 x 8 (and no
+# (batch, coils, height, width, maps batch): odd batch, 1 and 4 coils, s = -1 at 6 x 8 (and no
 # power-of-two, so fft="triton" falls back to torch.fft there).
 SHAPES = [(3, 4, 8, 8, 1), (3, 1, 16, 32, 3), (1, 4, 6, 8, 1)]
 FIELD_TOLERANCE = 2e-6
@@ -33,12 +33,12 @@ def interpreted():
         yield
 
 
-def _inputs(batch, coils, ny, nx, maps_batch, density=0.3, dtype=torch.complex64, seed=3):
+def _inputs(batch, coils, height, width, maps_batch, density=0.3, dtype=torch.complex64, seed=3):
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(batch, ny, nx, dtype=dtype, generator=generator)
-    maps = torch.randn(maps_batch, coils, ny, nx, dtype=dtype, generator=generator)
-    mask = (torch.rand(ny, nx, generator=generator) < density).to(image.real.dtype)
-    kspace = torch.randn(batch, coils, ny, nx, dtype=dtype, generator=generator)
+    image = torch.randn(batch, height, width, dtype=dtype, generator=generator)
+    maps = torch.randn(maps_batch, coils, height, width, dtype=dtype, generator=generator)
+    mask = (torch.rand(height, width, generator=generator) < density).to(image.real.dtype)
+    kspace = torch.randn(batch, coils, height, width, dtype=dtype, generator=generator)
     return image, maps, mask, kspace
 
 

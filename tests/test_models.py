@@ -8,12 +8,12 @@ import torch
 
 from engine.models import (
     INR2D,
-    INRZ,
     ComplexRowHead,
     EncodingConfig,
     FourierFeatures,
     HashGridEncoding,
     INRConfig,
+    ReadoutINR,
     coordinate_grid,
 )
 from engine.models.encodings import _HASH_PRIMES
@@ -111,7 +111,7 @@ def test_bf16_autocast_gives_complex64_close_to_float32():
 
 
 def test_inrz_row_slicing_matches_full_head():
-    model = INRZ(INRConfig(encoding=SMALL_HASH, hidden=16, layers=1), out_rows=7)
+    model = ReadoutINR(INRConfig(encoding=SMALL_HASH, hidden=16, layers=1), out_rows=7)
     full = model.forward_grid((5, 6))
     assert full.shape == (7, 5, 6) and full.dtype == torch.complex64
     for rows in ([4, 1], torch.tensor([6]), slice(2, 5)):

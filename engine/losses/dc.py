@@ -6,7 +6,7 @@ Normalisation (`normalisation`):
   intensity (the recon loop scales images to the prior's convention, |x| ~ 1) and does not
   change with the acceleration, so regulariser weights transfer between R = 4, 6, 8.
 - "energy": divided by ||y||^2 (relative residual energy; 1 for x = 0).
-- "array": divided by the size of the k-space array (coils x ny x nx), the MSE over the full
+- "array": divided by the size of the k-space array (coils x height x width), the MSE over the full
   masked array that the paper's code uses ("samples" times the sampling fraction).
 - "none": the plain sum of squared residuals.
 
@@ -30,13 +30,13 @@ class DataConsistency(torch.nn.Module):
     """DC loss of images against fixed multicoil data.
 
     Args:
-        kspace: measured data `(C, ny, nx)` or `(B, C, ny, nx)` complex64, centred, zero where unsampled.
-        maps: coil maps `(C, ny, nx)` or `(B|1, C, ny, nx)` complex64.
-        mask: sampling mask `(ny, nx)` 0/1 float32.
+        kspace: measured data `(C, height, width)` or `(B, C, height, width)` complex64, centred, zero where unsampled.
+        maps: coil maps `(C, height, width)` or `(B|1, C, height, width)` complex64.
+        mask: sampling mask `(height, width)` 0/1 float32.
         normalisation: "samples" | "energy" | "array" | "none" (module docstring).
         backend: "auto" | "torch" | "triton" (kernels.sense).
-    Call: `dc(image)` with image `(ny, nx)` or `(B, ny, nx)` complex64 -> scalar float32; with
-    batched data `(B, C, ny, nx)`, `dc(images, rows)` compares `images` `(R, ny, nx)` with the data
+    Call: `dc(image)` with image `(height, width)` or `(B, height, width)` complex64 -> scalar float32; with
+    batched data `(B, C, height, width)`, `dc(images, rows)` compares `images` `(R, height, width)` with the data
     planes `rows` only (the stochastic planes of the 3D loop). Normalisations are per plane and a
     batch sums its planes' losses.
     """
@@ -50,7 +50,7 @@ class DataConsistency(torch.nn.Module):
             raise TypeError("the sampling mask must be real 0/1")
         if kspace.shape[-2:] != mask.shape[-2:] or maps.shape[-3:] != kspace.shape[-3:]:
             raise ValueError(f"shape mismatch: kspace {tuple(kspace.shape)}, maps {tuple(maps.shape)}, "
-                             f"mask {tuple(mask.shape)} (expected (C, ny, nx), (C, ny, nx), (ny, nx))")
+                             f"mask {tuple(mask.shape)} (expected (C, height, width), (C, height, width), (height, width))")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown DC backend {backend!r}; choose auto, torch or triton")
         self.backend = backend
@@ -75,7 +75,7 @@ class DataConsistency(torch.nn.Module):
         if rows is None:
             return self.kspace, self.maps
         if self.kspace.ndim != 4:
-            raise ValueError("rows can only select planes of batched data (B, C, ny, nx)")
+            raise ValueError("rows can only select planes of batched data (B, C, height, width)")
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.kspace.device) if not isinstance(rows, slice) else rows
         maps = self.maps[rows] if self.maps.ndim == 4 and self.maps.shape[0] > 1 else self.maps
         return self.kspace[rows], maps
@@ -89,6 +89,6 @@ class DataConsistency(torch.nn.Module):
         return dc_loss(batched, maps, self.mask, data, backend=self.backend)
 
     def forward(self, image: torch.Tensor, rows=None) -> torch.Tensor:
-        """Normalised DC loss of `image` `(ny, nx)` or `(B, ny, nx)` complex64 (scalar); `rows`
+        """Normalised DC loss of `image` `(height, width)` or `(B, height, width)` complex64 (scalar); `rows`
         (int tensor / list / slice) selects the data planes that `image` holds."""
         return self.residual_sum(image, rows) * self.scale

@@ -173,8 +173,8 @@ class PriorTerm(torch.nn.Module):
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         from engine.prior import ode_to_x0  # lazy: the prior package is optional for plain INR runs
 
-        ny, nx = x_t.shape[-2:]
-        pad = ((-ny) % 8, (-nx) % 8)
+        height, width = x_t.shape[-2:]
+        pad = ((-height) % 8, (-width) % 8)
         if any(pad):
             x_t = torch.nn.functional.pad(x_t, (0, pad[1], 0, pad[0]))
         device_type = x_t.device.type
@@ -185,7 +185,7 @@ class PriorTerm(torch.nn.Module):
                                sigma_min=self.config.sigma_min)
             else:
                 x0 = self.prior(x_t, t)
-        return x0.float()[..., :ny, :nx]
+        return x0.float()[..., :height, :width]
 
     def active(self, step: int) -> bool:
         """Whether the term contributes at `step` (a prior evaluation or a reused target)."""

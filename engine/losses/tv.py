@@ -20,9 +20,9 @@ def _squared_magnitude(z: torch.Tensor) -> torch.Tensor:
 
 def total_variation(image: torch.Tensor, kind: Literal["isotropic", "anisotropic"] = "isotropic",
                     scale: float | torch.Tensor = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """TV of `image` `(..., ny, nx)` complex or real, divided by `scale`; float32 scalar."""
+    """TV of `image` `(..., height, width)` complex or real, divided by `scale`; float32 scalar."""
     if image.ndim < 2:
-        raise ValueError(f"total_variation expects (..., ny, nx), got shape {tuple(image.shape)}")
+        raise ValueError(f"total_variation expects (..., height, width), got shape {tuple(image.shape)}")
     x = image / scale
     dy = x[..., 1:, :] - x[..., :-1, :]
     dx = x[..., :, 1:] - x[..., :, :-1]

@@ -38,23 +38,23 @@ def _kernels(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.outer(a, b) for a, b in pairs]).unsqueeze(1)
 
 
-def _check_size(ny: int, nx: int, levels: int, taps: int) -> None:
+def _check_size(height: int, width: int, levels: int, taps: int) -> None:
     step = 2 ** levels
-    if ny % step or nx % step:
-        raise ValueError(f"db3 DWT with {levels} levels needs image sizes divisible by {step}, got {ny} x {nx}")
-    if min(ny, nx) // 2 ** (levels - 1) < taps - 2:
-        raise ValueError(f"image {ny} x {nx} is too small for {levels} db3 levels "
+    if height % step or width % step:
+        raise ValueError(f"db3 DWT with {levels} levels needs image sizes divisible by {step}, got {height} x {width}")
+    if min(height, width) // 2 ** (levels - 1) < taps - 2:
+        raise ValueError(f"image {height} x {width} is too small for {levels} db3 levels "
                          f"(the coarsest level needs at least {taps - 2} pixels per axis)")
 
 
 def dwt2(x: torch.Tensor, levels: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Multilevel 2D DWT of real `x` `(B, ny, nx)`.
+    """Multilevel 2D DWT of real `x` `(B, height, width)`.
 
-    Returns (approximation `(B, ny/2^L, nx/2^L)`, details) with details[j] `(B, 3, ny/2^(j+1), nx/2^(j+1))`
+    Returns (approximation `(B, height/2^L, width/2^L)`, details) with details[j] `(B, 3, height/2^(j+1), width/2^(j+1))`
     (LH, HL, HH; j = 0 is the finest level). The transform is orthogonal.
     """
     if x.is_complex() or x.ndim != 3:
-        raise ValueError(f"dwt2 expects real (B, ny, nx), got {tuple(x.shape)} {x.dtype}")
+        raise ValueError(f"dwt2 expects real (B, height, width), got {tuple(x.shape)} {x.dtype}")
     kernels = _kernels(x.dtype, x.device)
     taps = kernels.shape[-1]
     _check_size(x.shape[-2], x.shape[-1], levels, taps)
@@ -69,33 +69,33 @@ def dwt2(x: torch.Tensor, levels: int = 3) -> tuple[torch.Tensor, list[torch.Ten
 
 
 def idwt2(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `dwt2`: `(B, ny, nx)` from its coefficients."""
+    """Inverse of `dwt2`: `(B, height, width)` from its coefficients."""
     kernels = _kernels(approx.dtype, approx.device)
     taps = kernels.shape[-1]
     current = approx.unsqueeze(1)
     for detail in reversed(details):
         bands = torch.cat([current, detail], dim=1)
         padded = F.conv_transpose2d(bands, kernels, stride=2)  # (B, 1, n + taps - 2, ...)
-        ny, nx = 2 * bands.shape[-2], 2 * bands.shape[-1]
+        height, width = 2 * bands.shape[-2], 2 * bands.shape[-1]
         wrap = taps - 2
-        out = padded[..., :ny, :nx].clone()
-        out[..., :wrap, :] += padded[..., ny:, :nx]   # fold the circular padding back
-        out[..., :, :wrap] += padded[..., :ny, nx:]
-        out[..., :wrap, :wrap] += padded[..., ny:, nx:]
+        out = padded[..., :height, :width].clone()
+        out[..., :wrap, :] += padded[..., height:, :width]   # fold the circular padding back
+        out[..., :, :wrap] += padded[..., :height, width:]
+        out[..., :wrap, :wrap] += padded[..., height:, width:]
         current = out
     return current[:, 0]
 
 
 def wavelet_l1(image: torch.Tensor, levels: int = 3, include_approximation: bool = True,
                scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Sum of |coefficients| of the db3 DWT of `image` `(..., ny, nx)` (complex: real and imaginary
+    """Sum of |coefficients| of the db3 DWT of `image` `(..., height, width)` (complex: real and imaginary
     parts transformed separately), divided by `scale`; float32 scalar. Sizes not divisible by 2^levels
     are zero-padded at the end."""
     x = image / scale
     x = torch.view_as_real(x).movedim(-1, -3) if x.is_complex() else x
-    ny, nx = x.shape[-2:]
+    height, width = x.shape[-2:]
     step = 2 ** levels
-    x = F.pad(x, (0, (-nx) % step, 0, (-ny) % step)).reshape(-1, ny + (-ny) % step, nx + (-nx) % step)
+    x = F.pad(x, (0, (-width) % step, 0, (-height) % step)).reshape(-1, height + (-height) % step, width + (-width) % step)
     approx, details = dwt2(x, levels)
     total = sum(d.abs().sum() for d in details)
     if include_approximation:

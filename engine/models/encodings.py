@@ -80,7 +80,7 @@ class HashGridEncoding(nn.Module):
     (any coordinates, `forward`) or `interpolate(align_corners=True)` (the full pixel grid of
     `coordinate_grid(shape)`, `forward_grid`; several times faster on CPU). Both give the same
     values. The dense vertex grid costs (max_res + 1)^d entries, fine for the 2D coordinates of
-    INR2D / INRZ; keep max_res small for in_dim = 3.
+    INR2D / ReadoutINR; keep max_res small for in_dim = 3.
     """
 
     def __init__(self, in_dim: int = 2, levels: int = 16, features_per_level: int = 2,

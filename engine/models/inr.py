@@ -1,7 +1,7 @@
 """Implicit neural representations of complex MR images: encoding -> MLP trunk -> complex head.
 
-- `INRZ` (3D, z-discretized; docs/ARCHITECTURE.md, "Design"): coordinates (u, v) -> D
-  complex outputs, one per position along the discretized axis. The head holds one row of
+- `ReadoutINR` (3D; docs/ARCHITECTURE.md, "Design"): phase-encode coordinates (y, z) -> D complex
+  outputs, one per readout position x (the readout is discretised, not encoded). The head holds one row of
   weights per output position, `weight (D, 2, hidden)` (real / imag) and `bias (D, 2)`, so that
   `forward(coords, rows)` evaluates only the requested rows and a rank can own a slab of rows.
 - `INR2D`: the same model with D = 1, returning one complex pixel per coordinate.
@@ -136,8 +136,8 @@ class ComplexRowHead(nn.Module):
         return torch.complex(out[:, 0], out[:, 1])
 
 
-class INRZ(nn.Module):
-    """Coordinates `(N, in_dim)` -> D complex values per coordinate (z-discretized INR).
+class ReadoutINR(nn.Module):
+    """Coordinates `(N, in_dim)` -> D complex values per coordinate, one per readout position x.
 
     `trunk_features(coords)` (encoding + MLP) is shared by every row; `forward(coords, rows)`
     returns complex64 `(R, N)`; `forward_grid(shape, rows)` evaluates the whole pixel grid
@@ -177,7 +177,7 @@ class INRZ(nn.Module):
         return out.view(out.shape[0], *shape)
 
 
-class INR2D(INRZ):
+class INR2D(ReadoutINR):
     """Coordinates `(N, 2)` -> one complex pixel each: `forward` returns complex64 `(N,)`."""
 
     def __init__(self, config: INRConfig):

@@ -1,24 +1,25 @@
 """The SENSE model y = M F S x, its adjoint and the data-consistency residual: the one definition.
 
-Layout: an image batch is `(..., ny, nx)` complex; coil maps are `(..., coils, ny, nx)`;
-multicoil k-space is `(..., coils, ny, nx)`; the mask `(ny, nx)` is real 0/1 (None: full
-sampling). For hybrid-space 3D the leading `...` is the batch of readout positions x and
-(ny, nx) is the (ky, kz) phase-encode plane. F is the centred orthonormal FFT of
-engine.physics.fft.
+Layout: an image batch is `(..., height, width)` complex; coil maps are `(..., coils, height,
+width)`; multicoil k-space is `(..., coils, height, width)`; the mask `(height, width)` is real
+0/1 (None: full sampling). The plane axes are called height and width, not y and x, because the
+plane is (y, x) of a 2D slice but (y, z) of a 3D volume, where x is the readout: there the leading
+`...` is the batch of readout positions x and (height, width) the (ky, kz) phase-encode plane.
+F is the centred orthonormal FFT of engine.physics.fft.
 
 Everything here is plain differentiable torch, so autograd's vector-Jacobian product of `forward`
 is `adjoint` (tests/test_physics_sense.py). kernels.sense dispatches to these functions for its
 "torch" backend and to the Triton kernels, tested against them, for "triton".
 
 Centring by modulation (`residual_sum` for even sizes; the Triton kernels use the same identity).
-With the checkerboard m[u, v] = (-1)^(u+v) and the sign s = (-1)^(ny/2 + nx/2):
+With the checkerboard m[u, v] = (-1)^(u+v) and the sign s = (-1)^(height/2 + width/2):
 
     fftc(x)  = s * m * fft2(m * x,  norm="ortho")
     ifftc(k) = s * m * ifft2(m * k, norm="ortho")
 
 Why: for even n, ifftshift is a roll by n/2, which multiplies the DFT by (-1)^k; the output
 fftshift evaluates that DFT at k - n/2, which turns exp(-2 pi i j k / n) into (-1)^j exp(...) and
-leaves (-1)^(k - n/2) = (-1)^(n/2) (-1)^k in front. s = +1 whenever ny and nx are multiples of 4
+leaves (-1)^(k - n/2) = (-1)^(n/2) (-1)^k in front. s = +1 whenever height and width are multiples of 4
 (all benchmark sizes: 160, 256, 320, 512); s = -1 e.g. for 6 x 8. For odd n the shifts are not a
 modulation, so odd sizes use fftc itself. Multiplying by +-1 is exact, so folding m into the maps
 and s m into the data costs no accuracy; |s m| = 1 leaves the residual's norm unchanged.
@@ -32,33 +33,33 @@ import torch
 from engine.physics.fft import fftc, ifftc
 
 
-def centring_sign(ny: int, nx: int) -> int:
-    """s = (-1)^(ny/2 + nx/2) of the centring identity; ValueError for odd sizes."""
-    if ny % 2 or nx % 2:
+def centring_sign(height: int, width: int) -> int:
+    """s = (-1)^(height/2 + width/2) of the centring identity; ValueError for odd sizes."""
+    if height % 2 or width % 2:
         raise ValueError(
-            f"the modulation form of the centred FFT needs even plane sizes, got {ny} x {nx}; "
+            f"the modulation form of the centred FFT needs even plane sizes, got {height} x {width}; "
             "odd sizes must use the fftshift path (engine.physics.fft.fftc)"
         )
-    return -1 if (ny // 2 + nx // 2) % 2 else 1
+    return -1 if (height // 2 + width // 2) % 2 else 1
 
 
 @functools.lru_cache(maxsize=16)
-def checkerboard(ny: int, nx: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """m[u, v] = (-1)^(u+v), shape (ny, nx), real `dtype` (cached: every DC evaluation needs it;
+def checkerboard(height: int, width: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """m[u, v] = (-1)^(u+v), shape (height, width), real `dtype` (cached: every DC evaluation needs it;
     never modify the result in place)."""
-    u = torch.arange(ny, device=device).unsqueeze(1)
-    v = torch.arange(nx, device=device).unsqueeze(0)
+    u = torch.arange(height, device=device).unsqueeze(1)
+    v = torch.arange(width, device=device).unsqueeze(0)
     return (1 - 2 * ((u + v) % 2)).to(dtype)
 
 
 def forward(image: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """M F (S_c x): image `(..., ny, nx)` -> k-space `(..., coils, ny, nx)`."""
+    """M F (S_c x): image `(..., height, width)` -> k-space `(..., coils, height, width)`."""
     kspace = fftc(maps * image.unsqueeze(-3))
     return kspace if mask is None else kspace * mask.to(kspace.real.dtype)
 
 
 def adjoint(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_c conj(S_c) F^H (M y_c): k-space `(..., coils, ny, nx)` -> image `(..., ny, nx)`."""
+    """sum_c conj(S_c) F^H (M y_c): k-space `(..., coils, height, width)` -> image `(..., height, width)`."""
     if mask is not None:
         kspace = kspace * mask.to(kspace.real.dtype)
     return (maps.conj() * ifftc(kspace)).sum(dim=-3)
@@ -67,19 +68,19 @@ def adjoint(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None 
 def residual_sum(image: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
     """sum over batch, coils and samples of |M F(S_c x) - M y_c|^2 (a 0-dim real tensor).
 
-    image `(..., ny, nx)`, maps and kspace `(..., coils, ny, nx)` (broadcast), mask `(ny, nx)`.
+    image `(..., height, width)`, maps and kspace `(..., coils, height, width)` (broadcast), mask `(height, width)`.
     Even sizes take the modulation form (module docstring: one unshifted FFT, no shifts).
     """
-    ny, nx = image.shape[-2:]
+    height, width = image.shape[-2:]
     mask = mask.to(image.real.dtype)
     measured = kspace * mask
-    if ny % 2 or nx % 2:
+    if height % 2 or width % 2:
         residual = forward(image, maps, mask) - measured
     else:
-        board = checkerboard(ny, nx, image.real.dtype, image.device)
+        board = checkerboard(height, width, image.real.dtype, image.device)
         # |M fftc(S x) - M y| = |M fft2(m S x) - s m M y| elementwise, since fftc(z) = s m fft2(m z)
         prediction = torch.fft.fft2((maps * board) * image.unsqueeze(-3), norm="ortho")
-        residual = prediction * mask - measured * (centring_sign(ny, nx) * board)
+        residual = prediction * mask - measured * (centring_sign(height, width) * board)
     return torch.view_as_real(residual).square().sum()
 
 
@@ -118,5 +119,5 @@ class SenseOperator(LinearOperator):
 
 
 def sense_operator(maps: torch.Tensor, mask: torch.Tensor | None = None) -> SenseOperator:
-    """A = M F S: image `(..., ny, nx)` -> k-space `(..., coils, ny, nx)` (mask None: full sampling)."""
+    """A = M F S: image `(..., height, width)` -> k-space `(..., coils, height, width)` (mask None: full sampling)."""
     return SenseOperator(maps, mask)
