@@ -21,7 +21,6 @@ engine.recon2d_job.
 from __future__ import annotations
 
 import collections
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from engine.losses.dc import Backend, DataConsistency
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.losses.tv import total_variation
 from engine.losses.wavelet import wavelet_l1
+from engine.lr_schedule import lr_factor
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
 from engine.physics import sense
 from engine.preemption import Preempted, PreemptionFlag
@@ -169,16 +169,8 @@ def robust_scale(image: torch.Tensor, percentile: float = 99.0) -> float:
 
 
 def learning_rate_factor(step: int, config: OptimConfig) -> float:
-    """Multiplier of the peak lr at `step` (warm-up, then the schedule)."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps - 1, 1)
-    low = config.lr_final_fraction
-    if config.schedule == "cosine":
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - (1.0 - low) * progress
+    """Multiplier of the peak lr at `step` (engine.lr_schedule, the rule 3D uses too)."""
+    return lr_factor(step, config.steps, config.schedule, config.lr_final_fraction, config.warmup_steps)
 
 
 class EarlyStopper:

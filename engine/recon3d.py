@@ -43,6 +43,7 @@ from engine.checkpoint import capture_rng_state, restore_rng_state
 from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
+from engine.lr_schedule import lr_factor
 from engine.models import ComplexRowHead, INRConfig, ReadoutINR
 from engine.models.encodings import level_resolutions
 from engine.physics import sense
@@ -338,11 +339,8 @@ class Recon3D:
     # ------------------------------------------------------------------ schedules
 
     def lr_factor(self, step: int) -> float:
-        o = self.cfg.optim
-        if o.schedule == "constant":
-            return 1.0
-        cosine = 0.5 * (1 + math.cos(math.pi * step / max(self.cfg.steps - 1, 1)))
-        return o.lr_final_fraction + (1 - o.lr_final_fraction) * cosine
+        """Multiplier of optim.lr at `step` (engine.lr_schedule, the rule 2D uses too)."""
+        return lr_factor(step, self.cfg.steps, self.cfg.optim.schedule, self.cfg.optim.lr_final_fraction)
 
     def is_full_dc_step(self, step: int) -> bool:
         d = self.cfg.dc
