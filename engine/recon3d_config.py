@@ -15,6 +15,7 @@ from engine.checkpoint import (
 from engine.config import config_to_dict
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
+from engine.selection3d import Selection3DConfig
 
 
 @dataclass
@@ -179,6 +180,8 @@ class Recon3DConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bundled: BundledCaseConfig = field(default_factory=BundledCaseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    selection: Selection3DConfig = field(default_factory=Selection3DConfig)
+    """Label-free choice of the regularisation strength from held-out samples (engine.selection3d)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
