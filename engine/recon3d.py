@@ -46,7 +46,7 @@ from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
 from engine.models import INRZ, ComplexRowHead, INRConfig
 from engine.models.encodings import level_resolutions
-from engine.physics.fft import ifftc
+from engine.physics.fft import fftc, ifftc
 from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from engine.recon3d_config import (
     BaselineConfig,
@@ -237,8 +237,9 @@ class Recon3D:
             `mask`, `read_slab(x0, x1)` returning .kspace/.maps/.reference).
         ctx: this rank's DistContext.
         prior: an EDMPrior to use instead of loading cfg.prior.path (tests, benchmarks).
-        holdout: (ny, nz) 0/1 mask of measured samples withheld from the fit (engine.selection3d):
-            the fit sees source.mask - holdout, :meth:`heldout_error` scores on the rest.
+        holdout: (ny, nz) weights >= 0 whose non-zero entries are measured samples withheld from the
+            fit (engine.selection3d): the fit sees the other samples, :meth:`heldout_error` scores
+            on these with these weights (0/1: unweighted).
     """
 
     def __init__(self, cfg: Recon3DConfig, source, ctx: DistContext, prior: nn.Module | None = None,
@@ -268,13 +269,15 @@ class Recon3D:
         # Intensity convention of the prior: 99th percentile of the zero-filled magnitude -> 1 (of all
         # measured samples, so that a fit with a held-out part has the same scale as one without).
         zero_filled = torch.cat([(m.conj() * ifftc(k)).sum(dim=1) for k, m in zip(kspace.split(8), maps.split(8))])
-        self.holdout = None
+        self.holdout = None  # sqrt of the held-out samples' weights
         if holdout is not None:
-            self.holdout = torch.as_tensor(np.asarray(holdout, dtype=np.float32))
-            if self.holdout.shape != mask.shape or bool((self.holdout > mask).any()):
-                raise ValueError(f"holdout {tuple(self.holdout.shape)} must be a part of the {tuple(mask.shape)} mask")
-            mask = mask - self.holdout
-            self.holdout = self.holdout.to(self.device)
+            weights = torch.as_tensor(np.asarray(holdout, dtype=np.float32))
+            held = (weights > 0).float()
+            if weights.shape != mask.shape or bool((held > mask).any()) or bool((weights < 0).any()):
+                raise ValueError(f"holdout {tuple(weights.shape)} must be weights >= 0 on a part of the "
+                                 f"{tuple(mask.shape)} mask")
+            mask = mask - held
+            self.holdout = weights.sqrt().to(self.device)
         self.measured_per_plane = float(mask.sum()) * coils
         self.scale = global_percentile(zero_filled.abs(), 99.0, ctx)
         self.zero_filled = zero_filled.numpy()
@@ -510,20 +513,21 @@ class Recon3D:
 
     @torch.no_grad()
     def heldout_error(self) -> float:
-        """||M_h F S x - y_h||^2 / ||y_h||^2 of the output volume on the held-out samples, summed
-        over every plane of every rank (collective; needs `holdout`)."""
+        """sum w |F S x - y|^2 / sum w |y|^2 over the held-out samples (weights w), the output volume's
+        relative error there, summed over every plane of every rank (collective; needs `holdout`)."""
         if self.holdout is None:
             raise ValueError("heldout_error needs a Recon3D made with a holdout mask")
+        weights = self.holdout.square()  # dc_sum's mask is 0/1: the weighted sum is written out here
         sums = torch.zeros(2, dtype=torch.float64)
         with self._output_parameters():
             with _autocast(self.device, self.bf16):
                 features = self.trunk(self.plane)
             for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
                 local = chunk - self.x_start
-                kspace = self.kspace[local].to(self.device) * self.holdout
-                maps = self.maps[local].to(self.device)
-                sums[0] += float(dc_sum(self._planes(features, chunk), maps, self.holdout, kspace, self.cfg.dc.backend))
-                sums[1] += float(kspace.abs().square().sum())
+                kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
+                predicted = fftc(maps * self._planes(features, chunk)[:, None], dims=(-2, -1))
+                sums[0] += float((weights * (predicted - kspace).abs().square()).sum())
+                sums[1] += float((weights * kspace.abs().square()).sum())
         error, energy = self.ctx.all_reduce_sum(sums).tolist()
         return error / energy
 

@@ -5,7 +5,8 @@ at R = 4); their right strength moves with the acceleration, the resolution and 
 user has no reference to tune against. As in the 2D loop (engine.selection2d), a seeded random
 part of the measured (ky, kz) samples (the same part in every readout plane, since the mask is
 shared by them) is withheld from the fit and scores it: the relative data-consistency error of
-the output volume on those samples, summed over every plane of every rank.
+the output volume on those samples, summed over every plane of every rank (optionally weighted
+by the inverse sampling density, `holdout_weighting`).
 
 Procedure (`select_regularisation`, collective: every rank runs the same candidates):
 1. split the (ky, kz) mask into fit and held-out samples (engine.selection2d.split_holdout);
@@ -25,7 +26,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +46,10 @@ class Selection3DConfig:
     """candidate factors on tv_weight, wavelet_weight and tv_x_weight together; each is one run."""
     validate_every: int = 100
     """steps between held-out checks of a candidate (the validation curve in metrics.json)."""
+    holdout_weighting: Literal["uniform", "density"] = "uniform"
+    """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
+    (variable-density masks hold out mostly central samples; the weights make the score estimate
+    the error over all of k-space, i.e. the image error); 'uniform': unweighted."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -59,6 +64,22 @@ def scaled_config(cfg, factor: float):
     """`cfg` with its TV, wavelet and readout-TV weights multiplied by `factor`."""
     return dataclasses.replace(cfg, tv_weight=cfg.tv_weight * factor, wavelet_weight=cfg.wavelet_weight * factor,
                                tv_x_weight=cfg.tv_x_weight * factor)
+
+
+def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np.ndarray:
+    """Weights of the held-out samples: 1 ('uniform') or 1 / local sampling density of `mask`
+    ('density': the fraction of measured points in a window of about 3 sqrt(R) points a side,
+    which holds about 9 samples on average), normalised to mean 1 over the held-out samples."""
+    if weighting == "uniform":
+        return holdout.astype(np.float32)
+    from scipy.ndimage import uniform_filter
+
+    measured = (mask > 0).astype(np.float64)
+    side = max(5, 2 * round(1.5 * math.sqrt(measured.size / measured.sum())) + 1)
+    inside = uniform_filter(np.ones_like(measured), side, mode="constant")
+    density = np.maximum(uniform_filter(measured, side, mode="constant") / inside, 1.0 / side**2)
+    weights = np.where(holdout > 0, 1.0 / density, 0.0)
+    return (weights / weights[holdout > 0].mean()).astype(np.float32)
 
 
 def _reference_sums(recon) -> torch.Tensor | None:
@@ -95,13 +116,14 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
     from engine.selection2d import split_holdout
 
     selection = cfg.selection
-    fit_mask, holdout = split_holdout(np.asarray(source.mask, np.float32), selection.holdout_fraction,
-                                      selection.holdout_seed)
+    mask = np.asarray(source.mask, np.float32)
+    fit_mask, holdout = split_holdout(mask, selection.holdout_fraction, selection.holdout_seed)
+    weights = holdout_weights(mask, holdout, selection.holdout_weighting)
     candidates = []
     for factor in selection.regularisation_scales:
         began = time.perf_counter()
         run_cfg = scaled_config(cfg, factor)
-        recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=holdout)
+        recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=weights)
         curve = []
         bar = None
         if progress and ctx.is_main:
@@ -131,4 +153,4 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
             "chosen": {"scale": chosen["scale"], "validation_error": chosen["validation_error"]}}
 
 
-__all__ = ["Selection3DConfig", "scaled_config", "select_regularisation"]
+__all__ = ["Selection3DConfig", "holdout_weights", "scaled_config", "select_regularisation"]

@@ -15,7 +15,7 @@ from engine.io.hybrid_store import HybridStore
 from engine.recon3d import Recon3D, Recon3DConfig
 from engine.recon3d_run import run_recon3d
 from engine.selection2d import split_holdout
-from engine.selection3d import scaled_config, select_regularisation
+from engine.selection3d import holdout_weights, scaled_config, select_regularisation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +35,9 @@ def single_process() -> DistContext:
     return init_distributed(device="cpu", env={})
 
 
-def _holdout(store: HybridStore) -> np.ndarray:
-    return split_holdout(np.asarray(store.mask, np.float32), 0.2, 0)[1]
+def _holdout(store: HybridStore, weighting: str = "uniform") -> np.ndarray:
+    mask = np.asarray(store.mask, np.float32)
+    return holdout_weights(mask, split_holdout(mask, 0.2, 0)[1], weighting)
 
 
 class _ChangedHeldOut:
@@ -50,7 +51,7 @@ class _ChangedHeldOut:
 
     def read_slab(self, x0, x1):
         slab = self.store.read_slab(x0, x1)
-        slab.kspace = np.asarray(slab.kspace) + 5.0 * self.holdout
+        slab.kspace = np.asarray(slab.kspace) + 5.0 * (self.holdout > 0)
         return slab
 
 
@@ -58,9 +59,9 @@ def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_stor
     """Changing the k-space on the held-out samples (by far more than the data) leaves the fit's
     losses and parameters alone up to float rounding (the intensity scale comes from all measured
     samples, so it is set equal here) and moves only the held-out error; without a holdout,
-    heldout_error is refused."""
+    heldout_error is refused. The error is the weighted sum it documents (density weights)."""
     store = HybridStore(tiny_store)
-    holdout = _holdout(store)
+    holdout = _holdout(store, "density")
     cfg = tiny_config(**{k: v for k, v in SELECTION.items() if k != "selection"})
     plain = Recon3D(cfg, store, single_process(), holdout=holdout)
     changed = Recon3D(cfg, _ChangedHeldOut(store, holdout), single_process(), holdout=holdout)
@@ -77,8 +78,8 @@ def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_stor
 
     slab = store.read_slab(0, store.shape[0])
     predicted = fftc(torch.from_numpy(slab.maps * plain.evaluate_slab()[:, None]), dims=(-2, -1)).numpy()
-    measured = np.asarray(slab.kspace) * holdout
-    want = np.sum(np.abs(predicted * holdout - measured) ** 2) / np.sum(np.abs(measured) ** 2)
+    measured = np.asarray(slab.kspace) * (holdout > 0)
+    want = np.sum(holdout * np.abs(predicted - measured) ** 2 * (holdout > 0)) / np.sum(holdout * np.abs(measured) ** 2)
     assert error == pytest.approx(want, rel=1e-4)
     assert abs(changed_error - error) > 0.05
     with pytest.raises(ValueError, match="holdout"):
@@ -160,3 +161,17 @@ def dataclass_without_selection(cfg: Recon3DConfig) -> Recon3DConfig:
 def test_bad_selection_settings_are_refused_at_load(change, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Recon3DConfig, None, [change])
+
+
+def test_density_weights_favour_the_sparse_periphery_of_a_variable_density_mask():
+    from engine.physics.masks import poisson_disc_mask
+
+    mask = poisson_disc_mask((64, 40), 6.0, seed=0)
+    _, held = split_holdout(mask, 0.1, 0)
+    assert np.array_equal(holdout_weights(mask, held, "uniform"), held)
+    weights = holdout_weights(mask, held, "density")
+    assert np.array_equal(weights > 0, held > 0) and weights[held > 0].mean() == pytest.approx(1.0)
+    y, z = np.meshgrid(np.arange(64) - 32, np.arange(40) - 20, indexing="ij")
+    radius = np.hypot(y / 32, z / 20)[held > 0]
+    centre, edge = weights[held > 0][radius < 0.3], weights[held > 0][radius > 0.7]
+    assert edge.mean() > 3 * centre.mean()
