@@ -188,10 +188,19 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
     metrics = json.loads((out.with_name(out.name.removesuffix(".zarr") + "_run") / "metrics.json").read_text())
     shown = " ".join(c if not c.startswith(str(REPO)) else str(Path(c).relative_to(REPO)) for c in command)
     # the run's own 3D L1-wavelet (rule) is kept beside it: the montage shows both
-    return {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
+    row = {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
             "wall_seconds": wall, "config": config, "overrides": overrides, "command": shown,
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
             "montage": str(out.with_name(out.name.removesuffix(".zarr") + "_run").relative_to(REPO) / "montage.png")}
+    return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
+
+
+def _selection_summary(record: dict) -> dict:
+    """The label-free choice of a run (engine.selection3d) without its curves: chosen scale, and
+    per candidate its held-out error and (reported only, never used) its NRMSE."""
+    return {"chosen_scale": record["chosen"]["scale"],
+            "candidates": [{key: c.get(key) for key in ("scale", "validation_error", "nrmse_percent", "seconds")}
+                           for c in record["candidates"]]}
 
 
 # ================================================================================== log and report

@@ -32,6 +32,7 @@ back-propagating chunk by chunk into a detached copy of the trunk features.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -225,9 +226,13 @@ class Recon3D:
             `mask`, `read_slab(x0, x1)` returning .kspace/.maps/.reference).
         ctx: this rank's DistContext.
         prior: an EDMPrior to use instead of loading cfg.prior.path (tests, benchmarks).
+        holdout: (ny, nz) weights >= 0 whose non-zero entries are measured samples withheld from the
+            fit (engine.selection3d): the fit sees the other samples, :meth:`heldout_error` scores
+            on these with these weights (0/1: unweighted).
     """
 
-    def __init__(self, cfg: Recon3DConfig, source, ctx: DistContext, prior: nn.Module | None = None):
+    def __init__(self, cfg: Recon3DConfig, source, ctx: DistContext, prior: nn.Module | None = None,
+                 holdout: np.ndarray | None = None):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         nx, coils, ny, nz = (int(s) for s in source.shape)
         self.nx, self.coils, self.plane = nx, coils, (ny, nz)
@@ -250,9 +255,19 @@ class Recon3D:
         kspace = torch.as_tensor(np.asarray(slab.kspace, dtype=np.complex64)) * mask
         maps = torch.as_tensor(np.asarray(slab.maps, dtype=np.complex64))
         self.reference = None if slab.reference is None else np.asarray(slab.reference)
-        self.measured_per_plane = float(mask.sum()) * coils
-        # Intensity convention of the prior: 99th percentile of the zero-filled magnitude -> 1.
+        # Intensity convention of the prior: 99th percentile of the zero-filled magnitude -> 1 (of all
+        # measured samples, so that a fit with a held-out part has the same scale as one without).
         zero_filled = torch.cat([sense.adjoint(k, m) for k, m in zip(kspace.split(8), maps.split(8))])
+        self.holdout = None  # sqrt of the held-out samples' weights
+        if holdout is not None:
+            weights = torch.as_tensor(np.asarray(holdout, dtype=np.float32))
+            held = (weights > 0).float()
+            if weights.shape != mask.shape or bool((held > mask).any()) or bool((weights < 0).any()):
+                raise ValueError(f"holdout {tuple(weights.shape)} must be weights >= 0 on a part of the "
+                                 f"{tuple(mask.shape)} mask")
+            mask = mask - held
+            self.holdout = weights.sqrt().to(self.device)
+        self.measured_per_plane = float(mask.sum()) * coils
         self.scale = global_percentile(zero_filled.abs(), 99.0, ctx)
         self.zero_filled = zero_filled.numpy()
         kspace = kspace / self.scale
@@ -358,9 +373,11 @@ class Recon3D:
         return out.view(-1, *self.plane)
 
     def _slab_data(self, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-space (of the fitted samples) and maps of these readout positions, on the device."""
         local = global_rows - self.x_start
-        k, m = self.kspace[local], self.maps[local]
-        return k.to(self.device, non_blocking=True), m.to(self.device, non_blocking=True)
+        k, m = self.kspace[local].to(self.device, non_blocking=True), self.maps[local].to(self.device, non_blocking=True)
+        # self.kspace keeps every measured sample (the held-out error needs them); the fit sees its part
+        return (k if self.holdout is None else k * self.mask), m
 
     def _dc_term(self, planes: torch.Tensor, rows: torch.Tensor, weight: float) -> torch.Tensor:
         kspace, maps = self._slab_data(rows)
@@ -455,24 +472,50 @@ class Recon3D:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def evaluate_rows(self, x0: int, x1: int) -> np.ndarray:
-        """The reconstruction of readout positions [x0, x1) (inside this rank's slab), complex64
-        (x1 - x0, ny, nz) in the input's intensity units."""
+    @contextlib.contextmanager
+    def _output_parameters(self):
+        """With optim.ema, the averaged parameters in place of the live ones (put back on exit)."""
         live = None
-        if self.ema is not None:  # evaluate the averaged parameters, then put the live ones back
+        if self.ema is not None:
             live = {name: p.detach().clone() for name, p in self._named_parameters()}
             for name, p in self._named_parameters():
                 p.copy_(self.ema[name])
         try:
-            with _autocast(self.device, self.bf16):
-                features = self.trunk(self.plane)
-            planes = self._planes(features, torch.arange(x0, x1))
+            yield
         finally:
             if live is not None:
                 for name, p in self._named_parameters():
                     p.copy_(live[name])
+
+    @torch.no_grad()
+    def evaluate_rows(self, x0: int, x1: int) -> np.ndarray:
+        """The reconstruction of readout positions [x0, x1) (inside this rank's slab), complex64
+        (x1 - x0, ny, nz) in the input's intensity units."""
+        with self._output_parameters():
+            with _autocast(self.device, self.bf16):
+                features = self.trunk(self.plane)
+            planes = self._planes(features, torch.arange(x0, x1))
         return (planes * self.scale).cpu().numpy().astype(np.complex64)
+
+    @torch.no_grad()
+    def heldout_error(self) -> float:
+        """sum w |F S x - y|^2 / sum w |y|^2 over the held-out samples (weights w), the output volume's
+        relative error there, summed over every plane of every rank (collective; needs `holdout`)."""
+        if self.holdout is None:
+            raise ValueError("heldout_error needs a Recon3D made with a holdout mask")
+        weights = self.holdout.square()  # kernels.sense.dc_loss's mask is 0/1: the weighted sum is written out here
+        sums = torch.zeros(2, dtype=torch.float64)
+        with self._output_parameters():
+            with _autocast(self.device, self.bf16):
+                features = self.trunk(self.plane)
+            for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
+                local = chunk - self.x_start
+                kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
+                predicted = sense.forward(self._planes(features, chunk), maps)
+                sums[0] += float((weights * (predicted - kspace).abs().square()).sum())
+                sums[1] += float((weights * kspace.abs().square()).sum())
+        error, energy = self.ctx.all_reduce_sum(sums).tolist()
+        return error / energy
 
     def evaluate_slab(self) -> np.ndarray:
         """This rank's whole slab (x_stop - x_start, ny, nz) complex64 (kept in host memory)."""

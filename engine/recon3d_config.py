@@ -16,6 +16,7 @@ from engine.config import config_to_dict
 from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
+from engine.selection3d import Selection3DConfig
 
 
 @dataclass
@@ -181,6 +182,8 @@ class Recon3DConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bundled: BundledCaseConfig = field(default_factory=BundledCaseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    selection: Selection3DConfig = field(default_factory=Selection3DConfig)
+    """Label-free choice of the regularisation strength from held-out samples (engine.selection3d)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

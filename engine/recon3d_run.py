@@ -24,6 +24,7 @@ from engine.dist import DistContext
 from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from engine.recon3d import NonFiniteStop, Recon3D, StepResult
 from engine.recon3d_config import BundledCaseConfig, Recon3DConfig, result_config
+from engine.selection3d import scaled_config, select_regularisation
 
 
 @dataclass
@@ -192,11 +193,15 @@ def run_recon3d(
         raise ValueError(f"{input_path}: {source.shape[0]} readout positions in {chunks} chunks of "
                          f"{source.chunk_x} cannot be split over {shards} shards (one per rank unless "
                          f"slices.num_shards is set): use fewer ranks, or prepare the store with a smaller chunk_x")
-    recon = Recon3D(cfg, source, ctx, prior=prior)
-    hashed = result_config(cfg, recon.input_description())
     manager = CheckpointManager(paths.checkpoints, ctx, cfg.checkpoint.keep_last)
     if not resume:
         manager.start_fresh(overwrite, "pass --resume to continue it or --overwrite to start over")
+    selection = None
+    if cfg.selection.enabled:
+        selection = choose_regularisation(cfg, source, paths, ctx, resume, prior)
+        cfg = scaled_config(cfg, selection["chosen"]["scale"])
+    recon = Recon3D(cfg, source, ctx, prior=prior)
+    hashed = result_config(cfg, recon.input_description())
     if ctx.is_main:
         paths.side.mkdir(parents=True, exist_ok=True)
         from engine.config import save_config
@@ -274,8 +279,32 @@ def run_recon3d(
             log.close()
     train_seconds = elapsed()  # summed over every segment of a resumed run
     return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
-                      {"skipped_steps": skipped_steps, "resumed_from_step": start_step},
+                      {"skipped_steps": skipped_steps, "resumed_from_step": start_step}
+                      | ({"selection": selection} if selection is not None else {}),
                       voxel_size=source.voxel_size_mm)
+
+
+def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
+                          prior: nn.Module | None) -> dict:
+    """engine.selection3d's record for this run: read from `<stem>_run/selection.json` when resuming
+    a run that already made its choice with the same selection settings, else the candidate runs
+    (collective), then saved there."""
+    saved = paths.side / "selection.json"
+    settings = json.loads(json.dumps(config_to_dict(cfg.selection)))  # as it reads back from the file
+    record = json.loads(saved.read_text()) if resume and saved.is_file() else None
+    if record is not None and record.get("settings") == settings:
+        ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen before ({saved})")
+        return record
+    ctx.print0(f"[recon3d] selection: {len(cfg.selection.regularisation_scales)} candidate runs on "
+               f"{1 - cfg.selection.holdout_fraction:.0%} of the measured samples, then the final run on all")
+    record = {"settings": settings, **select_regularisation(cfg, source, ctx, prior, progress=cfg.output.progress)}
+    if ctx.is_main:
+        paths.side.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(record, indent=1))
+    ctx.barrier()
+    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen (held-out error "
+               f"{record['chosen']['validation_error']:.5g}); {saved}")
+    return record
 
 
 def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,

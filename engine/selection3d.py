@@ -1,0 +1,156 @@
+"""Label-free choice of the 3D run's regularisation strength from held-out measured samples.
+
+Why: the 3D config's TV, wavelet and readout-TV weights were tuned on one case (the bundled one
+at R = 4); their right strength moves with the acceleration, the resolution and the noise, and a
+user has no reference to tune against. As in the 2D loop (engine.selection2d), a seeded random
+part of the measured (ky, kz) samples (the same part in every readout plane, since the mask is
+shared by them) is withheld from the fit and scores it: the relative data-consistency error of
+the output volume on those samples, summed over every plane of every rank (optionally weighted
+by the inverse sampling density, `holdout_weighting`).
+
+Procedure (`select_regularisation`, collective: every rank runs the same candidates):
+1. split the (ky, kz) mask into fit and held-out samples (engine.selection2d.split_holdout);
+2. for each factor in `regularisation_scales`, a full run of the config (all its steps) with
+   tv_weight, wavelet_weight and tv_x_weight multiplied by the factor, on the fit samples; every
+   `validate_every` steps and at the end its output is scored on the held-out samples;
+3. the factor whose run ends with the lowest held-out error wins (the runs keep their full
+   schedule, so the end is what the final run returns);
+4. run_recon3d then reconstructs from all measured samples with the chosen factor (the refit).
+A reference, when the store has one, only adds NRMSE to the curves (benchmarks); it never steers.
+The candidate runs are not checkpointed; their result is saved (selection.json beside the output)
+before the final run starts, so a resumed run does not repeat them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Selection3DConfig:
+    """Label-free choice of the regularisation strength of a 3D run (module docstring)."""
+
+    enabled: bool = False
+    """choose per case (launch/recon3d.py: --set selection.enabled=true)."""
+    holdout_fraction: float = 0.08
+    """fraction of the measured (ky, kz) samples withheld from the candidate runs (0 < f < 0.5)."""
+    holdout_seed: int = 0
+    """seed of the held-out draw (independent of the mask's)."""
+    regularisation_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """candidate factors on tv_weight, wavelet_weight and tv_x_weight together; each is one run."""
+    validate_every: int = 100
+    """steps between held-out checks of a candidate (the validation curve in metrics.json)."""
+    holdout_weighting: Literal["uniform", "density"] = "uniform"
+    """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
+    (variable-density masks hold out mostly central samples; the weights make the score estimate
+    the error over all of k-space, i.e. the image error); 'uniform': unweighted."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"selection.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        if not self.regularisation_scales or min(self.regularisation_scales) < 0:
+            raise ValueError("selection.regularisation_scales must be a non-empty list of factors >= 0")
+        if self.validate_every < 1:
+            raise ValueError("selection.validate_every must be >= 1")
+
+
+def scaled_config(cfg, factor: float):
+    """`cfg` with its TV, wavelet and readout-TV weights multiplied by `factor`."""
+    return dataclasses.replace(cfg, tv_weight=cfg.tv_weight * factor, wavelet_weight=cfg.wavelet_weight * factor,
+                               tv_x_weight=cfg.tv_x_weight * factor)
+
+
+def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np.ndarray:
+    """Weights of the held-out samples: 1 ('uniform') or 1 / local sampling density of `mask`
+    ('density': the fraction of measured points in a window of about 3 sqrt(R) points a side,
+    which holds about 9 samples on average), normalised to mean 1 over the held-out samples."""
+    if weighting == "uniform":
+        return holdout.astype(np.float32)
+    from scipy.ndimage import uniform_filter
+
+    measured = (mask > 0).astype(np.float64)
+    side = max(5, 2 * round(1.5 * math.sqrt(measured.size / measured.sum())) + 1)
+    inside = uniform_filter(np.ones_like(measured), side, mode="constant")
+    density = np.maximum(uniform_filter(measured, side, mode="constant") / inside, 1.0 / side**2)
+    weights = np.where(holdout > 0, 1.0 / density, 0.0)
+    return (weights / weights[holdout > 0].mean()).astype(np.float32)
+
+
+def _reference_sums(recon) -> torch.Tensor | None:
+    """[error, energy] of this rank's output against the reference (for NRMSE), or None."""
+    if recon.reference is None:
+        return None
+    from engine.recon3d_run import _error_sums
+
+    power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
+    support = power if not power.all() else None
+    return torch.tensor(_error_sums(recon.evaluate_slab(), recon.reference, support), dtype=torch.float64)
+
+
+def _score(recon) -> dict[str, float]:
+    point = {"step": recon.step_index, "validation_error": recon.heldout_error()}
+    sums = _reference_sums(recon)
+    if sums is not None:
+        error, energy = recon.ctx.all_reduce_sum(sums).tolist()
+        point["nrmse_percent"] = 100.0 * math.sqrt(error / energy)
+    if not math.isfinite(point["validation_error"]):
+        point["validation_error"] = float("inf")
+    return point
+
+
+def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) -> dict[str, Any]:
+    """Run the candidates of cfg.selection on the fit samples (collective; module docstring).
+
+    Returns the record saved as selection.json and in metrics.json: holdout_fraction, holdout_seed,
+    fit_samples, holdout_samples (per plane), candidates [{scale, tv_weight, wavelet_weight,
+    tv_x_weight, validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
+    [, nrmse_percent]}], chosen {scale, validation_error}.
+    """
+    from engine.recon3d import Recon3D
+    from engine.selection2d import split_holdout
+
+    selection = cfg.selection
+    mask = np.asarray(source.mask, np.float32)
+    fit_mask, holdout = split_holdout(mask, selection.holdout_fraction, selection.holdout_seed)
+    weights = holdout_weights(mask, holdout, selection.holdout_weighting)
+    candidates = []
+    for factor in selection.regularisation_scales:
+        began = time.perf_counter()
+        run_cfg = scaled_config(cfg, factor)
+        recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=weights)
+        curve = []
+        bar = None
+        if progress and ctx.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=run_cfg.steps, desc=f"selection x{factor:g}", dynamic_ncols=True, disable=None)
+        while recon.step_index < run_cfg.steps:
+            recon.step()
+            if bar is not None:
+                bar.update(1)
+            if recon.step_index % selection.validate_every == 0 or recon.step_index == run_cfg.steps:
+                curve.append(_score(recon))
+        if bar is not None:
+            bar.close()
+        final = curve[-1]
+        candidates.append({"scale": factor, "tv_weight": run_cfg.tv_weight, "wavelet_weight": run_cfg.wavelet_weight,
+                           "tv_x_weight": run_cfg.tv_x_weight, "validation_error": final["validation_error"],
+                           "seconds": time.perf_counter() - began, "curve": curve}
+                          | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
+        ctx.print0(f"[recon3d] selection: regularisation x{factor:g}: held-out error "
+                   f"{final['validation_error']:.5g}")
+        del recon
+    chosen = min(candidates, key=lambda c: c["validation_error"])  # the first one on a tie
+    return {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
+            "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
+            "candidates": candidates,
+            "chosen": {"scale": chosen["scale"], "validation_error": chosen["validation_error"]}}
+
+
+__all__ = ["Selection3DConfig", "holdout_weights", "scaled_config", "select_regularisation"]

@@ -1,0 +1,179 @@
+"""engine.selection3d: held-out samples in the 3D loop, the label-free choice, its record and resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny3d import make_tiny_store, tiny_config
+
+from engine.config import ConfigError, load_config
+from engine.dist import DistContext, init_distributed, launch_local
+from engine.io.hybrid_store import HybridStore
+from engine.recon3d import Recon3D, Recon3DConfig
+from engine.recon3d_run import run_recon3d
+from engine.selection2d import split_holdout
+from engine.selection3d import holdout_weights, scaled_config, select_regularisation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# prior off: the selection's candidates differ only in their regularisation weights
+SELECTION = {"prior": {"mode": "off"}, "tv_weight": 0.01, "tv_x_weight": 0.005, "steps": 6,
+             "slices": {"per_step": 2, "num_shards": 2, "seed": 3, "contiguous": True},
+             "selection": {"enabled": True, "regularisation_scales": [0.0, 1.0, 30.0], "validate_every": 3,
+                           "holdout_fraction": 0.2}}
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("store") / "tiny.zarr")
+
+
+def single_process() -> DistContext:
+    return init_distributed(device="cpu", env={})
+
+
+def _holdout(store: HybridStore, weighting: str = "uniform") -> np.ndarray:
+    mask = np.asarray(store.mask, np.float32)
+    return holdout_weights(mask, split_holdout(mask, 0.2, 0)[1], weighting)
+
+
+class _ChangedHeldOut:
+    """The store with its k-space changed on the held-out samples only."""
+
+    def __init__(self, store: HybridStore, holdout: np.ndarray):
+        self.store, self.holdout = store, holdout
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def read_slab(self, x0, x1):
+        slab = self.store.read_slab(x0, x1)
+        slab.kspace = np.asarray(slab.kspace) + 5.0 * (self.holdout > 0)
+        return slab
+
+
+def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_store):
+    """Changing the k-space on the held-out samples (by far more than the data) leaves the fit's
+    losses and parameters alone up to float rounding (the intensity scale comes from all measured
+    samples, so it is set equal here) and moves only the held-out error; without a holdout,
+    heldout_error is refused. The error is the weighted sum it documents (density weights)."""
+    store = HybridStore(tiny_store)
+    holdout = _holdout(store, "density")
+    cfg = tiny_config(**{k: v for k, v in SELECTION.items() if k != "selection"})
+    plain = Recon3D(cfg, store, single_process(), holdout=holdout)
+    changed = Recon3D(cfg, _ChangedHeldOut(store, holdout), single_process(), holdout=holdout)
+    changed.kspace = changed.kspace * (changed.scale / plain.scale)
+    changed.scale = plain.scale
+    terms = [(plain.step().terms, changed.step().terms) for _ in range(3)]
+    for a, b in terms:
+        assert a == pytest.approx(b, rel=1e-6)
+    for p, q in zip(plain.trunk.parameters(), changed.trunk.parameters()):
+        # rounding of the rescaled data, grown by 3 Adam steps: <= 1e-6 measured; a leak of the held-out
+        # change moves parameters by about the learning rate (1e-2)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6)
+    error, changed_error = plain.heldout_error(), changed.heldout_error()
+    # the same number from the output volume and the SENSE forward model, in the input's units
+    from engine.physics.fft import fftc
+
+    slab = store.read_slab(0, store.shape[0])
+    predicted = fftc(torch.from_numpy(slab.maps * plain.evaluate_slab()[:, None]), dims=(-2, -1)).numpy()
+    measured = np.asarray(slab.kspace) * (holdout > 0)
+    want = np.sum(holdout * np.abs(predicted - measured) ** 2 * (holdout > 0)) / np.sum(holdout * np.abs(measured) ** 2)
+    assert error == pytest.approx(want, rel=1e-4)
+    assert abs(changed_error - error) > 0.05
+    with pytest.raises(ValueError, match="holdout"):
+        Recon3D(cfg, store, single_process()).heldout_error()
+    with pytest.raises(ValueError, match="part of the"):
+        Recon3D(cfg, store, single_process(), holdout=np.ones((3, 3), np.float32))
+
+
+def test_selection_runs_every_scale_and_chooses_the_lowest_held_out_error(tiny_store):
+    cfg = tiny_config(**SELECTION)
+    record = select_regularisation(cfg, HybridStore(tiny_store), single_process())
+    scales = [c["scale"] for c in record["candidates"]]
+    assert scales == [0.0, 1.0, 30.0]
+    for candidate in record["candidates"]:
+        assert [p["step"] for p in candidate["curve"]] == [3, 6]
+        assert candidate["validation_error"] == candidate["curve"][-1]["validation_error"]
+        assert "nrmse_percent" in candidate  # the tiny store has a reference (reported, not used)
+        assert candidate["tv_weight"] == pytest.approx(0.01 * candidate["scale"])
+    errors = [c["validation_error"] for c in record["candidates"]]
+    assert len(set(errors)) == 3  # the scales really change the fits
+    assert record["chosen"]["scale"] == scales[int(np.argmin(errors))]
+    assert record["holdout_samples"] == int(_holdout(HybridStore(tiny_store)).sum())
+    assert scaled_config(cfg, 2.0).tv_x_weight == pytest.approx(0.01)
+
+
+def _selection_worker(ctx: DistContext, store: str) -> dict:
+    return select_regularisation(tiny_config(**SELECTION), HybridStore(store), ctx)
+
+
+@pytest.mark.slow  # about 15 s on 2 shared cores
+@pytest.mark.dist
+def test_selection_two_ranks_equal_one_process(tiny_store):
+    """The held-out error sums over both ranks' planes: 2 gloo ranks give the curves and the choice
+    of one process (same seeds)."""
+    run = launch_local(_selection_worker, 2, args=(str(tiny_store),), timeout_s=240)
+    single = select_regularisation(tiny_config(**SELECTION), HybridStore(tiny_store), single_process())
+    for rank in range(2):
+        got = run.results[rank]
+        assert got["chosen"]["scale"] == single["chosen"]["scale"]
+        for a, b in zip(got["candidates"], single["candidates"], strict=True):
+            for p, q in zip(a["curve"], b["curve"], strict=True):
+                assert p["validation_error"] == pytest.approx(q["validation_error"], rel=1e-4)
+                assert p["nrmse_percent"] == pytest.approx(q["nrmse_percent"], rel=1e-4)
+
+
+def test_run_records_the_choice_refits_with_it_and_resume_reuses_it(tiny_store, tmp_path, monkeypatch):
+    cfg = tiny_config(**SELECTION)
+    out = tmp_path / "vol.zarr"
+    metrics = run_recon3d(cfg, tiny_store, out, single_process())
+    saved = json.loads((tmp_path / "vol_run" / "selection.json").read_text())
+    assert metrics["selection"]["chosen"] == saved["chosen"]
+    chosen = scaled_config(cfg, saved["chosen"]["scale"])
+    # the final run is the plain run of the chosen weights on all samples
+    plain = run_recon3d(dataclass_without_selection(chosen), tiny_store, tmp_path / "plain.zarr", single_process())
+    assert metrics["nrmse_percent_infusion"] == pytest.approx(plain["nrmse_percent_infusion"], rel=1e-6)
+    # a resumed run (here: after the volume was lost) reads the choice instead of running it again
+    import engine.recon3d_run as run_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the selection ran again on resume")
+
+    monkeypatch.setattr(run_module, "select_regularisation", refuse)
+    import shutil
+
+    shutil.rmtree(out)
+    again = run_recon3d(cfg, tiny_store, out, single_process(), resume=True)
+    assert again["selection"]["chosen"] == saved["chosen"]
+
+
+def dataclass_without_selection(cfg: Recon3DConfig) -> Recon3DConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, enabled=False))
+
+
+@pytest.mark.parametrize("change, message", [("selection.holdout_fraction=0.6", "holdout_fraction"),
+                                             ("selection.regularisation_scales=[]", "regularisation_scales"),
+                                             ("selection.validate_every=0", "validate_every")])
+def test_bad_selection_settings_are_refused_at_load(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Recon3DConfig, None, [change])
+
+
+def test_density_weights_favour_the_sparse_periphery_of_a_variable_density_mask():
+    from engine.physics.masks import poisson_disc_mask
+
+    mask = poisson_disc_mask((64, 40), 6.0, seed=0)
+    _, held = split_holdout(mask, 0.1, 0)
+    assert np.array_equal(holdout_weights(mask, held, "uniform"), held)
+    weights = holdout_weights(mask, held, "density")
+    assert np.array_equal(weights > 0, held > 0) and weights[held > 0].mean() == pytest.approx(1.0)
+    y, z = np.meshgrid(np.arange(64) - 32, np.arange(40) - 20, indexing="ij")
+    radius = np.hypot(y / 32, z / 20)[held > 0]
+    centre, edge = weights[held > 0][radius < 0.3], weights[held > 0][radius > 0.7]
+    assert edge.mean() > 3 * centre.mean()
