@@ -19,11 +19,19 @@ setup(
     python_requires=">=3.10",
     # namespace packages too: engine/assets/prior (weights and the Colin27 notice, no __init__.py)
     # is then a package of its own rather than a data folder setuptools warns about
-    packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*"],
+    packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch"],
                                      exclude=["*.__pycache__"]),
     include_package_data=True,
     package_data={"engine.assets.prior": ["*"]},
     license_files=["LICENSE"],
+    # the launch/ scripts as commands (python launch/<name>.py works the same without installing)
+    entry_points={"console_scripts": [
+        "infusion-recon2d = launch.recon2d:cli",
+        "infusion-recon3d = launch.recon3d:cli",
+        "infusion-prepare = launch.prepare:main",
+        "infusion-baseline = launch.baseline:main",
+        "infusion-train-prior = launch.train_prior:main",
+    ]},
     install_requires=[
         "torch",
         "torchvision",

@@ -7,7 +7,7 @@ R = 4, 6, 8 WITHOUT a calibration region (the paper's setting), seeds 0 and 1.
 
 The tuning section re-measures, on a slice no evaluation uses (Colin27 1 mm, axial voxel k = 70,
 the training part of docs/ARCHITECTURE.md's split, with simulated coils, phase and noise), the
-curves from which engine.baselines' constants (L1_RELATIVE_FACTOR, CG_ITERATIONS) were chosen.
+curves from which engine.evaluation.baselines' constants (L1_RELATIVE_FACTOR, CG_ITERATIONS) were chosen.
 
 Commands (run from the repository root; the real slices live in ../shared/data and are never
 committed):
@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import baselines
-from engine.metrics import all_metrics, nrmse_percent
+from engine.evaluation import baselines
+from engine.evaluation.metrics import all_metrics, nrmse_percent
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("INFUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -126,9 +126,9 @@ def evaluation_cases() -> dict[str, np.ndarray]:
         else:
             print(f"skipping {name}: {path} not found", flush=True)
     try:
-        from engine.examples import bundled_case_2d
+        from engine.io.examples import bundled_case_2d
     except ImportError:
-        print("skipping the bundled example: engine.examples not available", flush=True)
+        print("skipping the bundled example: engine.io.examples not available", flush=True)
     else:
         case = bundled_case_2d()
         cases[f"bundled example ({case['name']})"] = np.asarray(case["kspace"])

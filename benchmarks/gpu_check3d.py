@@ -34,9 +34,9 @@ def run_one(case: Path, k: int, bf16: bool, full_dc: bool, steps: int, warmup: i
     from scale3d import INR, PRIOR, ArraySource
 
     from engine.config import build_config
-    from engine.dist import init_distributed
     from engine.prior import EDMPrior, UNetConfig, default_prior_path, load_prior
-    from engine.recon3d import Recon3D, Recon3DConfig
+    from engine.recon.fit3d import Recon3D, Recon3DConfig
+    from engine.runtime.bootstrap import init_distributed
 
     ctx = init_distributed(device=device, env={})
     cfg = build_config(Recon3DConfig, {"steps": 10_000, "inr": INR, "slices": {"per_step": k}, "prior": PRIOR,

@@ -11,11 +11,11 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
   axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
 - 256: 4h_GE and 4h_mpr at full 256 x 256 (all R and seeds).
-Methods: zero_filled; l1_wavelet (engine.baselines' rule, tuned once on a Colin27 training slice);
+Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
 mode with label-free choices of TV weight, prior weight and stop on 8 % held-out k-space, then a
-refit on all samples; engine.selection2d), which also logs `fast_auto_norefit` (the chosen
+refit on all samples; engine.recon.selection2d), which also logs `fast_auto_norefit` (the chosen
 candidate's image before the refit) and every candidate's held-out validation curve with its NRMSE
 (the reference only scores, it never steers the choice); reference
 (configs/reference2d.yaml with --reference-steps iterations instead of 8000, only on the rows
@@ -88,7 +88,7 @@ def load_case(name: str) -> np.ndarray:
         kspace = np.load(DATA / "real2d" / f"{base}_kspace_c4_256x256.npy").astype(np.complex64)
         return kspace if name.endswith("_256") else centre_crop(kspace, CROP)
     if name == "bundled_colin27_z45":
-        from engine.examples import bundled_case_2d
+        from engine.io.examples import bundled_case_2d
 
         return centre_crop(np.asarray(bundled_case_2d()["kspace"], np.complex64), CROP)
     if name == "mni152_axial":
@@ -119,9 +119,9 @@ def done_keys(path: Path) -> set[tuple]:
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
     """One method on one case: {"image", "seconds", "prior_evals", "steps"[, "stopped"]}."""
-    from engine import baselines
     from engine.config import load_config
-    from engine.recon2d import Recon2DConfig, reconstruct_2d
+    from engine.evaluation import baselines
+    from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
 
     if method in ("zero_filled", "l1_wavelet", "l1_wavelet_best"):
         result = baselines.run_baselines(kspace, maps, mask, (method,), reference, support)[method]
@@ -148,8 +148,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
         cases: list[str] | None, only_rows: list[str] | None = None) -> None:
     import torch
 
-    from engine.baselines import espirit_reference
-    from engine.metrics import all_metrics
+    from engine.evaluation.baselines import espirit_reference
+    from engine.evaluation.metrics import all_metrics
     from engine.physics.masks import poisson_disc_mask
 
     torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))

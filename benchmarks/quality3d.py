@@ -6,14 +6,14 @@ NRMSE (%) of magnitudes against the noise-free reference inside the maps' suppor
 launch/recon3d.py's metrics.json), no rescaling except for BART (below).
 
 Case "bundled": data/colin27_eval_volume_72x64x40.npz (Colin27 evaluation part, 3 x 3 x 2 mm,
-8 simulated coils), the demo's store (engine.recon3d_run.prepare_bundled_store). Tuning data of
+8 simulated coils), the demo's store (engine.recon.job3d.prepare_bundled_store). Tuning data of
 every fixed setting below: this case at R = 4 (the issue allows tuning on it).
 
 Methods:
 - zero_filled: SENSE adjoint of the measured planes.
-- l1_wavelet_3d: engine.baselines.l1_wavelet_3d with its lambda rule (the run's comparison row);
+- l1_wavelet_3d: engine.evaluation.baselines.l1_wavelet_3d with its lambda rule (the run's comparison row);
   l1_wavelet_3d_c<factor>: the same at other factors (the sweep that checks the rule).
-- inr_tv_2d_planes: the engine's 2D fit (engine.recon2d.reconstruct_2d, configs/inr_tv2d.yaml)
+- inr_tv_2d_planes: the engine's 2D fit (engine.recon.fit2d.reconstruct_2d, configs/inr_tv2d.yaml)
   on every readout plane on its own: a distributed 3D method without communication.
 - bart_W_<lambda> / bart_T_<lambda>: `bart pics -R W:7:0:lambda` (3D L1-wavelet) and `T:7:0:lambda`
   (3D TV) on the same data with x transformed back to k-space (BART's FFT runs over x, y, z); the
@@ -62,9 +62,9 @@ BART_LAMBDAS = {"W": (0.005, 0.01, 0.02, 0.05), "T": (0.005, 0.01, 0.02, 0.05, 0
 
 
 def bundled_store(acceleration: float) -> Path:
-    from engine.dist import DistContext
-    from engine.recon3d_config import BundledCaseConfig
-    from engine.recon3d_run import prepare_bundled_store
+    from engine.recon.config3d import BundledCaseConfig
+    from engine.recon.job3d import prepare_bundled_store
+    from engine.runtime.context import DistContext
 
     return prepare_bundled_store(BundledCaseConfig(acceleration=acceleration), WORK / "stores", DistContext())
 
@@ -83,7 +83,7 @@ def load_case(store_path: Path) -> dict:
 
 
 def nrmse_percent(volume: np.ndarray, case: dict) -> float:
-    """NRMSE (%) of magnitudes inside the support (engine.recon3d_run's definition)."""
+    """NRMSE (%) of magnitudes inside the support (engine.recon.job3d's definition)."""
     diff = np.abs(volume).astype(np.float64) - np.abs(case["reference"]).astype(np.float64)
     ref = np.abs(case["reference"]).astype(np.float64)
     support = case["support"]
@@ -94,7 +94,7 @@ def nrmse_percent(volume: np.ndarray, case: dict) -> float:
 
 
 def run_zero_filled(case: dict) -> dict:
-    from engine.baselines import zero_filled_3d
+    from engine.evaluation.baselines import zero_filled_3d
 
     t0 = time.perf_counter()
     volume = zero_filled_3d(case["kspace"], case["maps"], case["mask"])
@@ -102,7 +102,7 @@ def run_zero_filled(case: dict) -> dict:
 
 
 def run_l1_wavelet_3d(case: dict, factor: float | None = None) -> dict:
-    from engine.baselines import (
+    from engine.evaluation.baselines import (
         L1_3D_RELATIVE_FACTOR,
         intensity_scale_3d,
         l1_wavelet_3d,
@@ -120,7 +120,7 @@ def run_l1_wavelet_3d(case: dict, factor: float | None = None) -> dict:
 def run_inr_tv_planes(case: dict) -> dict:
     """configs/inr_tv2d.yaml's fit on every readout plane on its own."""
     from engine.config import load_config
-    from engine.recon2d import Recon2DConfig, reconstruct_2d
+    from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
 
     config = load_config(Recon2DConfig, REPO / "configs" / "inr_tv2d.yaml", ["progress=false"])
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
 
 
 def _selection_summary(record: dict) -> dict:
-    """The label-free choice of a run (engine.selection3d) without its curves: chosen scale, and
+    """The label-free choice of a run (engine.recon.selection3d) without its curves: chosen scale, and
     per candidate its held-out error and (reported only, never used) its NRMSE."""
     return {"chosen_scale": record["chosen"]["scale"],
             "candidates": [{key: c.get(key) for key in ("scale", "validation_error", "nrmse_percent", "seconds")}
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             elif method == "l1_wavelet_3d":
                 log_row("bundled", acceleration, method, run_l1_wavelet_3d(case))
             elif method == "l1_sweep":
-                from engine.baselines import L1_3D_RELATIVE_FACTOR
+                from engine.evaluation.baselines import L1_3D_RELATIVE_FACTOR
 
                 for factor in L1_FACTORS:
                     if factor != L1_3D_RELATIVE_FACTOR:

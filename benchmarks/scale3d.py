@@ -9,7 +9,7 @@ Cases: the bundled Colin27 volume (real anatomy) resampled to each size, multico
 simulated from it (engine.physics.simulate: birdcage coils, smooth phase, SNR 40), Poisson-disc
 R = 4 on the (ky, kz) plane, hybrid space in memory (no Zarr: I/O is not what is measured).
 
-Each measurement runs in a fresh process (engine.dist.launch_local, 1 thread per rank), so its
+Each measurement runs in a fresh process (engine.runtime.local_group.launch_local, 1 thread per rank), so its
 memory numbers are its own: "setup" is the resident set after the slab, model and prior are in
 memory; "per step" is the peak resident set during the timed steps minus that (Linux VmHWM,
 reset through /proc/self/clear_refs before the steps), i.e. what a step allocates on top.
@@ -43,7 +43,7 @@ def make_case(shape: tuple[int, int, int], coils: int, folder: Path, seed: int =
     in hybrid space: kspace (x, coils, ky, kz) masked, maps (x, coils, y, z), mask (ky, kz)."""
     from scipy.ndimage import zoom
 
-    from engine.examples import CASE_3D_PATH
+    from engine.io.examples import CASE_3D_PATH
     from engine.io.hybrid_store import to_hybrid
     from engine.physics.masks import make_mask
     from engine.physics.simulate import simulate_multicoil
@@ -96,7 +96,7 @@ def measure_worker(ctx, case: str, k: int, steps: int, warmup: int, prior_on: bo
 
     from engine.config import build_config
     from engine.prior import EDMPrior, UNetConfig, default_prior_path, load_prior
-    from engine.recon3d import Recon3D, Recon3DConfig
+    from engine.recon.fit3d import Recon3D, Recon3DConfig
 
     source = ArraySource(Path(case), chunk_x=1)
     cfg = build_config(Recon3DConfig, {"steps": 10_000, "inr": INR, "slices": {"per_step": k},
@@ -131,7 +131,7 @@ def measure_worker(ctx, case: str, k: int, steps: int, warmup: int, prior_on: bo
 
 def measure(case: Path, ranks: int, k: int, steps: int, warmup: int, prior_on: bool = True,
             bf16: bool = False) -> list[dict]:
-    from engine.dist import launch_local
+    from engine.runtime.local_group import launch_local
 
     run = launch_local(measure_worker, ranks, args=(str(case), k, steps, warmup, prior_on, bf16), timeout_s=1200)
     return run.results

@@ -3,7 +3,7 @@
 A fully sampled input is undersampled with the chosen mask and scored against its ESPIRiT-combined
 image inside the ESPIRiT support; an undersampled input keeps its own sampling and gets images only.
 Writes recon_<method>.npy, mask.npy, support.npy (and reference.npy), metrics.json and
-comparison.png to --out. The work is done by engine.baselines.baseline_job.
+comparison.png to --out. The work is done by engine.evaluation.baselines.baseline_job.
 
 Commands (from the repository root):
     # the bundled example (fully sampled, simulated coils on real anatomy), Poisson-disc R = 6
@@ -53,17 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 with a one-line error for a refused input,
-    config or output path: engine.validate.run_cli)."""
+    config or output path: engine.runtime.validate.run_cli)."""
     args = build_parser().parse_args(argv)
     if args.mask == "file" and args.mask_file is None:
         build_parser().error("--mask file needs --mask-file")
-    from engine.validate import run_cli
+    from engine.runtime.validate import run_cli
 
     return run_cli(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.baselines import baseline_job
+    from engine.evaluation.baselines import baseline_job
 
     per_method = baseline_job(
         args.input, args.out, mask_kind=args.mask, acceleration=args.accel, calib=args.calib,

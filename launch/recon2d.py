@@ -7,7 +7,7 @@ ssim, seconds, prior_evals, skipped_steps per method), comparison.png, config.ya
 history.json to --out; metrics.json comes last. The INR fits are checkpointed in --out/checkpoints
 (every `checkpoint.every` steps and on SIGTERM / SIGUSR1, after which the exit code is 75); rerun
 the same command with --resume to continue. Bad input: one line on stderr, exit 2. The work is
-done by engine.recon2d_job.recon2d_job.
+done by engine.recon.job2d.recon2d_job.
 
 Commands (from the repository root):
     # the bundled example (fully sampled: real anatomy, simulated coils), fast mode, Poisson-disc R = 6
@@ -63,20 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.preemption import catch_signals_early
+    from engine.runtime.preemption import catch_signals_early
 
     catch_signals_early()  # a SIGTERM / SIGUSR1 while torch is still importing still checkpoints
     args = build_parser().parse_args(argv)
-    from engine.validate import run_cli
+    from engine.runtime.validate import run_cli
 
     return run_cli(lambda: _job(args))
 
 
 def _job(args: argparse.Namespace) -> int:
     from engine.config import load_config
-    from engine.preemption import REQUEUE_EXIT_CODE, Preempted
-    from engine.recon2d import Recon2DConfig
-    from engine.recon2d_job import recon2d_job
+    from engine.recon.fit2d import Recon2DConfig
+    from engine.recon.job2d import recon2d_job
+    from engine.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
 
     config = load_config(Recon2DConfig, args.config, args.set)
     try:
@@ -100,9 +100,14 @@ def _job(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point `infusion-recon2d`: `main`, then late signals are ignored."""
     exit_code = main()
-    from engine.preemption import ignore_preemption_signals
+    from engine.runtime.preemption import ignore_preemption_signals
 
     ignore_preemption_signals()  # the run is over: a late SIGTERM / SIGUSR1 must not kill the exiting process
-    sys.exit(exit_code)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

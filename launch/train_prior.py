@@ -27,9 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import add_override_option, load_config
-from engine.preemption import NON_FINITE_EXIT_CODE
 from engine.prior.train import NonFiniteTraining, PriorTrainConfig, train_prior
-from engine.validate import run_cli
+from engine.runtime.preemption import NON_FINITE_EXIT_CODE
+from engine.runtime.validate import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ RAS, 1 mm, origin (-90, -125, -71) mm.
   posterior, the readout axis; y: Colin x; z: Colin z), trimmed to 216 x 180 x 80 voxels,
   block-averaged 3 x 3 x 2 (3 x 3 x 2 mm voxels) to 72 x 60 x 40, zero-padded to 72 x 64 x 40,
   stored as uint8 with the simulation parameters (8 coils in one ring, SNR 40, same phase
-  model); engine.examples simulates the k-space from it and checks it against the energy and
+  model); engine.io.examples simulates the k-space from it and checks it against the energy and
   probe values stored here.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.examples import CASE_2D_PATH, CASE_3D_PATH, DATA_DIR, LABEL
+from engine.io.examples import CASE_2D_PATH, CASE_3D_PATH, DATA_DIR, LABEL
 from engine.physics.masks import seed_from_case
 from engine.physics.simulate import noise_std_for_snr, simulate_multicoil
 

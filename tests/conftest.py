@@ -21,8 +21,8 @@ def torch_gen() -> torch.Generator:
 
 @pytest.fixture(scope="session")
 def bundled_2d() -> dict:
-    """The bundled 2D example (engine.examples.bundled_case_2d), read from disk once per session."""
-    from engine.examples import bundled_case_2d
+    """The bundled 2D example (engine.io.examples.bundled_case_2d), read from disk once per session."""
+    from engine.io.examples import bundled_case_2d
 
     return bundled_case_2d()
 

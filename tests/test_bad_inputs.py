@@ -455,10 +455,10 @@ def test_recon3d_refuses_an_unreachable_bundled_acceleration(mains, tmp_path, mo
 def test_recon3d_refuses_fewer_readout_positions_than_ranks(ranks, pattern, good_store, recon3d, tmp_path,
                                                            monkeypatch):
     """Rank 0 of `ranks`: the refusal comes before any collective, so no process group is needed."""
-    import engine.dist
-    from engine.dist import DistContext
+    import engine.runtime.bootstrap
+    from engine.runtime.context import DistContext
 
-    monkeypatch.setattr(engine.dist, "init_distributed", lambda device="auto", **_: DistContext(0, ranks))
+    monkeypatch.setattr(engine.runtime.bootstrap, "init_distributed", lambda device="auto", **_: DistContext(0, ranks))
     code, err = recon3d(good_store, tmp_path / "out.zarr")
     assert_refused(code, err, pattern)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny3d.yaml"]
@@ -556,7 +556,7 @@ def test_interrupted_volume_never_looks_complete(tmp_path):
 
 def test_interrupted_2d_run_folder_never_looks_complete(tmp_path, monkeypatch):
     """metrics.json is written last; rewriting a complete folder removes it first."""
-    from engine import report
+    from engine.evaluation import report
 
     image = np.ones((NY, NX), np.complex64)
     results = {"zero_filled": {"image": image, "seconds": 0.1}}
@@ -608,7 +608,7 @@ def poisoned_tv(bad_calls: set[int], kind: str):
 
 def _recon2d_case():
     from engine.config import build_config
-    from engine.recon2d import Recon2DConfig
+    from engine.recon.fit2d import Recon2DConfig
 
     kspace = smooth_case_2d()
     mask = (np.random.default_rng(0).random((NY, NX)) < 0.5).astype(np.float32)
@@ -624,7 +624,7 @@ def _recon2d_case():
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_2d_guard_skips_a_bad_step_and_stops_with_the_last_good_state(kind, monkeypatch):
-    from engine import recon2d
+    from engine.recon import fit2d as recon2d
 
     kspace, maps, mask, config = _recon2d_case()
     monkeypatch.setattr(recon2d, "total_variation", poisoned_tv(set(), kind))
@@ -644,10 +644,10 @@ def test_2d_guard_skips_a_bad_step_and_stops_with_the_last_good_state(kind, monk
 
 
 def test_3d_guard_skips_a_bad_step(good_store, tmp_path, monkeypatch):
-    from engine import recon3d
     from engine.config import build_config, merge_dicts
-    from engine.dist import init_distributed
-    from engine.recon3d_run import run_recon3d
+    from engine.recon import fit3d as recon3d
+    from engine.recon.job3d import run_recon3d
+    from engine.runtime.bootstrap import init_distributed
 
     monkeypatch.setattr(recon3d, "total_variation", poisoned_tv({1}, "loss"))
     cfg = build_config(recon3d.Recon3DConfig, merge_dicts(TINY3D, {"steps": 4, "tv_weight": 1.0}))
@@ -660,7 +660,7 @@ def test_3d_guard_skips_a_bad_step(good_store, tmp_path, monkeypatch):
 
 def test_3d_guard_stops_after_repeated_failures_keeping_the_good_checkpoints(good_store, recon3d, tmp_path,
                                                                             monkeypatch):
-    from engine import recon3d as recon3d_module
+    from engine.recon import fit3d as recon3d_module
 
     monkeypatch.setattr(recon3d_module, "total_variation", poisoned_tv(set(range(1, 100)), "gradient"))
     out = tmp_path / "out.zarr"
@@ -681,7 +681,7 @@ def test_3d_guard_stops_after_repeated_failures_keeping_the_good_checkpoints(goo
 
 
 def test_2d_skipped_steps_are_logged(monkeypatch):
-    from engine import recon2d
+    from engine.recon import fit2d as recon2d
 
     kspace, maps, mask, config = _recon2d_case()
     monkeypatch.setattr(recon2d, "total_variation", poisoned_tv({2}, "gradient"))

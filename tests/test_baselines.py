@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import baselines
-from engine.metrics import nrmse_percent
+from engine.evaluation import baselines
+from engine.evaluation.metrics import nrmse_percent
+from engine.evaluation.report import comparison_png, write_metrics_json
 from engine.physics.coils import birdcage_maps
 from engine.physics.fft import fftc
 from engine.physics.masks import poisson_disc_mask
-from engine.report import comparison_png, write_metrics_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,7 +252,7 @@ def test_l1_wavelet_3d_slab_with_halo_is_the_whole_volume_inside():
 
 
 def test_volume_montage_draws_planes_at_the_true_voxel_shape(tmp_path):
-    from engine.report import volume_montage_figure, volume_montage_png
+    from engine.evaluation.report import volume_montage_figure, volume_montage_png
 
     nx, ny, nz = 6, 5, 4
     volume = np.random.default_rng(0).random((nx, ny, nz))

@@ -1,4 +1,4 @@
-"""engine.checkpoint: atomic per-rank checkpoints, config refusal, exact resume after SIGKILL / SIGTERM."""
+"""engine.runtime.checkpoint: atomic per-rank checkpoints, config refusal, exact resume after SIGKILL / SIGTERM."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,9 @@ import pytest
 import torch
 from tiny3d import make_tiny_store, tiny_config, tiny_prior
 
-from engine.checkpoint import (
+from engine.recon.job3d import run_recon3d
+from engine.runtime.bootstrap import init_distributed
+from engine.runtime.checkpoint import (
     CheckpointManager,
     CheckpointMismatch,
     capture_rng_state,
@@ -20,9 +22,9 @@ from engine.checkpoint import (
     config_hash,
     restore_rng_state,
 )
-from engine.dist import DistContext, init_distributed, launch_local
-from engine.preemption import REQUEUE_EXIT_CODE, Preempted
-from engine.recon3d_run import run_recon3d
+from engine.runtime.context import DistContext
+from engine.runtime.local_group import launch_local
+from engine.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,7 +167,7 @@ def test_training_time_adds_up_over_resumed_segments(tmp_path):
 def test_a_signal_during_start_up_is_kept_for_the_run():
     """SLURM may signal a task while it still imports torch: the signal must not kill it (SIGUSR1's
     default action) but make the run checkpoint at its first step."""
-    from engine.preemption import PREEMPTION_SIGNALS, PreemptionFlag, catch_signals_early
+    from engine.runtime.preemption import PREEMPTION_SIGNALS, PreemptionFlag, catch_signals_early
 
     original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:
@@ -183,7 +185,11 @@ def test_a_signal_during_start_up_is_kept_for_the_run():
 def test_a_finished_run_ignores_late_preemption_signals():
     """Python resets its own handlers to the default action at shutdown, where a late SIGUSR1 would
     kill a finished run (exit 138); an ignored signal stays ignored, so the launchers ignore them."""
-    from engine.preemption import PREEMPTION_SIGNALS, catch_signals_early, ignore_preemption_signals
+    from engine.runtime.preemption import (
+        PREEMPTION_SIGNALS,
+        catch_signals_early,
+        ignore_preemption_signals,
+    )
 
     original = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:

@@ -110,8 +110,8 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from engine.prior.train import PriorTrainConfig
-    from engine.recon2d import Recon2DConfig
-    from engine.recon3d_config import Recon3DConfig
+    from engine.recon.config3d import Recon3DConfig
+    from engine.recon.fit2d import Recon2DConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     two_d = ["demo2d.yaml", "reference2d.yaml", "inr2d.yaml", "inr_tv2d.yaml", "auto2d.yaml"]
@@ -133,7 +133,7 @@ def test_shipped_configs_load():
 
 def test_a_renamed_key_is_refused_with_its_new_name():
     """The old names of renamed keys (2D optim.final_lr_fraction, autocast_bf16) point to the new ones."""
-    from engine.recon2d import Recon2DConfig
+    from engine.recon.fit2d import Recon2DConfig
 
     with pytest.raises(ConfigError, match=r"'optim\.final_lr_fraction': did you mean 'lr_final_fraction'\?"):
         load_config(Recon2DConfig, None, ["optim.final_lr_fraction=0.2"])

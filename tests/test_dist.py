@@ -1,4 +1,4 @@
-"""engine.dist: launcher detection, SLURM / MPI bootstrap, trunk-only gradient sums (2 gloo ranks)."""
+"""engine.runtime: launcher detection, SLURM / MPI bootstrap, trunk-only gradient sums (2 gloo ranks)."""
 from __future__ import annotations
 
 import os
@@ -12,15 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.dist import (
-    AllReduceTrunkSync,
-    DistContext,
-    detect_launch,
-    first_host,
-    init_distributed,
-    launch_local,
-    make_trunk_sync,
-)
+from engine.runtime.bootstrap import detect_launch, first_host, init_distributed
+from engine.runtime.context import DistContext
+from engine.runtime.local_group import launch_local
+from engine.runtime.trunk_sync import AllReduceTrunkSync, make_trunk_sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +99,7 @@ def test_slurm_environment_bootstrap_two_ranks():
 MPI_SCRIPT = """
 import sys
 import torch
-from engine.dist import init_distributed, shutdown
+from engine.runtime.bootstrap import init_distributed, shutdown
 ctx = init_distributed(device="cpu", timeout_s=60)
 total = ctx.all_reduce_sum(torch.tensor([float(ctx.rank + 1)]))
 # one file per rank: mpiexec may interleave the ranks' stdout within a line

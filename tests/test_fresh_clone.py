@@ -108,9 +108,9 @@ def test_set_takes_several_overrides_in_every_launcher():
     finally:
         sys.path.remove(str(ROOT / "launch"))
     from engine.config import load_config
-    from engine.recon2d import Recon2DConfig
-    from engine.recon3d_config import Recon3DConfig
-    from engine.recon3d_run import build_parser as recon3d_parser
+    from engine.recon.config3d import Recon3DConfig
+    from engine.recon.fit2d import Recon2DConfig
+    from launch.recon3d import build_parser as recon3d_parser
 
     args = recon2d_launcher.build_parser().parse_args(
         ["--out", "o", "--set", "optim.steps=400", "prior.every=2", "--set", "seed=1"])
@@ -150,7 +150,7 @@ def test_licence_and_colin27_notice_ship_beside_the_weights():
 
 
 def test_outputs_get_the_umask_mode_not_0600(tmp_path):
-    from engine.report import write_metrics_json
+    from engine.evaluation.report import write_metrics_json
 
     previous = os.umask(0o022)
     try:
@@ -158,3 +158,17 @@ def test_outputs_get_the_umask_mode_not_0600(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(Path(path).stat().st_mode) == 0o644
+
+
+def test_console_entry_points_name_the_launch_scripts():
+    """Every console script of setup.py is a function of launch/<name>.py, and every launch script
+    has one (so an installed engine offers the same commands as the repository)."""
+    import importlib
+
+    setup = (ROOT / "setup.py").read_text()
+    entries = dict(re.findall(r'"infusion-([\w-]+) = (launch\.\w+:\w+)"', setup))
+    scripts = sorted(p.stem for p in (ROOT / "launch").glob("*.py") if p.stem != "__init__")
+    assert sorted(target.split(":")[0].split(".")[1] for target in entries.values()) == scripts
+    for target in entries.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.metrics import all_metrics, nrmse_percent, psnr_db, ssim
+from engine.evaluation.metrics import all_metrics, nrmse_percent, psnr_db, ssim
 
 X = np.array([[1.0, 2.0], [3.0, 4.0]])
 REF = np.array([[1.0, 2.0], [3.0, 5.0]])

@@ -7,11 +7,11 @@ import pytest
 import zarr
 from tiny3d import NX, NY, NZ, make_tiny_store, tiny_config, tiny_prior
 
-from engine.dist import init_distributed
 from engine.io.errors import InputError
 from engine.io.hybrid_store import HybridStore, voxel_size_from_acquisition
 from engine.io.ome_zarr import open_volume
-from engine.recon3d_run import run_recon3d
+from engine.recon.job3d import run_recon3d
+from engine.runtime.bootstrap import init_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,8 +81,8 @@ def test_unknown_voxel_size_is_written_as_unit_free_voxels(tmp_path):
 
 
 def test_prepare_accepts_the_bundled_case_and_records_its_3_3_2_mm_voxels(tmp_path, capsys):
-    from engine.examples import CASE_3D_PATH
-    from engine.io.prepare import main as prepare
+    from engine.io.examples import CASE_3D_PATH
+    from launch.prepare import main as prepare
 
     assert prepare([str(CASE_3D_PATH), "--out", str(tmp_path / "bundled.zarr")]) == 0
     assert "voxel size: 3 x 3 x 2 mm" in capsys.readouterr().out
@@ -104,11 +104,11 @@ def test_voxel_size_from_acquisition_attributes():
 def test_a_bundled_store_without_voxel_size_is_remade(tmp_path):
     """Stores cached in outputs/bundled by an engine that recorded no voxel size are remade on
     reuse, so the volume and montage get the true 3 x 3 x 2 mm instead of square voxels."""
-    from engine.examples import bundled_case_3d, bundled_mask_3d, bundled_store_name
     from engine.io.data import MulticoilData
+    from engine.io.examples import bundled_case_3d, bundled_mask_3d, bundled_store_name
     from engine.io.hybrid_store import prepare_hybrid_store
-    from engine.recon3d_config import BundledCaseConfig
-    from engine.recon3d_run import prepare_bundled_store
+    from engine.recon.config3d import BundledCaseConfig
+    from engine.recon.job3d import prepare_bundled_store
 
     cfg = BundledCaseConfig()
     old = tmp_path / bundled_store_name(cfg.mask, cfg.acceleration, cfg.calib, cfg.chunk_x)

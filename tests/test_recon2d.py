@@ -1,4 +1,4 @@
-"""engine.recon2d: the loop lowers DC, prior modes count U-Net calls, guards and early stop work."""
+"""engine.recon.fit2d: the loop lowers DC, prior modes count U-Net calls, guards and early stop work."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from engine.config import build_config
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.physics import sense_operator
-from engine.recon2d import (
+from engine.recon.fit2d import (
     OptimConfig,
     Recon2DConfig,
     learning_rate_factor,
@@ -158,7 +158,7 @@ def test_early_stop(case):
 
 
 def test_early_stopper_uses_window_means():
-    from engine.recon2d import EarlyStopConfig, EarlyStopper
+    from engine.recon.fit2d import EarlyStopConfig, EarlyStopper
 
     stopper = EarlyStopper(EarlyStopConfig(enabled=True, check_every=2, tolerance=0.1, patience=2, min_steps=0))
     # windows: [10, 8] -> 9, [5, 5] -> 5 (change 0.8), [5, 5] -> 5 (0), [4.8, 5.2] -> 5 (0): stop at the 4th check
@@ -224,7 +224,7 @@ def test_job_writes_the_run_folder(tmp_path, case):
     import json
 
     from engine.config import load_config
-    from engine.recon2d_job import recon2d_job
+    from engine.recon.job2d import recon2d_job
 
     y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
     image = (np.exp(-(x ** 2 + y ** 2) * 3) * (1 + 0.3 * (x > 0))).astype(np.complex64)
@@ -243,7 +243,7 @@ def test_job_writes_the_run_folder(tmp_path, case):
     written = json.loads((out / "metrics.json").read_text())
     assert written["metadata"]["fully_sampled_input"] is True
     assert (out / "comparison.png").is_file() and np.load(out / "recon_infusion.npy").shape == (32, 32)
-    from engine.recon2d import Recon2DConfig
+    from engine.recon.fit2d import Recon2DConfig
 
     assert load_config(Recon2DConfig, out / "config.yaml") == config
     with pytest.raises(FileExistsError, match="not empty"):

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointMismatch
 from engine.config import build_config
 from engine.physics import sense_operator
-from engine.preemption import REQUEUE_EXIT_CODE
-from engine.recon2d import Recon2DConfig, reconstruct_2d
+from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
+from engine.runtime.checkpoint import CheckpointMismatch
+from engine.runtime.preemption import REQUEUE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 N = 16

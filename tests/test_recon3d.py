@@ -1,4 +1,4 @@
-"""engine.recon3d: 2 gloo ranks against 1 process on a tiny hybrid store, slab-local I/O, pieces."""
+"""engine.recon.fit3d: 2 gloo ranks against 1 process on a tiny hybrid store, slab-local I/O, pieces."""
 from __future__ import annotations
 
 import io
@@ -9,11 +9,13 @@ import pytest
 import torch
 from tiny3d import NX, TINY, make_tiny_store, tiny_config, tiny_prior
 
-from engine.dist import DistContext, init_distributed, launch_local
 from engine.io.hybrid_store import HybridStore
 from engine.physics.fft import fftc
-from engine.recon3d import Recon3D, global_percentile
-from engine.recon3d_run import run_recon3d
+from engine.recon.fit3d import Recon3D, global_percentile
+from engine.recon.job3d import run_recon3d
+from engine.runtime.bootstrap import init_distributed
+from engine.runtime.context import DistContext
+from engine.runtime.local_group import launch_local
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,7 +201,7 @@ def test_clear_errors_for_impossible_splits(tiny_store):
 def test_job_reports_bad_config_and_existing_output_with_exit_code_2(tiny_store, tmp_path, capsys):
     import yaml
 
-    from engine.recon3d_run import recon3d_job
+    from engine.recon.job3d import recon3d_job
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 2\nnot_a_key: 1\n")
@@ -215,7 +217,7 @@ def test_job_reports_bad_config_and_existing_output_with_exit_code_2(tiny_store,
 
 def test_a_non_finite_step_is_skipped_on_every_shard(tiny_store, monkeypatch):
     """A NaN loss on one step changes no parameter; the next steps update again."""
-    import engine.recon3d as recon3d_module
+    import engine.recon.fit3d as recon3d_module
 
     original = recon3d_module.total_variation
     calls = []
@@ -323,7 +325,7 @@ def test_plane_grids_refuse_ddp_and_tv_x_needs_contiguous_draws(tiny_store):
 
 
 def test_contiguous_draws_are_neighbours_inside_the_shard():
-    from engine.slices import ShardSampler, split_readout
+    from engine.recon.slices import ShardSampler, split_readout
 
     shard = split_readout(16, 4, 2)[1]  # positions 8..15
     sampler = ShardSampler(shard, 5, seed=1, contiguous=True)

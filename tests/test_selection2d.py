@@ -1,4 +1,4 @@
-"""engine.selection2d: held-out split, choice by minimum held-out error, end-to-end on a tiny case."""
+"""engine.recon.selection2d: held-out split, choice by minimum held-out error, end-to-end on a tiny case."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.selection2d import choose, split_holdout
+from engine.recon.selection2d import choose, split_holdout
 from tests.test_recon2d import TinyDenoiser, case, small_config  # noqa: F401 (case is a fixture)
 
 
@@ -39,7 +39,7 @@ def selection_config(**selection):
 
 def test_selection_end_to_end(case, monkeypatch):  # noqa: F811
     """Candidates fit without the held-out samples, the refit with all; the minimum wins; curves recorded."""
-    from engine import recon2d
+    from engine.recon import fit2d as recon2d
 
     kspace, maps, mask, image = case
     seen_masks = []
@@ -79,7 +79,7 @@ def test_selection_end_to_end(case, monkeypatch):  # noqa: F811
 
 
 def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # noqa: F811
-    from engine.recon2d import reconstruct_2d
+    from engine.recon.fit2d import reconstruct_2d
 
     kspace, maps, mask, _ = case
     config = selection_config(tv_weights=[1e-4], prior_weights=[0.0, 0.1], refit=False)
@@ -99,7 +99,7 @@ def fully_sampled_case(path):
 
 
 def test_job_records_the_choice_in_metrics_json(tmp_path):
-    from engine.recon2d_job import recon2d_job
+    from engine.recon.job2d import recon2d_job
 
     source = fully_sampled_case(tmp_path / "case.npy")
     config = small_config(optim={"steps": 60}, selection={"enabled": True, "tv_weights": [1e-4, 1e-3],
@@ -119,7 +119,7 @@ def test_auto2d_is_demo2d_plus_the_selection_section():
     from pathlib import Path
 
     from engine.config import load_config
-    from engine.recon2d import Recon2DConfig
+    from engine.recon.fit2d import Recon2DConfig
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     auto = load_config(Recon2DConfig, configs / "auto2d.yaml", [])

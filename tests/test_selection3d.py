@@ -1,4 +1,4 @@
-"""engine.selection3d: held-out samples in the 3D loop, the label-free choice, its record and resume."""
+"""engine.recon.selection3d: held-out samples in the 3D loop, the label-free choice, its record and resume."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,14 @@ import torch
 from tiny3d import make_tiny_store, tiny_config
 
 from engine.config import ConfigError, load_config
-from engine.dist import DistContext, init_distributed, launch_local
 from engine.io.hybrid_store import HybridStore
-from engine.recon3d import Recon3D, Recon3DConfig
-from engine.recon3d_run import run_recon3d
-from engine.selection2d import split_holdout
-from engine.selection3d import holdout_weights, scaled_config, select_regularisation
+from engine.recon.fit3d import Recon3D, Recon3DConfig
+from engine.recon.job3d import run_recon3d
+from engine.recon.selection2d import split_holdout
+from engine.recon.selection3d import holdout_weights, scaled_config, select_regularisation
+from engine.runtime.bootstrap import init_distributed
+from engine.runtime.context import DistContext
+from engine.runtime.local_group import launch_local
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,7 +140,7 @@ def test_run_records_the_choice_refits_with_it_and_resume_reuses_it(tiny_store, 
     plain = run_recon3d(dataclass_without_selection(chosen), tiny_store, tmp_path / "plain.zarr", single_process())
     assert metrics["nrmse_percent_infusion"] == pytest.approx(plain["nrmse_percent_infusion"], rel=1e-6)
     # a resumed run (here: after the volume was lost) reads the choice instead of running it again
-    import engine.recon3d_run as run_module
+    import engine.recon.job3d as run_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the selection ran again on resume")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.examples import CASE_2D_PATH, DATA_DIR, bundled_case_3d
+from engine.io.examples import CASE_2D_PATH, DATA_DIR, bundled_case_3d
 from engine.physics.coils import combine
 from engine.physics.fft import fftc, ifftc
 from engine.physics.simulate import (

@@ -232,9 +232,9 @@ def test_deepspeed_one_step(tmp_path, volume_file) -> None:
 
 def test_deepspeed_missing_config_is_clear(tmp_path, volume_file) -> None:
     pytest.importorskip("deepspeed")
-    from engine.dist import DistContext
     from engine.prior.edm import EDMPrior
     from engine.prior.train import TrainConfig, _deepspeed_engine
+    from engine.runtime.context import DistContext
 
     cfg = TrainConfig(parallel="deepspeed", deepspeed_config=str(tmp_path / "none.json"))
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):

@@ -20,7 +20,7 @@ from engine.io import (
     prepare_hybrid_store,
     to_hybrid,
 )
-from engine.io.prepare import main as prepare_main
+from launch.prepare import main as prepare_main
 
 COILS, NX, NY, NZ = 3, 12, 10, 8
 

@@ -11,7 +11,7 @@ from engine.config import build_config
 from engine.io.data import MulticoilData
 from engine.io.hybrid_store import prepare_hybrid_store
 from engine.physics.fft import fftc
-from engine.recon3d import Recon3DConfig
+from engine.recon.fit3d import Recon3DConfig
 
 NX, COILS, NY, NZ, CHUNK_X = 16, 2, 16, 8, 4
 

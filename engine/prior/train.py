@@ -25,13 +25,14 @@ from typing import Literal
 import torch
 import yaml
 
-from engine.checkpoint import atomic_torch_save
 from engine.config import config_to_dict
-from engine.dist import DistContext, init_distributed
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
 from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
 from engine.prior.unet import UNetConfig, count_parameters
+from engine.runtime.bootstrap import init_distributed
+from engine.runtime.checkpoint import atomic_torch_save
+from engine.runtime.context import DistContext
 
 
 @dataclass
@@ -222,7 +223,7 @@ def mean_over_ranks(value: float, info: DistContext) -> float:
 
 
 def join_ranks(device: str, init_method: str | None) -> DistContext:
-    """This rank's DistContext: torchrun / SLURM / MPI / unlaunched (engine.dist), or an explicit
+    """This rank's DistContext: torchrun / SLURM / MPI / unlaunched (engine.runtime.bootstrap), or an explicit
     rendezvous (tests: file://) with RANK and WORLD_SIZE from the environment."""
     if init_method is None:
         return init_distributed(device=device)

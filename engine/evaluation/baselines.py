@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.metrics import nrmse_percent
+from engine.evaluation.metrics import nrmse_percent
 from engine.physics import sense
 from engine.physics.fft import ifftc
 from engine.physics.sense import sense_operator
@@ -413,18 +413,18 @@ def baseline_job(
             (a fastMRI volume needs `slice_index`).
         out_dir: output folder; refused when not empty unless `overwrite`.
         mask_kind, acceleration, calib, seed, mask_file: see engine.physics.masks.make_mask.
-        methods: baselines to run (engine.baselines.run_baselines names).
+        methods: baselines to run (engine.evaluation.baselines.run_baselines names).
         best_lambda: also run the oracle L1-wavelet (fully sampled input only).
         sampling: "auto" (fully sampled if >= FULLY_SAMPLED_FRACTION of k-space is non-zero and the
             file has no mask), "full" or "undersampled".
     Returns:
         the per-method entries written to metrics.json.
     """
+    from engine.evaluation.report import prepare_output_dir, write_run
     from engine.io.data import derive_mask
     from engine.io.readers import read_input
     from engine.physics.coils import espirit_maps, support_mask
     from engine.physics.masks import achieved_acceleration, make_mask
-    from engine.report import prepare_output_dir, write_run
 
     if sampling not in ("auto", "full", "undersampled"):
         raise ValueError(f"sampling must be 'auto', 'full' or 'undersampled', got {sampling!r}")
@@ -487,7 +487,7 @@ def baseline_job(
 # A v = M F_yz (S v); the regulariser couples the planes: an orthonormal db4 wavelet over (x, y, z).
 #
 # Lambda rule (3D). lamda = factor * s, s the 99th percentile of the zero-filled SENSE magnitude
-# over the whole volume (the engine's intensity convention, engine.recon3d.Recon3D.scale). With
+# over the whole volume (the engine's intensity convention, engine.recon.fit3d.Recon3D.scale). With
 # an orthonormal FFT and wavelet the optimal lamda scales with the image intensity and not with
 # the volume's size, and s is the same for every slab of a volume (a 2D-style max|W A^H y| grows
 # with the number of wavelet levels, i.e. with the slab's size). The factor was tuned once on the

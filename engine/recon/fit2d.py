@@ -16,7 +16,7 @@ tqdm with the loss terms. Everything random is seeded from `config.seed` (INR in
 step); it never steers the reconstruction. Checkpoints (optional): the whole state of the fit
 (INRFit2D) every `checkpoint.every` steps, at the end and on SIGTERM / SIGUSR1; a resumed fit is
 bit-identical to an uninterrupted one. The job around it (read, undersample, compare, write) is
-engine.recon2d_job.
+engine.recon.job2d.
 """
 from __future__ import annotations
 
@@ -31,17 +31,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from engine.checkpoint import CheckpointConfig, capture_rng_state, restore_rng_state
 from engine.config import config_to_dict
 from engine.losses.dc import Backend, DataConsistency
 from engine.losses.prior_term import PriorTerm, PriorTermConfig
 from engine.losses.tv import total_variation
 from engine.losses.wavelet import wavelet_l1
-from engine.lr_schedule import lr_factor
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
 from engine.physics import sense
-from engine.preemption import Preempted, PreemptionFlag
-from engine.selection2d import SelectionConfig
+from engine.recon.schedule import lr_factor
+from engine.recon.selection2d import SelectionConfig
+from engine.runtime.checkpoint import CheckpointConfig, capture_rng_state, restore_rng_state
+from engine.runtime.preemption import Preempted, PreemptionFlag
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Recon2DConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """label-free per-case choice of TV weight, prior weight and stop on held-out k-space
-    (engine.selection2d); off by default, on in configs/auto2d.yaml."""
+    (engine.recon.selection2d); off by default, on in configs/auto2d.yaml."""
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
     """checkpoints of launch/recon2d.py runs (every n steps, at the end and on SIGTERM / SIGUSR1);
     not part of the config hash a resumed run is checked against."""
@@ -169,7 +169,7 @@ def robust_scale(image: torch.Tensor, percentile: float = 99.0) -> float:
 
 
 def learning_rate_factor(step: int, config: OptimConfig) -> float:
-    """Multiplier of the peak lr at `step` (engine.lr_schedule, the rule 3D uses too)."""
+    """Multiplier of the peak lr at `step` (engine.recon.schedule, the rule 3D uses too)."""
     return lr_factor(step, config.steps, config.schedule, config.lr_final_fraction, config.warmup_steps)
 
 
@@ -407,12 +407,12 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
         total, dc, tv, wavelet, prior[, nrmse_percent]; a skipped step logs {step, skipped: why}),
         resumed_from (step or None), config.
         With `config.selection.enabled` the work is done by
-        engine.selection2d.select_and_reconstruct_2d (its info adds `selection` and
+        engine.recon.selection2d.select_and_reconstruct_2d (its info adds `selection` and
         `unrefit_image`); those runs are not checkpointed, `checkpoint_dir` and `resume` are unused.
     """
     config = config or Recon2DConfig()
     if config.selection.enabled:
-        from engine.selection2d import select_and_reconstruct_2d
+        from engine.recon.selection2d import select_and_reconstruct_2d
 
         return select_and_reconstruct_2d(kspace, maps, mask, config, reference, support, prior)
     device = resolve_device(config.device)
@@ -428,8 +428,8 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
                    None if support is None else np.asarray(support))
     manager, description, resumed_from = None, None, None
     if checkpoint_dir is not None:
-        from engine.checkpoint import CheckpointManager
-        from engine.dist import DistContext
+        from engine.runtime.checkpoint import CheckpointManager
+        from engine.runtime.context import DistContext
 
         manager = CheckpointManager(checkpoint_dir, DistContext(), config.checkpoint.keep_last)
         description = fit_description(config, kspace_t, mask_t)
@@ -492,8 +492,8 @@ def reconstruct_2d(kspace: Any, maps: Any, mask: Any, config: Recon2DConfig | No
 
 
 def _nrmse(image: torch.Tensor, reference: np.ndarray, support: np.ndarray | None) -> float:
-    """NRMSE (%) of magnitudes inside the support (engine.metrics' definition)."""
-    from engine.metrics import nrmse_percent
+    """NRMSE (%) of magnitudes inside the support (engine.evaluation.metrics' definition)."""
+    from engine.evaluation.metrics import nrmse_percent
 
     return nrmse_percent(image.cpu().numpy(), reference, support)
 

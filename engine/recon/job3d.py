@@ -1,7 +1,7 @@
 """A whole 3D run: the step loop with logging, checkpoints and preemption, the output volume with
 metrics and a montage, the bundled example, and the command line of launch/recon3d.py.
 
-The per-step mathematics is in engine.recon3d (Recon3D); this module only drives it.
+The per-step mathematics is in engine.recon.fit3d (Recon3D); this module only drives it.
 """
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import CheckpointManager
 from engine.config import config_to_dict
-from engine.dist import DistContext
-from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from engine.recon3d import NonFiniteStop, Recon3D, StepResult
-from engine.recon3d_config import BundledCaseConfig, Recon3DConfig, result_config
-from engine.selection3d import scaled_config, select_regularisation
+from engine.recon.config3d import BundledCaseConfig, Recon3DConfig, result_config
+from engine.recon.fit3d import NonFiniteStop, Recon3D, StepResult
+from engine.recon.selection3d import scaled_config, select_regularisation
+from engine.runtime.checkpoint import CheckpointManager
+from engine.runtime.context import DistContext
+from engine.runtime.preemption import (
+    NON_FINITE_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    Preempted,
+    PreemptionFlag,
+)
 
 
 @dataclass
@@ -91,16 +96,16 @@ def _error_sums(volume: np.ndarray, reference: np.ndarray, support: np.ndarray |
 
 
 def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """engine.baselines.l1_wavelet on every readout plane of a slab: (n, ny, nz) complex64."""
-    from engine.baselines import l1_wavelet
+    """engine.evaluation.baselines.l1_wavelet on every readout plane of a slab: (n, ny, nz) complex64."""
+    from engine.evaluation.baselines import l1_wavelet
 
     return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
 
 
 def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
-    """engine.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
+    """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
     planes read from the input (overlapping slabs) and the volume's global intensity scale."""
-    from engine.baselines import l1_wavelet_3d_slabs
+    from engine.evaluation.baselines import l1_wavelet_3d_slabs
 
     mask = recon.mask.cpu().numpy()
 
@@ -134,8 +139,8 @@ def write_montage(path: Path, rows: dict[str, tuple], title: str,
                   voxel_size_mm: tuple[float, float, float] | None = None,
                   nrmse: dict[str, float] | None = None) -> None:
     """PNG: one row per volume (name -> its yz / xz / xy planes) at the true voxel aspect ratio
-    (engine.report.volume_montage_png)."""
-    from engine.report import volume_montage_png
+    (engine.evaluation.report.volume_montage_png)."""
+    from engine.evaluation.report import volume_montage_png
 
     volume_montage_png(path, rows, voxel_size_mm, title, nrmse)
 
@@ -157,7 +162,7 @@ def run_recon3d(
         cfg: the run's config.
         input_path: a store from launch/prepare.py (engine.io.prepare_hybrid_store).
         output_path: the output volume `*.zarr`; side files go to `<stem>_run/` beside it.
-        ctx: from engine.dist.init_distributed.
+        ctx: from engine.runtime.bootstrap.init_distributed.
         overwrite: replace an existing output.
         resume: continue from the newest complete checkpoint in `<stem>_run/checkpoints` (a fresh
             start when there is none).
@@ -286,7 +291,7 @@ def run_recon3d(
 
 def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
                           prior: nn.Module | None) -> dict:
-    """engine.selection3d's record for this run: read from `<stem>_run/selection.json` when resuming
+    """engine.recon.selection3d's record for this run: read from `<stem>_run/selection.json` when resuming
     a run that already made its choice with the same selection settings, else the candidate runs
     (collective), then saved there."""
     saved = paths.side / "selection.json"
@@ -381,7 +386,7 @@ def prepare_bundled_store(cfg: BundledCaseConfig, folder: str | Path, ctx: DistC
     Rank 0 prepares it once (the store name encodes the settings, so a rerun reuses it); the
     others wait at a barrier and then open it.
     """
-    from engine.examples import bundled_mask_3d, bundled_store_name, write_bundled_store_3d
+    from engine.io.examples import bundled_mask_3d, bundled_store_name, write_bundled_store_3d
 
     folder = Path(folder)
     path, refusal = None, None
@@ -435,10 +440,10 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
     """
     import sys
 
-    from engine.checkpoint import CheckpointMismatch
     from engine.config import ConfigError, load_config
-    from engine.dist import init_distributed, set_cpu_threads, shutdown
     from engine.io.errors import InputError
+    from engine.runtime.bootstrap import init_distributed, set_cpu_threads, shutdown
+    from engine.runtime.checkpoint import CheckpointMismatch
 
     try:
         cfg = load_config(Recon3DConfig, config_path, overrides)
@@ -483,39 +488,11 @@ def recon3d_job(config_path: str | Path | None, overrides: Sequence[str] = (), i
     return 0
 
 
-def build_parser(description: str | None = None):
-    """The command line of launch/recon3d.py (and of a console entry point)."""
-    import argparse
-
-    from engine.config import add_override_option
-
-    parser = argparse.ArgumentParser(description=description or "Distributed 3D INFusion reconstruction.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/demo3d.yaml"),
-                        help="YAML config (default configs/demo3d.yaml)")
-    parser.add_argument("--input", type=Path, default=None,
-                        help="hybrid-space Zarr store from launch/prepare.py (default: the bundled example)")
-    parser.add_argument("--out", type=Path, default=None, help="output OME-Zarr volume (*.zarr)")
-    add_override_option(parser, "steps=200 prior.mode=off")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint (a fresh start if there is none)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """Parse the command line and run `recon3d_job`; returns the exit code."""
-    args = build_parser(description).parse_args(argv)
-    return recon3d_job(args.config, args.set, args.input, args.out, overwrite=args.overwrite, resume=args.resume)
-
-
 __all__ = [
     "RunPaths",
-    "build_parser",
     "default_output",
     "finish_run",
     "gather_planes",
-    "main",
     "prepare_bundled_store",
     "recon3d_job",
     "run_recon3d",

@@ -1,7 +1,7 @@
 """One 2D job: read a slice, undersample it, reconstruct with INFusion and the comparisons, write
 the run folder (the work behind launch/recon2d.py).
 
-The loop itself is engine.recon2d.reconstruct_2d.
+The loop itself is engine.recon.fit2d.reconstruct_2d.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.recon2d import Recon2DConfig, RegularisersConfig, reconstruct_2d
+from engine.recon.fit2d import Recon2DConfig, RegularisersConfig, reconstruct_2d
 
 COMPARISONS = ("zero_filled", "l1_wavelet", "inr")
 
@@ -30,7 +30,7 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     """Reconstruct one 2D case with INFusion (and the comparisons) and write the run folder.
 
     Input: `input_path` (anything engine.io.readers.read_input reads; a fastMRI volume needs
-    `slice_index`) or, when None, the bundled example (engine.examples.bundled_case_2d). A fully
+    `slice_index`) or, when None, the bundled example (engine.io.examples.bundled_case_2d). A fully
     sampled input is undersampled with `make_mask(mask_kind, acceleration, calib, seed)` (seed None:
     derived from the case name) and scored against its coil-combined image (ESPIRiT maps from the
     centre unless the input carries maps) inside the maps' support; an undersampled input keeps its
@@ -42,22 +42,22 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     history.json; metrics.json is written last, so a folder without it is incomplete. While the
     INR fits run, their checkpoints live in `out_dir/checkpoints/<method>` (deleted once the run is
     complete); `resume` continues an interrupted run from them (a SIGTERM / SIGUSR1 checkpoints
-    and raises engine.preemption.Preempted).
+    and raises engine.runtime.preemption.Preempted).
     Returns the per-method metrics.
     """
     import json
     import shutil
 
-    from engine.baselines import (
+    from engine.config import save_config
+    from engine.evaluation.baselines import (
         FULLY_SAMPLED_FRACTION,
         espirit_reference,
         run_baselines,
         zero_filled,
     )
-    from engine.config import save_config
+    from engine.evaluation.report import prepare_output_dir, write_run
     from engine.physics.coils import espirit_maps, support_mask
     from engine.physics.masks import achieved_acceleration, make_mask, seed_from_case
-    from engine.report import prepare_output_dir, write_run
 
     unknown = set(compare) - set(COMPARISONS)
     if unknown:
@@ -73,7 +73,7 @@ def recon2d_job(config: Recon2DConfig, out_dir: str, input_path: str | None = No
     if not resume and checkpoints.is_dir():  # --overwrite: a fresh run must not resume stale state
         shutil.rmtree(checkpoints)
     if input_path is None:
-        from engine.examples import bundled_case_2d
+        from engine.io.examples import bundled_case_2d
 
         case = bundled_case_2d()
         kspace, file_maps, file_mask, name = case["kspace"], case["maps"], None, case["name"]

@@ -25,15 +25,17 @@ EXIT_BAD_INPUT = 2  # argparse uses 2 for a bad command line too
 
 def refusal_types() -> tuple[type[BaseException], ...]:
     """The exception types that mean "refused input" rather than "bug"."""
-    from engine.checkpoint import CheckpointMismatch  # lazy: it imports torch (every launcher does)
     from engine.config import ConfigError
+    from engine.runtime.checkpoint import (
+        CheckpointMismatch,  # lazy: it imports torch (every launcher does)
+    )
 
     return (InputError, ConfigError, CheckpointMismatch, FileExistsError, FileNotFoundError, ValueError)
 
 
 def refusal_message(error: BaseException) -> str:
     """`error: <message>`; one line except a checkpoint refusal, whose config diff follows it."""
-    from engine.checkpoint import CheckpointMismatch
+    from engine.runtime.checkpoint import CheckpointMismatch
 
     text = str(error).strip() or type(error).__name__
     if not isinstance(error, CheckpointMismatch):

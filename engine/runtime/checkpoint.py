@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.dist import DistContext
+from engine.runtime.context import DistContext
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 

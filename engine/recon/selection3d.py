@@ -2,14 +2,14 @@
 
 Why: the 3D config's TV, wavelet and readout-TV weights were tuned on one case (the bundled one
 at R = 4); their right strength moves with the acceleration, the resolution and the noise, and a
-user has no reference to tune against. As in the 2D loop (engine.selection2d), a seeded random
+user has no reference to tune against. As in the 2D loop (engine.recon.selection2d), a seeded random
 part of the measured (ky, kz) samples (the same part in every readout plane, since the mask is
 shared by them) is withheld from the fit and scores it: the relative data-consistency error of
 the output volume on those samples, summed over every plane of every rank (optionally weighted
 by the inverse sampling density, `holdout_weighting`).
 
 Procedure (`select_regularisation`, collective: every rank runs the same candidates):
-1. split the (ky, kz) mask into fit and held-out samples (engine.selection2d.split_holdout);
+1. split the (ky, kz) mask into fit and held-out samples (engine.recon.selection2d.split_holdout);
 2. for each factor in `regularisation_scales`, a full run of the config (all its steps) with
    tv_weight, wavelet_weight and tv_x_weight multiplied by the factor, on the fit samples; every
    `validate_every` steps and at the end its output is scored on the held-out samples;
@@ -86,7 +86,7 @@ def _reference_sums(recon) -> torch.Tensor | None:
     """[error, energy] of this rank's output against the reference (for NRMSE), or None."""
     if recon.reference is None:
         return None
-    from engine.recon3d_run import _error_sums
+    from engine.recon.job3d import _error_sums
 
     power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
     support = power if not power.all() else None
@@ -112,8 +112,8 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
     tv_x_weight, validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
     [, nrmse_percent]}], chosen {scale, validation_error}.
     """
-    from engine.recon3d import Recon3D
-    from engine.selection2d import split_holdout
+    from engine.recon.fit3d import Recon3D
+    from engine.recon.selection2d import split_holdout
 
     selection = cfg.selection
     mask = np.asarray(source.mask, np.float32)

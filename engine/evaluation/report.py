@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.evaluation.metrics import nrmse_percent
 from engine.io._paths import new_file_mode
-from engine.metrics import nrmse_percent
 
 ERROR_GAIN = 5  # error maps are shown x5 on the reference's grey scale, a common MRI convention
 
@@ -171,11 +171,11 @@ def write_run(
 
     Args:
         results: method -> {"image": (ny, nx), "seconds": float, other scalars (e.g. lamda)},
-            as returned by engine.baselines.run_baselines.
+            as returned by engine.evaluation.baselines.run_baselines.
         reference, support: when a reference is given, each method also gets
-            `engine.metrics.all_metrics` inside the support; otherwise only its scalars are kept.
+            `engine.evaluation.metrics.all_metrics` inside the support; otherwise only its scalars are kept.
     """
-    from engine.metrics import all_metrics
+    from engine.evaluation.metrics import all_metrics
 
     out_dir = prepare_output_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ class _Scorer:
         error = float(self.dc(image))
         point = {"step": step, "validation_error": error if np.isfinite(error) else float("inf")}
         if self.reference is not None:
-            from engine.metrics import nrmse_percent
+            from engine.evaluation.metrics import nrmse_percent
 
             point["nrmse_percent"] = nrmse_percent(image.cpu().numpy(), self.reference, self.support)
         return point
@@ -159,7 +159,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
                               ) -> tuple[np.ndarray, dict[str, Any]]:
     """Choose TV weight, prior weight and stop on held-out k-space, then (optionally) refit.
 
-    Args as engine.recon2d.reconstruct_2d (`config.selection` holds the choices).
+    Args as engine.recon.fit2d.reconstruct_2d (`config.selection` holds the choices).
     Returns:
         image `(ny, nx)` complex64 in the units of `kspace` (the refit, or the chosen candidate's
         image without refit), and info: seconds, steps (of the returned image's run), prior_evals
@@ -171,7 +171,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit}.
     """
     from engine.config import config_to_dict
-    from engine.recon2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
+    from engine.recon.fit2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
 
     selection = config.selection
     start = time.perf_counter()

@@ -11,9 +11,9 @@ independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encod
 
 Rank r owns the shards (contiguous, chunk-aligned readout slabs) of its block: their k-space,
 maps and head rows. One step: every shard draws K readout positions from its own random stream
-(engine.slices), the rank evaluates only those head rows, applies data consistency to those
+(engine.recon.slices), the rank evaluates only those head rows, applies data consistency to those
 planes (rank-local, no distributed FFT) and passes the same planes, batched, to the 2D prior.
-The global loss is the sum of the ranks' losses; engine.dist sums the trunk gradients.
+The global loss is the sum of the ranks' losses; engine.runtime.trunk_sync sums the trunk gradients.
 
 Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K)):
     L = sum_s sum_x w_s [ ||M F S_x p_x - y_x||^2 / (C |M|)          (DC, mean per sample)
@@ -40,16 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import capture_rng_state, restore_rng_state
-from engine.dist import DistContext, make_trunk_sync
 from engine.losses.prior_term import PriorTerm
 from engine.losses.tv import total_variation
-from engine.lr_schedule import lr_factor
 from engine.models import ComplexRowHead, INRConfig, ReadoutINR
 from engine.models.encodings import level_resolutions
 from engine.physics import sense
-from engine.preemption import NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from engine.recon3d_config import (
+from engine.recon.config3d import (
     BaselineConfig,
     BundledCaseConfig,
     CheckpointConfig,
@@ -61,7 +57,17 @@ from engine.recon3d_config import (
     SliceConfig,
     result_config,
 )
-from engine.slices import Shard, ShardSampler, shards_of_rank, split_readout
+from engine.recon.schedule import lr_factor
+from engine.recon.slices import Shard, ShardSampler, shards_of_rank, split_readout
+from engine.runtime.checkpoint import capture_rng_state, restore_rng_state
+from engine.runtime.context import DistContext
+from engine.runtime.preemption import (
+    NON_FINITE_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    Preempted,
+    PreemptionFlag,
+)
+from engine.runtime.trunk_sync import make_trunk_sync
 from kernels.sense import dc_loss
 
 # ================================================================================== pieces
@@ -227,7 +233,7 @@ class Recon3D:
         ctx: this rank's DistContext.
         prior: an EDMPrior to use instead of loading cfg.prior.path (tests, benchmarks).
         holdout: (ny, nz) weights >= 0 whose non-zero entries are measured samples withheld from the
-            fit (engine.selection3d): the fit sees the other samples, :meth:`heldout_error` scores
+            fit (engine.recon.selection3d): the fit sees the other samples, :meth:`heldout_error` scores
             on these with these weights (0/1: unweighted).
     """
 
@@ -354,7 +360,7 @@ class Recon3D:
     # ------------------------------------------------------------------ schedules
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of optim.lr at `step` (engine.lr_schedule, the rule 2D uses too)."""
+        """Multiplier of optim.lr at `step` (engine.recon.schedule, the rule 2D uses too)."""
         return lr_factor(step, self.cfg.steps, self.cfg.optim.schedule, self.cfg.optim.lr_final_fraction)
 
     def is_full_dc_step(self, step: int) -> bool:

@@ -9,14 +9,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.checkpoint import (
-    CheckpointConfig,
-)
 from engine.config import config_to_dict
 from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
-from engine.selection3d import Selection3DConfig
+from engine.recon.selection3d import Selection3DConfig
+from engine.runtime.checkpoint import (
+    CheckpointConfig,
+)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class OptimConfig:
 
 @dataclass
 class PlaneGridConfig:
-    """Per-plane capacity beside the shared trunk (engine.recon3d.PlaneGrids): a dense
+    """Per-plane capacity beside the shared trunk (engine.recon.fit3d.PlaneGrids): a dense
     multiresolution feature grid per readout position, decoded by a small shared MLP."""
 
     enabled: bool = False
@@ -135,7 +135,7 @@ class BaselineConfig:
     """Classical comparison computed beside the reconstruction (not part of the config hash)."""
 
     l1_wavelet_3d: bool = True
-    """3D L1-wavelet (engine.baselines.l1_wavelet_3d: db4 over x, y, z, cycle spinning, 3D lambda
+    """3D L1-wavelet (engine.evaluation.baselines.l1_wavelet_3d: db4 over x, y, z, cycle spinning, 3D lambda
     rule) on each rank's slab plus a halo of neighbouring planes: the comparison to beat."""
     l1_wavelet: bool = False
     """Also L1-wavelet per readout plane (the 2D rule; far too weak on coarse planes, issue 11)."""
@@ -159,7 +159,7 @@ class Recon3DConfig:
     """Weight of the isotropic TV term (engine.losses.tv) on the drawn planes (0: off)."""
     wavelet_weight: float = 0.0
     """Weight of an L1 penalty on the db3 wavelet details (3 levels) of the drawn planes: mean
-    over pixels of the complex coefficients' magnitudes (engine.recon3d.wavelet_detail_l1; 0: off)."""
+    over pixels of the complex coefficients' magnitudes (engine.recon.fit3d.wavelet_detail_l1; 0: off)."""
     tv_x_weight: float = 0.0
     """Weight of TV along the readout: mean sqrt(|p_(x+1) - p_x|^2 + eps^2) - eps over the drawn
     neighbour pairs (needs slices.contiguous; rank-local: pairs never cross a shard)."""
@@ -183,7 +183,7 @@ class Recon3DConfig:
     bundled: BundledCaseConfig = field(default_factory=BundledCaseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     selection: Selection3DConfig = field(default_factory=Selection3DConfig)
-    """Label-free choice of the regularisation strength from held-out samples (engine.selection3d)."""
+    """Label-free choice of the regularisation strength from held-out samples (engine.recon.selection3d)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

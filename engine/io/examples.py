@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 CASE_2D_PATH = DATA_DIR / "colin27_axial_z45mm_8coil.h5"
 CASE_3D_PATH = DATA_DIR / "colin27_eval_volume_72x64x40.npz"
 LABEL = "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"

@@ -1,0 +1,1 @@
+"""Entry points: each module parses its command line and calls the library (console scripts in setup.py)."""
