@@ -1,6 +1,6 @@
 """`prepare_case`: read a 3D case, attach coil maps, write the hybrid-space Zarr store.
 
-`main(argv)` is the command line used by launch/prepare.py (and any console entry point).
+The command line is launch/prepare.py.
 """
 from __future__ import annotations
 
