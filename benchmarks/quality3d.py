@@ -9,6 +9,14 @@ Case "bundled": data/colin27_eval_volume_72x64x40.npz (Colin27 evaluation part, 
 8 simulated coils), the demo's store (engine.recon3d_run.prepare_bundled_store). Tuning data of
 every fixed setting below: this case at R = 4 (the issue allows tuning on it).
 
+Case "colin27_1mm" (`--case colin27_1mm`): the realistic case, scripts/make_case_1mm.py
+(data/colin27_eval_volume_1mm_217x181x80.npz: Colin27 evaluation part world z 25..104 mm at 1 mm,
+full in-plane field of view, x = A-P readout, 16 simulated coils, SNR 40), Poisson (ky, kz) masks
+without calibration region seeded by the case; INFusion with configs/colin27_1mm.yaml (derived from
+demo3d.yaml by stated scaling rules, never tuned against this reference). Every method's volume is
+kept in outputs/quality3d/volumes/ for `montage`, which draws reference, zero-filled, 3D L1-wavelet,
+the best BART and the best INFusion row at the true voxel shape.
+
 Methods:
 - zero_filled: SENSE adjoint of the measured planes.
 - l1_wavelet_3d: engine.baselines.l1_wavelet_3d with its lambda rule (the run's comparison row);
@@ -29,6 +37,9 @@ Commands (repository root):
     python benchmarks/quality3d.py baselines --R 4 6 8
     python benchmarks/quality3d.py infusion --R 4 --label demo3d --config configs/demo3d.yaml
     python benchmarks/quality3d.py infusion --R 4 --label tv0.01 --set tv_weight=0.01
+    python benchmarks/quality3d.py baselines --case colin27_1mm --R 4 6 8
+    python benchmarks/quality3d.py infusion --case colin27_1mm --R 4 --label colin27_1mm --config configs/colin27_1mm.yaml
+    python benchmarks/quality3d.py montage --case colin27_1mm --R 4
     python benchmarks/quality3d.py report
 """
 from __future__ import annotations
@@ -52,7 +63,10 @@ sys.path.insert(0, str(REPO))
 
 RUNS = REPO / "benchmarks" / "results" / "quality3d_runs.jsonl"
 REPORT = REPO / "benchmarks" / "results" / "quality3d.md"
+REPORT_1MM = REPO / "benchmarks" / "results" / "quality3d_1mm.md"
 WORK = REPO / "outputs" / "quality3d"
+VOLUMES = WORK / "volumes"
+CASES = ("bundled", "colin27_1mm")
 ACCELERATIONS = (4, 6, 8)
 L1_FACTORS = (0.0015, 0.003, 0.006, 0.012)
 BART_LAMBDAS = {"W": (0.005, 0.01, 0.02, 0.05), "T": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)}
@@ -67,6 +81,37 @@ def bundled_store(acceleration: float) -> Path:
     from engine.recon3d_run import prepare_bundled_store
 
     return prepare_bundled_store(BundledCaseConfig(acceleration=acceleration), WORK / "stores", DistContext())
+
+
+def _case_1mm_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_case_1mm", REPO / "scripts" / "make_case_1mm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def colin27_1mm_store(acceleration: float) -> Path:
+    """The 1 mm case's hybrid store at this R (made once; the name encodes the settings)."""
+    make = _case_1mm_module()
+    with np.load(make.DEFAULT_CASE) as archive:
+        case_id = json.loads(str(archive["params_json"]))["case_id"]
+    path = WORK / "stores" / make.store_name(case_id, acceleration, 8)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make.write_store(make.load_case(make.DEFAULT_CASE), path, acceleration, chunk_x=8)
+    return path
+
+
+def case_store(case_name: str, acceleration: float) -> Path:
+    return bundled_store(acceleration) if case_name == "bundled" else colin27_1mm_store(acceleration)
+
+
+def save_volume(case_name: str, acceleration: float, method: str, volume: np.ndarray) -> None:
+    """Keep a method's volume (outputs/, not committed) for the montage."""
+    VOLUMES.mkdir(parents=True, exist_ok=True)
+    np.save(VOLUMES / f"{case_name}_R{acceleration:g}_{method}.npy", np.asarray(volume, np.complex64))
 
 
 def load_case(store_path: Path) -> dict:
@@ -98,7 +143,7 @@ def run_zero_filled(case: dict) -> dict:
 
     t0 = time.perf_counter()
     volume = zero_filled_3d(case["kspace"], case["maps"], case["mask"])
-    return {"nrmse_percent": nrmse_percent(volume, case), "seconds": time.perf_counter() - t0}
+    return {"nrmse_percent": nrmse_percent(volume, case), "seconds": time.perf_counter() - t0, "_volume": volume}
 
 
 def run_l1_wavelet_3d(case: dict, factor: float | None = None) -> dict:
@@ -114,20 +159,44 @@ def run_l1_wavelet_3d(case: dict, factor: float | None = None) -> dict:
     scale = intensity_scale_3d(zero_filled_3d(case["kspace"], case["maps"], case["mask"]))
     volume = l1_wavelet_3d(case["kspace"], case["maps"], case["mask"], factor=factor, scale=scale)
     return {"nrmse_percent": nrmse_percent(volume, case), "seconds": time.perf_counter() - t0,
-            "factor": factor, "lamda": factor * scale}
+            "factor": factor, "lamda": factor * scale, "_volume": volume}
 
 
-def run_inr_tv_planes(case: dict) -> dict:
-    """configs/inr_tv2d.yaml's fit on every readout plane on its own."""
+def run_inr_tv_planes(case: dict, folder: Path | None = None, max_seconds: float | None = None) -> dict | None:
+    """configs/inr_tv2d.yaml's fit on every readout plane on its own.
+
+    With `folder`, every finished plane is kept there (x<index>.npy with its seconds) and a rerun
+    continues with the missing ones; `max_seconds` stops after the plane that passes it. Returns None
+    until every plane is done (no row for part of a volume), then the row (seconds: the planes' sum).
+    """
     from engine.config import load_config
     from engine.recon2d import Recon2DConfig, reconstruct_2d
 
     config = load_config(Recon2DConfig, REPO / "configs" / "inr_tv2d.yaml", ["progress=false"])
-    t0 = time.perf_counter()
-    planes = [reconstruct_2d(case["kspace"][x], case["maps"][x], case["mask"], config)[0]
-              for x in range(case["kspace"].shape[0])]
-    return {"nrmse_percent": nrmse_percent(np.stack(planes), case), "seconds": time.perf_counter() - t0,
-            "config": "configs/inr_tv2d.yaml"}
+    nx = case["kspace"].shape[0]
+    planes, seconds, t_start = [None] * nx, [0.0] * nx, time.perf_counter()
+    for x in range(nx):
+        done = folder / f"x{x:04d}.npz" if folder is not None else None
+        if done is not None and done.exists():
+            with np.load(done) as saved:
+                planes[x], seconds[x] = saved["plane"], float(saved["seconds"])
+            continue
+        if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+            continue
+        t0 = time.perf_counter()
+        planes[x] = reconstruct_2d(case["kspace"][x], case["maps"][x], case["mask"], config)[0]
+        seconds[x] = time.perf_counter() - t0
+        if done is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(done, plane=planes[x], seconds=seconds[x])
+    finished = sum(p is not None for p in planes)
+    if finished < nx:
+        print(f"inr_tv_2d_planes: {finished} of {nx} planes done ({sum(seconds):.0f} s, "
+              f"{sum(seconds) / max(finished, 1):.1f} s per plane); rerun to continue", flush=True)
+        return None
+    volume = np.stack(planes)
+    return {"nrmse_percent": nrmse_percent(volume, case), "seconds": float(sum(seconds)),
+            "config": "configs/inr_tv2d.yaml", "_volume": volume}
 
 
 def write_cfl(path: Path, array: np.ndarray) -> None:
@@ -174,7 +243,43 @@ def run_bart(case: dict, kind: str, lamda: float, folder: Path) -> dict:
     scale = float(np.sum(volume[support] * ref[support]) / np.sum(volume[support] ** 2))
     shown = " ".join(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c for c in command)
     return {"nrmse_percent": nrmse_percent(scale * volume, case), "seconds": seconds, "bart_scale": scale,
-            "command": shown}
+            "command": shown, "_volume": scale * volume}
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of a process tree, sampled every `period` s (psutil): the sum over
+    the tree (all ranks together) and the largest single process (one rank)."""
+
+    def __init__(self, pid: int, period: float = 0.5):
+        import threading
+
+        self.pid, self.period, self.total, self.single = pid, period, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            rss = []
+            for process in [root, *root.children(recursive=True)]:
+                try:
+                    rss.append(process.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            if rss:
+                self.total, self.single = max(self.total, sum(rss)), max(self.single, max(rss))
+            self._stop.wait(self.period)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_mib_all_ranks": round(self.total, 1), "peak_rss_mib_one_rank": round(self.single, 1)}
 
 
 def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> dict:
@@ -183,13 +288,20 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
                "--input", str(store), "--out", str(out), "--overwrite",
                "--set", "output.progress=false", *overrides]
     t0 = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    memory = PeakMemory(process.pid)
+    if process.wait() != 0:
+        memory.stop()
+        raise subprocess.CalledProcessError(process.returncode, command)
+    peak = memory.stop()
     wall = time.perf_counter() - t0
     metrics = json.loads((out.with_name(out.name.removesuffix(".zarr") + "_run") / "metrics.json").read_text())
     shown = " ".join(c if not c.startswith(str(REPO)) else str(Path(c).relative_to(REPO)) for c in command)
     # the run's own 3D L1-wavelet (rule) is kept beside it: the montage shows both
     return {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
             "wall_seconds": wall, "config": config, "overrides": overrides, "command": shown,
+            "steps": metrics["steps"], "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1),
+            **peak, "volume_zarr": str(out.relative_to(REPO)),
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
             "montage": str(out.with_name(out.name.removesuffix(".zarr") + "_run").relative_to(REPO) / "montage.png")}
 
@@ -213,6 +325,9 @@ def commit() -> str:
 
 
 def log_row(case_name: str, acceleration: float, method: str, result: dict) -> None:
+    volume = result.pop("_volume", None)
+    if volume is not None:
+        save_volume(case_name, acceleration, method, volume)
     row = {"case": case_name, "R": acceleration, "method": method, **result, "machine": machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": START_COMMIT}
     RUNS.parent.mkdir(parents=True, exist_ok=True)
@@ -306,20 +421,77 @@ def write_report() -> Path:
 START_COMMIT = commit()  # the code a run started with (HEAD when this process started)
 
 
+def best_row(rows: list[dict], case_name: str, acceleration: float, prefix: str) -> dict | None:
+    group = [r for r in rows if r["case"] == case_name and r["R"] == acceleration and r["method"].startswith(prefix)]
+    return min(group, key=lambda r: r["nrmse_percent"]) if group else None
+
+
+def write_montage(case_name: str, acceleration: float) -> Path:
+    """Reference, zero-filled, 3D L1-wavelet (rule), the best BART W row and the best INFusion row of
+    this case and R, central planes at the true voxel shape (engine.report.volume_montage_png)."""
+    from engine.io.hybrid_store import HybridStore
+    from engine.io.ome_zarr import open_volume
+    from engine.report import volume_montage_png
+
+    rows = read_rows()
+    store = case_store(case_name, acceleration)
+    hybrid = HybridStore(store)
+    reference = np.asarray(hybrid.read_slab(0, hybrid.shape[0]).reference)
+    shown: dict[str, tuple[str, np.ndarray]] = {"reference": ("reference", reference)}
+    for name, row in (("zero-filled", best_row(rows, case_name, acceleration, "zero_filled")),
+                      ("3D L1-wavelet", best_row(rows, case_name, acceleration, "l1_wavelet_3d")),
+                      ("BART W best", best_row(rows, case_name, acceleration, "bart_W")),
+                      ("INFusion", best_row(rows, case_name, acceleration, "infusion"))):
+        if name == "3D L1-wavelet":  # the rule's row, not the oracle sweep
+            row = next((r for r in rows if r["case"] == case_name and r["R"] == acceleration
+                        and r["method"] == "l1_wavelet_3d"), row)
+        if row is None:
+            continue
+        path = VOLUMES / f"{case_name}_R{acceleration:g}_{row['method']}.npy"
+        if row["method"].startswith("infusion"):
+            volume = np.asarray(open_volume(REPO / row["volume_zarr"]).complex[...])
+        elif path.exists():
+            volume = np.load(path)
+        else:
+            print(f"montage: no saved volume for {row['method']} ({path}); left out")
+            continue
+        shown[f"{name} ({row['method']})"] = (row["method"], volume)
+    nrmse = {label: next(r["nrmse_percent"] for r in rows if r["case"] == case_name and r["R"] == acceleration
+                         and r["method"] == method) for label, (method, _) in shown.items() if method != "reference"}
+    planes = {}
+    for label, (_, volume) in shown.items():
+        nx, ny, nz = volume.shape
+        planes[label] = (volume[nx // 2], volume[:, ny // 2], volume[:, :, nz // 2])
+    out = REPO / "benchmarks" / "results" / f"quality3d_{case_name}_R{acceleration:g}.png"
+    voxel = tuple(hybrid.voxel_size_mm or (1.0, 1.0, 1.0))
+    volume_montage_png(out, planes, voxel, f"{case_name}, Poisson (ky, kz) R = {acceleration:g}", nrmse)
+    print(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("baselines", help="zero-filled, 3D L1-wavelet (+ sweep), 2D INR + TV per plane, BART")
+    base.add_argument("--case", choices=CASES, default="bundled")
     base.add_argument("--R", type=float, nargs="+", default=list(ACCELERATIONS))
     base.add_argument("--methods", nargs="+", default=["zero_filled", "l1_wavelet_3d", "l1_sweep", "inr_tv_2d_planes",
                                                        "bart"])
+    base.add_argument("--factors", type=float, nargs="+", default=list(L1_FACTORS),
+                      help="l1_sweep factors (the rule's own is skipped)")
     base.add_argument("--bart", nargs="*", default=None, metavar="KIND:LAMBDA",
                       help="BART runs instead of the default sweep, e.g. T:0.1 T:0.2")
+    base.add_argument("--max-seconds", type=float, default=None,
+                      help="inr_tv_2d_planes: stop after this long, keep the finished planes, continue on a rerun")
     inf = sub.add_parser("infusion", help="one INFusion 3D setting on 2 CPU ranks")
+    inf.add_argument("--case", choices=CASES, default="bundled")
     inf.add_argument("--R", type=float, nargs="+", default=[4.0])
     inf.add_argument("--label", required=True)
     inf.add_argument("--config", default="configs/demo3d.yaml")
     inf.add_argument("--set", nargs="*", default=[])
+    mon = sub.add_parser("montage", help="PNG of reference, zero-filled, L1-wavelet, best BART, best INFusion")
+    mon.add_argument("--case", choices=CASES, default="colin27_1mm")
+    mon.add_argument("--R", type=float, nargs="+", default=[4.0])
     sub.add_parser("report", help="write benchmarks/results/quality3d.md")
     args = parser.parse_args(argv)
     import torch
@@ -328,26 +500,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         print(write_report())
         return 0
+    if args.command == "montage":
+        for acceleration in args.R:
+            write_montage(args.case, acceleration)
+        return 0
+    name = args.case
     for acceleration in args.R:
-        store = bundled_store(acceleration)
+        store = case_store(name, acceleration)
         if args.command == "infusion":
-            log_row("bundled", acceleration, f"infusion:{args.label}", run_infusion(store, args.config, args.set,
-                                                                                    args.label))
+            log_row(name, acceleration, f"infusion:{args.label}", run_infusion(store, args.config, args.set,
+                                                                               args.label))
             continue
         case = load_case(store)
         for method in args.methods:
             if method == "zero_filled":
-                log_row("bundled", acceleration, method, run_zero_filled(case))
+                log_row(name, acceleration, method, run_zero_filled(case))
             elif method == "l1_wavelet_3d":
-                log_row("bundled", acceleration, method, run_l1_wavelet_3d(case))
+                log_row(name, acceleration, method, run_l1_wavelet_3d(case))
             elif method == "l1_sweep":
                 from engine.baselines import L1_3D_RELATIVE_FACTOR
 
-                for factor in L1_FACTORS:
+                for factor in args.factors:
                     if factor != L1_3D_RELATIVE_FACTOR:
-                        log_row("bundled", acceleration, f"l1_wavelet_3d_c{factor:g}", run_l1_wavelet_3d(case, factor))
+                        log_row(name, acceleration, f"l1_wavelet_3d_c{factor:g}", run_l1_wavelet_3d(case, factor))
             elif method == "inr_tv_2d_planes":
-                log_row("bundled", acceleration, method, run_inr_tv_planes(case))
+                folder = WORK / "inr_tv_planes" / f"{name}_R{acceleration:g}"
+                result = run_inr_tv_planes(case, folder, args.max_seconds)
+                if result is not None:
+                    log_row(name, acceleration, method, result)
             elif method == "bart":
                 if not shutil.which("bart"):
                     print("BART: the `bart` binary is not on PATH; skipping the BART rows (nothing is installed)")
@@ -355,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs = ([(k, float(v)) for k, v in (item.split(":") for item in args.bart)] if args.bart
                         else [(k, v) for k, values in BART_LAMBDAS.items() for v in values])
                 for kind, lamda in runs:
-                    log_row("bundled", acceleration, f"bart_{kind}_{lamda:g}",
-                            run_bart(case, kind, lamda, WORK / "bart" / f"R{acceleration:g}"))
+                    log_row(name, acceleration, f"bart_{kind}_{lamda:g}",
+                            run_bart(case, kind, lamda, WORK / "bart" / (f"R{acceleration:g}" if name == "bundled"
+                                                                         else f"{name}_R{acceleration:g}")))
             else:
                 raise SystemExit(f"unknown method {method!r}")
     return 0

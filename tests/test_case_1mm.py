@@ -1,0 +1,66 @@
+"""scripts/make_case_1mm.py on a tiny synthetic volume (no shared data): the evaluation-part rule
+and a valid hybrid store with reference, true maps, mask and the 1 mm voxel size."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def make():
+    spec = importlib.util.spec_from_file_location("make_case_1mm", REPO / "scripts" / "make_case_1mm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    """A 1 mm RAS volume (i, j, k) = (20, 24, 30) whose slices k lie at world z = k + 10 mm."""
+    i, j, k = np.meshgrid(np.arange(20), np.arange(24), np.arange(30), indexing="ij")
+    head = ((i - 10) / 8.0) ** 2 + ((j - 12) / 10.0) ** 2 + ((k - 20) / 12.0) ** 2 < 1
+    volume = np.where(head, 100 + 50 * np.sin(i / 2.0) * np.cos(j / 3.0), 2).astype(np.uint8)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-10, -12, 10)
+    return volume, affine
+
+
+def test_refuses_slices_below_the_evaluation_part(make):
+    volume, affine = _volume()
+    with pytest.raises(ValueError, match="evaluation part"):
+        make.make_magnitude(volume, affine, slab_k=(14, 30))  # k = 14: world z = 24 mm
+    with pytest.raises(ValueError, match="1 mm"):
+        make.make_magnitude(volume, np.diag([2.0, 2.0, 2.0, 1.0]) @ affine, slab_k=(15, 30))
+
+
+def test_writes_a_valid_store(make, tmp_path):
+    from engine.io.hybrid_store import HybridStore
+
+    volume, affine = _volume()
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 31 - 1))  # world z 25 .. 39 mm
+    assert magnitude.shape == (24, 20, 15) and params["world_z_mm"] == [25.0, 39.0]
+    assert np.array_equal(magnitude[:, :, 0], volume[:, ::-1, 15].T)  # x = A-P (Colin y reversed)
+    case_path = make.write_case(tmp_path / "case.npz", magnitude, params)
+    case = make.load_case(case_path)
+    assert case["kspace"].shape == (16, 24, 20, 15)  # 16 coils, (kx, ky, kz)
+    store = HybridStore(make.write_store(case, tmp_path / "case.zarr", acceleration=4.0, chunk_x=8))
+    assert store.shape[0] == 24 and store.voxel_size_mm == (1.0, 1.0, 1.0)
+    slab = store.read_slab(0, 24)
+    mask = np.asarray(store.mask)
+    assert mask.shape == (20, 15) and 3.0 < mask.size / mask.sum() < 5.0
+    assert np.allclose(slab.maps, case["maps"].transpose(1, 0, 2, 3))
+    assert np.allclose(slab.reference, case["reference"])
+    assert np.all(np.asarray(slab.kspace)[:, :, mask == 0] == 0)  # undersampled
+    # the recorded check catches a changed simulation
+    with np.load(case_path) as archive:
+        changed = json.loads(str(archive["params_json"]))
+        changed["check"]["energy"] *= 1.1
+        np.savez(tmp_path / "changed.npz", magnitude_uint8=archive["magnitude_uint8"],
+                 params_json=json.dumps(changed))
+    with pytest.raises(RuntimeError, match="no longer matches"):
+        make.load_case(tmp_path / "changed.npz")
