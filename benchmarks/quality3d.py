@@ -63,7 +63,8 @@ sys.path.insert(0, str(REPO))
 
 RUNS = REPO / "benchmarks" / "results" / "quality3d_runs.jsonl"
 REPORT = REPO / "benchmarks" / "results" / "quality3d.md"
-REPORT_1MM = REPO / "benchmarks" / "results" / "quality3d_1mm.md"
+PROGRESS = REPO / "benchmarks" / "results" / "quality3d_progress.jsonl"  # methods not finished (time)
+SCALE_REPORT = REPO / "benchmarks" / "results" / "scale3d.md"
 WORK = REPO / "outputs" / "quality3d"
 VOLUMES = WORK / "volumes"
 CASES = ("bundled", "colin27_1mm")
@@ -191,6 +192,14 @@ def run_inr_tv_planes(case: dict, folder: Path | None = None, max_seconds: float
             np.savez(done, plane=planes[x], seconds=seconds[x])
     finished = sum(p is not None for p in planes)
     if finished < nx:
+        case_name = "colin27_1mm" if "1mm" in str(case["store"]) else "bundled"
+        record = {"case": case_name, "store": Path(case["store"]).name, "method": "inr_tv_2d_planes",
+                  "planes_done": finished, "planes": nx, "seconds_done": float(sum(seconds)),
+                  "seconds_per_plane": float(sum(seconds) / max(finished, 1)), "machine": machine(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "commit": START_COMMIT}
+        with open(PROGRESS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
         print(f"inr_tv_2d_planes: {finished} of {nx} planes done ({sum(seconds):.0f} s, "
               f"{sum(seconds) / max(finished, 1):.1f} s per plane); rerun to continue", flush=True)
         return None
@@ -367,6 +376,87 @@ NOTES = """## Notes (what the rows say)
 """
 
 
+INTRO_1MM = """## The realistic case at 1 mm (`colin27_1mm`)
+
+scripts/make_case_1mm.py (data/colin27_eval_volume_1mm_217x181x80.npz): Colin27's evaluation part (world
+z 25..104 mm) at 1 mm, the full 217 x 181 in-plane field of view, 80 slices; x = anterior-posterior is the
+readout (fully sampled), (ky, kz) = 181 x 80 phase encodes (left-right, inferior-superior); 16 simulated
+birdcage coils (2 rings of 8), the bundled cases' smooth phase and SNR 40; 1 x 1 x 1 mm. Poisson (ky, kz)
+masks without calibration region, seeded by the case. INFusion runs configs/colin27_1mm.yaml, derived from
+configs/demo3d.yaml by the scaling rules its header states; no setting was tuned against this reference.
+A row with `steps=N` in its setting ran fewer steps than the config's (time on 2 shared cores); the BART
+rows are the lambdas tried, fewer than on the bundled case (time), so its best is the best of those.
+Montage (reference, zero-filled, 3D L1-wavelet, best BART, INFusion at the true voxel shape):
+benchmarks/results/quality3d_colin27_1mm_R4.png (`python benchmarks/quality3d.py montage`)."""
+
+EXPECTED_1MM = ("zero_filled", "l1_wavelet_3d", "bart_W", "inr_tv_2d_planes", "infusion")
+
+
+def read_progress() -> dict:
+    newest: dict = {}
+    if PROGRESS.exists():
+        for line in PROGRESS.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                newest[(row["case"], row["store"], row["method"])] = row
+    return newest
+
+
+def _setting(r: dict) -> str:
+    if r["method"].startswith("infusion"):  # the command is the same but for these
+        setting = " ".join([r["config"], *[o for o in r["overrides"] if o != "baseline.l1_wavelet_3d=false"]])
+        if "seconds_per_step" in r:
+            setting += (f" ({r['steps']} steps, {r['seconds_per_step']:.2f} s per step; peak RSS "
+                        f"{r['peak_rss_mib_all_ranks']:.0f} MiB over both ranks, {r['peak_rss_mib_one_rank']:.0f} "
+                        "MiB the larger rank)")
+    else:
+        setting = r.get("command") or (f"factor {r['factor']:g}, lambda {r['lamda']:.4g}" if "factor" in r
+                                       else r.get("config", ""))
+    if "bart_scale" in r:
+        setting += f" (magnitude scale {r['bart_scale']:.4f})"
+    return setting
+
+
+def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[str]:
+    lines: list[str] = []
+    progress = read_progress()
+    for acceleration in sorted({r["R"] for r in rows if r["case"] == case_name}):
+        group = [r for r in rows if r["case"] == case_name and r["R"] == acceleration]
+        lines += [f"{level} {case_name}, R = {acceleration:g}", "",
+                  "| method | NRMSE % | seconds | setting | machine, date, commit |", "|---|---|---|---|---|"]
+        for r in sorted(group, key=lambda r: r["nrmse_percent"]):
+            lines.append(f"| {r['method']} | {r['nrmse_percent']:.2f} | {r['seconds']:.0f} | `{_setting(r)}` | "
+                         f"{r['machine']}, {r['date']}, {r['commit']} |")
+        peers = [r for r in group if r["method"].startswith(("bart_", "l1_wavelet_3d", "inr_tv_2d"))]
+        ours = [r for r in group if r["method"].startswith("infusion")]
+        if peers and ours:
+            best_peer = min(peers, key=lambda r: r["nrmse_percent"])
+            best = min(ours, key=lambda r: r["nrmse_percent"])
+            target = 0.9 * best_peer["nrmse_percent"]
+            verdict = "reached" if best["nrmse_percent"] <= target else "NOT reached"
+            lines += ["", (f"Best peer: {best_peer['method']} {best_peer['nrmse_percent']:.2f} %; goal (10 % "
+                           f"below it): {target:.2f} %; best INFusion: {best['method']} "
+                           f"{best['nrmse_percent']:.2f} %: goal {verdict}.")]
+        if case_name == "colin27_1mm":
+            tag = f"_R{acceleration:g}_"
+            missing = [m for m in EXPECTED_1MM if not any(r["method"].startswith(m) for r in group)]
+            not_run = [m for m in missing if not any(c == case_name and tag in st and meth == m
+                                                     for (c, st, meth) in progress)]
+            if not_run:
+                lines += ["", f"Not run (time on 2 shared CPU cores): {', '.join(not_run)}."]
+            for m in (m for m in missing if m not in not_run):
+                done = next((p for (c, st, meth), p in progress.items() if c == case_name and tag in st
+                             and meth == m), None)
+                if done is not None:  # always: the others are in not_run
+                    lines += ["", (f"Not finished: {m}, {done['planes_done']} of {done['planes']} planes in "
+                                   f"{done['seconds_done']:.0f} s ({done['seconds_per_plane']:.1f} s per plane; "
+                                   f"{done['machine']}, {done['date']}): the whole volume would take about "
+                                   f"{done['seconds_per_plane'] * done['planes'] / 3600:.1f} h here; rerun "
+                                   "`baselines --methods inr_tv_2d_planes` to continue (finished planes are kept).")]
+        lines.append("")
+    return lines
+
+
 def write_report() -> Path:
     rows = read_rows()
     intro = ("Generated by `python benchmarks/quality3d.py report` from benchmarks/results/quality3d_runs.jsonl "
@@ -379,40 +469,51 @@ def write_report() -> Path:
              "the step loop); the rows labelled by their settings are the levers tried.")
     lines = ["# 3D quality: INFusion against zero-filled, 3D L1-wavelet, plane-by-plane 2D INR + TV, BART", "",
              intro, ""]
-    for case_name in sorted({r["case"] for r in rows}):
-        for acceleration in sorted({r["R"] for r in rows if r["case"] == case_name}):
-            group = sorted((r for r in rows if r["case"] == case_name and r["R"] == acceleration),
-                           key=lambda r: (not r["method"].startswith("infusion"), r["method"]))
-            lines += [f"## {case_name}, R = {acceleration:g}", "",
-                      "| method | NRMSE % | seconds | setting | machine, date, commit |", "|---|---|---|---|---|"]
-            for r in sorted(group, key=lambda r: r["nrmse_percent"]):
-                if r["method"].startswith("infusion"):  # the command is the same but for these
-                    setting = " ".join([r["config"], *[o for o in r["overrides"] if o != "baseline.l1_wavelet_3d=false"]])
-                else:
-                    setting = r.get("command") or (f"factor {r['factor']:g}, lambda {r['lamda']:.4g}" if "factor" in r
-                                                   else r.get("config", ""))
-                if "bart_scale" in r:
-                    setting += f" (magnitude scale {r['bart_scale']:.4f})"
-                lines.append(f"| {r['method']} | {r['nrmse_percent']:.2f} | {r['seconds']:.0f} | `{setting}` | "
-                             f"{r['machine']}, {r['date']}, {r['commit']} |")
-            peers = [r for r in group if r["method"].startswith(("bart_", "l1_wavelet_3d", "inr_tv_2d"))]
-            ours = [r for r in group if r["method"].startswith("infusion")]
-            if peers and ours:
-                best_peer = min(peers, key=lambda r: r["nrmse_percent"])
-                best = min(ours, key=lambda r: r["nrmse_percent"])
-                target = 0.9 * best_peer["nrmse_percent"]
-                verdict = "reached" if best["nrmse_percent"] <= target else "NOT reached"
-                summary = (f"Best peer: {best_peer['method']} {best_peer['nrmse_percent']:.2f} %; goal (10 % "
-                           f"below it): {target:.2f} %; best INFusion: {best['method']} "
-                           f"{best['nrmse_percent']:.2f} %: goal {verdict}.")
-                lines += ["", summary]
-            lines.append("")
+    lines += _case_sections(rows, "bundled")
     lines.append(NOTES)
+    if any(r["case"] == "colin27_1mm" for r in rows):
+        lines += [INTRO_1MM, ""] + _case_sections(rows, "colin27_1mm", "###")
     if not shutil.which("bart"):
         lines += [("BART: the `bart` binary was not on PATH when this report was written; BART rows (if any) "
                    "are from earlier runs."), ""]
     REPORT.write_text("\n".join(lines))
+    write_scale_section(rows)
     return REPORT
+
+
+SCALE_BEGIN = "<!-- 1 mm rows: written by python benchmarks/quality3d.py report -->"
+SCALE_END = "<!-- end of 1 mm rows -->"
+
+
+def write_scale_section(rows: list[dict]) -> None:
+    """The 1 mm INFusion runs' time and memory as a section of scale3d.md between markers (replaced by
+    every report; benchmarks/scale3d.py rewrites the file without it: rerun the report after it)."""
+    runs = sorted((r for r in rows if r["case"] == "colin27_1mm" and r["method"].startswith("infusion")
+                   and "seconds_per_step" in r), key=lambda r: (r["R"], r["method"]))
+    if not runs or not SCALE_REPORT.exists():
+        return
+    section = [SCALE_BEGIN, "## The 1 mm case end to end (benchmarks/quality3d.py --case colin27_1mm)", "",
+               ("217 x 181 x 80, 16 coils (hybrid k-space + maps: 0.75 GiB complex64), 2 CPU ranks (torchrun, gloo, "
+               "1 thread each), K = 16 planes per rank and step, prior off (configs/colin27_1mm.yaml). Seconds: the "
+               "step loop (metrics.json train_seconds) and the whole command; peak RSS: sampled every 0.5 s over "
+               "the process tree (psutil), both ranks together and the larger one alone, set-up and output "
+               "included. Written by `python benchmarks/quality3d.py report` (benchmarks/scale3d.py rewrites "
+               "this file without it: rerun the report after it)."), "",
+               ("| R | method | steps | s / step | step loop s | wall s | peak RSS MiB (2 ranks) | peak RSS MiB "
+               "(1 rank) | NRMSE % | machine, date, commit |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        section.append(f"| {r['R']:g} | {r['method']} | {r['steps']} | {r['seconds_per_step']:.2f} | "
+                       f"{r['seconds']:.0f} | {r['wall_seconds']:.0f} | {r['peak_rss_mib_all_ranks']:.0f} | "
+                       f"{r['peak_rss_mib_one_rank']:.0f} | {r['nrmse_percent']:.2f} | {r['machine']}, {r['date']}, "
+                       f"{r['commit']} |")
+    section.append(SCALE_END)
+    text = SCALE_REPORT.read_text()
+    if SCALE_BEGIN in text and SCALE_END in text:
+        head, rest = text.split(SCALE_BEGIN, 1)
+        text = head.rstrip("\n") + "\n\n" + "\n".join(section) + rest.split(SCALE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    SCALE_REPORT.write_text(text)
 
 
 # ================================================================================== command line
