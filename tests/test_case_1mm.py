@@ -64,3 +64,33 @@ def test_writes_a_valid_store(make, tmp_path):
                  params_json=json.dumps(changed))
     with pytest.raises(RuntimeError, match="no longer matches"):
         make.load_case(tmp_path / "changed.npz")
+
+
+def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
+    quality3d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality3d)
+    for name in ("RUNS", "PROGRESS", "REPORT", "SCALE_REPORT"):
+        monkeypatch.setattr(quality3d, name, tmp_path / f"{name}.txt")
+    quality3d.SCALE_REPORT.write_text("# scaling\n")
+    common = {"machine": "m", "date": "d", "commit": "c"}
+    rows = [{"case": "bundled", "R": 4.0, "method": "zero_filled", "nrmse_percent": 30.0, "seconds": 1.0},
+            {"case": "colin27_1mm", "R": 4.0, "method": "zero_filled", "nrmse_percent": 23.0, "seconds": 2.0},
+            {"case": "colin27_1mm", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 6.0, "seconds": 9.0,
+             "factor": 0.004, "lamda": 0.01},
+            {"case": "colin27_1mm", "R": 4.0, "method": "infusion:x", "nrmse_percent": 5.0, "seconds": 60.0,
+             "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "steps": 10, "seconds_per_step": 6.0,
+             "wall_seconds": 70.0, "peak_rss_mib_all_ranks": 3000.0, "peak_rss_mib_one_rank": 1600.0}]
+    quality3d.RUNS.write_text("".join(json.dumps({**r, **common}) + "\n" for r in rows))
+    quality3d.PROGRESS.write_text(json.dumps({"case": "colin27_1mm", "store": "case_R4_x.zarr",
+                                              "method": "inr_tv_2d_planes", "planes_done": 3, "planes": 217,
+                                              "seconds_done": 30.0, "seconds_per_plane": 10.0, **common}) + "\n")
+    report = quality3d.write_report().read_text()
+    assert "## bundled, R = 4" in report and "### colin27_1mm, R = 4" in report
+    assert "Not run (time on 2 shared CPU cores): bart_W." in report
+    assert "Not finished: inr_tv_2d_planes, 3 of 217 planes" in report
+    assert "goal (10 % below it): 5.40 %" in report
+    scale = quality3d.SCALE_REPORT.read_text()
+    assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
+    quality3d.write_report()  # the marked section is replaced, not appended again
+    assert quality3d.SCALE_REPORT.read_text().count("infusion:x") == 1
