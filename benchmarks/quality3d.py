@@ -402,6 +402,15 @@ def read_progress() -> dict:
     return newest
 
 
+def _config_steps(config: str) -> int | None:
+    import yaml
+
+    try:
+        return int(yaml.safe_load((REPO / config).read_text())["steps"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _setting(r: dict) -> str:
     if r["method"].startswith("infusion"):  # the command is the same but for these
         setting = " ".join([r["config"], *[o for o in r["overrides"] if o != "baseline.l1_wavelet_3d=false"]])
@@ -438,6 +447,12 @@ def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[
                            f"below it): {target:.2f} %; best INFusion: {best['method']} "
                            f"{best['nrmse_percent']:.2f} %: goal {verdict}.")]
         if case_name == "colin27_1mm":
+            for r in ours:
+                full = _config_steps(r["config"])
+                if "seconds_per_step" in r and full and r["steps"] < full:
+                    lines += ["", (f"{r['method']} ran {r['steps']} of the config's {full} steps (time); all {full} "
+                                   f"at its {r['seconds_per_step']:.2f} s per step: about "
+                                   f"{full * r['seconds_per_step'] / 3600:.1f} h on this machine.")]
             tag = f"_R{acceleration:g}_"
             missing = [m for m in EXPECTED_1MM if not any(r["method"].startswith(m) for r in group)]
             not_run = [m for m in missing if not any(c == case_name and tag in st and meth == m
