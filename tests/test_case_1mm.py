@@ -94,3 +94,25 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
     assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
     quality3d.write_report()  # the marked section is replaced, not appended again
     assert quality3d.SCALE_REPORT.read_text().count("infusion:x") == 1
+
+
+def test_quality3d_montage_of_the_saved_volumes(make, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
+    quality3d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality3d)
+    volume, affine = _volume()
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 30))
+    case = make.load_case(make.write_case(tmp_path / "case.npz", magnitude, params))
+    store = make.write_store(case, tmp_path / "case.zarr", acceleration=4.0)
+    monkeypatch.setattr(quality3d, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(quality3d, "VOLUMES", tmp_path / "volumes")
+    monkeypatch.setattr(quality3d, "REPO", tmp_path)
+    monkeypatch.setattr(quality3d, "case_store", lambda name, r: store)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    common = {"case": "colin27_1mm", "R": 4.0, "seconds": 1.0, "machine": "m", "date": "d", "commit": "c"}
+    with open(quality3d.RUNS, "w") as handle:
+        for method, nrmse in (("zero_filled", 20.0), ("l1_wavelet_3d", 5.0), ("bart_W_0.01", 6.0), ("bart_W_0.1", 9.0)):
+            quality3d.save_volume("colin27_1mm", 4.0, method, case["reference"] * (1 + nrmse / 100))
+            handle.write(json.dumps({**common, "method": method, "nrmse_percent": nrmse}) + "\n")
+    out = quality3d.write_montage("colin27_1mm", 4.0)
+    assert out.name == "quality3d_colin27_1mm_R4.png" and out.stat().st_size > 1000
