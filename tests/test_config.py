@@ -115,15 +115,17 @@ def test_shipped_configs_load():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     two_d = ["demo2d.yaml", "reference2d.yaml", "inr2d.yaml", "inr_tv2d.yaml", "auto2d.yaml"]
-    three_d = ["demo3d.yaml", "fullres3d.yaml"]
+    three_d = ["demo3d.yaml", "fullres3d.yaml", "colin27_1mm.yaml"]
     prior = ["prior_train.yaml"]
     assert sorted(p.name for p in root.glob("*.yaml")) == sorted(two_d + three_d + prior)
     for name in two_d:
         assert load_config(Recon2DConfig, root / name).optim.steps > 0
     assert load_config(Recon2DConfig, root / "reference2d.yaml").prior.mode == "reference"
     assert load_config(Recon2DConfig, root / "auto2d.yaml").selection.enabled
-    demo3d, fullres3d = (load_config(Recon3DConfig, root / name) for name in three_d)
+    demo3d, fullres3d, colin27_1mm = (load_config(Recon3DConfig, root / name) for name in three_d)
     assert demo3d.plane_grids.enabled and demo3d.device == "auto"
+    # the 1 mm config is the demo's regularisation on larger planes (nothing tuned at 1 mm)
+    assert (colin27_1mm.tv_weight, colin27_1mm.wavelet_weight) == (demo3d.tv_weight, demo3d.wavelet_weight)
     assert fullres3d.steps > 0 and fullres3d.grad_sync in ("allreduce", "ddp", "deepspeed")
     assert load_config(PriorTrainConfig, root / "prior_train.yaml").train.steps > 0
     for name in ("deepspeed_zero1.json", "deepspeed_zero2.json"):

@@ -1,0 +1,118 @@
+"""scripts/make_case_1mm.py on a tiny synthetic volume (no shared data): the evaluation-part rule
+and a valid hybrid store with reference, true maps, mask and the 1 mm voxel size."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def make():
+    spec = importlib.util.spec_from_file_location("make_case_1mm", REPO / "scripts" / "make_case_1mm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    """A 1 mm RAS volume (i, j, k) = (20, 24, 30) whose slices k lie at world z = k + 10 mm."""
+    i, j, k = np.meshgrid(np.arange(20), np.arange(24), np.arange(30), indexing="ij")
+    head = ((i - 10) / 8.0) ** 2 + ((j - 12) / 10.0) ** 2 + ((k - 20) / 12.0) ** 2 < 1
+    volume = np.where(head, 100 + 50 * np.sin(i / 2.0) * np.cos(j / 3.0), 2).astype(np.uint8)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-10, -12, 10)
+    return volume, affine
+
+
+def test_refuses_slices_below_the_evaluation_part(make):
+    volume, affine = _volume()
+    with pytest.raises(ValueError, match="evaluation part"):
+        make.make_magnitude(volume, affine, slab_k=(14, 30))  # k = 14: world z = 24 mm
+    with pytest.raises(ValueError, match="1 mm"):
+        make.make_magnitude(volume, np.diag([2.0, 2.0, 2.0, 1.0]) @ affine, slab_k=(15, 30))
+
+
+def test_writes_a_valid_store(make, tmp_path):
+    from engine.io.hybrid_store import HybridStore
+
+    volume, affine = _volume()
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 31 - 1))  # world z 25 .. 39 mm
+    assert magnitude.shape == (24, 20, 15) and params["world_z_mm"] == [25.0, 39.0]
+    assert np.array_equal(magnitude[:, :, 0], volume[:, ::-1, 15].T)  # x = A-P (Colin y reversed)
+    case_path = make.write_case(tmp_path / "case.npz", magnitude, params)
+    case = make.load_case(case_path)
+    assert case["kspace"].shape == (16, 24, 20, 15)  # 16 coils, (kx, ky, kz)
+    store = HybridStore(make.write_store(case, tmp_path / "case.zarr", acceleration=4.0, chunk_x=8))
+    assert store.shape[0] == 24 and store.voxel_size_mm == (1.0, 1.0, 1.0)
+    slab = store.read_slab(0, 24)
+    mask = np.asarray(store.mask)
+    assert mask.shape == (20, 15) and 3.0 < mask.size / mask.sum() < 5.0
+    assert np.allclose(slab.maps, case["maps"].transpose(1, 0, 2, 3))
+    assert np.allclose(slab.reference, case["reference"])
+    assert np.all(np.asarray(slab.kspace)[:, :, mask == 0] == 0)  # undersampled
+    # the recorded check catches a changed simulation
+    with np.load(case_path) as archive:
+        changed = json.loads(str(archive["params_json"]))
+        changed["check"]["energy"] *= 1.1
+        np.savez(tmp_path / "changed.npz", magnitude_uint8=archive["magnitude_uint8"],
+                 params_json=json.dumps(changed))
+    with pytest.raises(RuntimeError, match="no longer matches"):
+        make.load_case(tmp_path / "changed.npz")
+
+
+def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
+    quality3d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality3d)
+    for name in ("RUNS", "PROGRESS", "REPORT", "SCALE_REPORT"):
+        monkeypatch.setattr(quality3d, name, tmp_path / f"{name}.txt")
+    quality3d.SCALE_REPORT.write_text("# scaling\n")
+    common = {"machine": "m", "date": "d", "commit": "c"}
+    rows = [{"case": "bundled", "R": 4.0, "method": "zero_filled", "nrmse_percent": 30.0, "seconds": 1.0},
+            {"case": "colin27_1mm", "R": 4.0, "method": "zero_filled", "nrmse_percent": 23.0, "seconds": 2.0},
+            {"case": "colin27_1mm", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 6.0, "seconds": 9.0,
+             "factor": 0.004, "lamda": 0.01},
+            {"case": "colin27_1mm", "R": 4.0, "method": "infusion:x", "nrmse_percent": 5.0, "seconds": 60.0,
+             "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "steps": 10, "seconds_per_step": 6.0,
+             "wall_seconds": 70.0, "peak_rss_mib_all_ranks": 3000.0, "peak_rss_mib_one_rank": 1600.0}]
+    quality3d.RUNS.write_text("".join(json.dumps({**r, **common}) + "\n" for r in rows))
+    quality3d.PROGRESS.write_text(json.dumps({"case": "colin27_1mm", "store": "case_R4_x.zarr",
+                                              "method": "inr_tv_2d_planes", "planes_done": 3, "planes": 217,
+                                              "seconds_done": 30.0, "seconds_per_plane": 10.0, **common}) + "\n")
+    report = quality3d.write_report().read_text()
+    assert "## bundled, R = 4" in report and "### colin27_1mm, R = 4" in report
+    assert "Not run (time on 2 shared CPU cores): bart_W." in report
+    assert "Not finished: inr_tv_2d_planes, 3 of 217 planes" in report
+    assert "goal (10 % below it): 5.40 %" in report
+    scale = quality3d.SCALE_REPORT.read_text()
+    assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
+    quality3d.write_report()  # the marked section is replaced, not appended again
+    assert quality3d.SCALE_REPORT.read_text().count("infusion:x") == 1
+
+
+def test_quality3d_montage_of_the_saved_volumes(make, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
+    quality3d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality3d)
+    volume, affine = _volume()
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 30))
+    case = make.load_case(make.write_case(tmp_path / "case.npz", magnitude, params))
+    store = make.write_store(case, tmp_path / "case.zarr", acceleration=4.0)
+    monkeypatch.setattr(quality3d, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(quality3d, "VOLUMES", tmp_path / "volumes")
+    monkeypatch.setattr(quality3d, "REPO", tmp_path)
+    monkeypatch.setattr(quality3d, "case_store", lambda name, r: store)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    common = {"case": "colin27_1mm", "R": 4.0, "seconds": 1.0, "machine": "m", "date": "d", "commit": "c"}
+    with open(quality3d.RUNS, "w") as handle:
+        for method, nrmse in (("zero_filled", 20.0), ("l1_wavelet_3d", 5.0), ("bart_W_0.01", 6.0), ("bart_W_0.1", 9.0)):
+            quality3d.save_volume("colin27_1mm", 4.0, method, case["reference"] * (1 + nrmse / 100))
+            handle.write(json.dumps({**common, "method": method, "nrmse_percent": nrmse}) + "\n")
+    out = quality3d.write_montage("colin27_1mm", 4.0)
+    assert out.name == "quality3d_colin27_1mm_R4.png" and out.stat().st_size > 1000
