@@ -376,7 +376,7 @@ def read_rows() -> list[dict]:
 
 NOTES = """## Notes (what the rows say)
 
-- The z-discretized INR alone (shared hash-grid trunk, one linear head row per readout x) cannot
+- The readout-discretised INR alone (shared hash-grid trunk, one linear head row per readout x) cannot
   hold 72 different planes of detail: issue 11 measured 14.5 % for the old demo at R = 4. Per-plane
   feature grids beside the trunk (`plane_grids`, decoded by a small shared MLP) are the lever that
   moves it into the range of the 3D L1-wavelet; the trunk and head still carry what planes share.
@@ -385,7 +385,12 @@ NOTES = """## Notes (what the rows say)
 - Noise of the stochastic plane draws matters: more planes per step (K) helps more than more steps,
   and parameter averaging (`optim.ema`) did not replace it.
 - The 1 mm diffusion prior hurts on these 3 x 3 x 2 mm planes (the prior-on row), so the bundled
-  config runs with `prior.mode: off`; the prior is for 1 mm data (the 1 mm case is not built yet).
+  config runs with `prior.mode: off`; the prior was trained on 1 mm slices (the 1 mm case below has not run
+  with it yet).
+- The label-free choice of the regularisation strength (`selection.enabled`, engine/recon/selection3d.py:
+  factors 0.5 / 1 / 2, each a full run on 92 % of the samples, then a refit on all) did not pick the best
+  factor (its candidates' NRMSE is in each run's selection.json): the `demo3d_selection` rows are above
+  the fixed config at every R, so it stays off by default.
 - BART's TV (`T:7:0:lambda`) stays far behind its wavelet at every lambda tried, and its best
   wavelet lambda moves with R (0.02 at R = 4, larger at R = 6); BART rows use its default 30
   iterations. The engine's 3D L1-wavelet (db4, cycle spinning, 100 FISTA iterations, one lambda
