@@ -143,7 +143,7 @@ def test_bundled_3d_case():
 def test_bundled_files_and_notice_are_shipped():
     sizes = {p.name: p.stat().st_size for p in DATA_DIR.iterdir() if p.is_file()}
     assert "colin27_COPYRIGHT.txt" in sizes and "README.md" in sizes
-    assert sum(sizes.values()) < 5e6  # a few MB at most in the repository
+    assert sum(sizes.values()) < 6e6  # a few MB at most: 2D slice 4.1 MB, 1 mm 3D case 1.2 MB, bundled 3D 0.07 MB
     readme = (DATA_DIR / "README.md").read_text()
     assert "simulated coils and phase" in readme and "BSD-3" in readme
 
