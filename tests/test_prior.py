@@ -340,3 +340,14 @@ def test_shipped_prior_never_trained_near_the_evaluation_slices() -> None:
     for name, z in (("colin27_t1_1mm.nii.gz", 40.0), ("colin27_t1_1mm.nii.gz", 45.0),
                     ("colin27_t1_0p5mm.nii.gz", 40.0), ("mni152_2009a_t1_1mm.nii.gz", 38.0)):
         assert not trained_near(volumes, name, z), (name, z)
+
+
+def test_every_training_source_of_the_shipped_prior_has_its_notice_beside_the_weights() -> None:
+    folder = default_prior_path()
+    names = {v["path"].rsplit("/", 1)[-1] for v in read_arch(folder)["training"]["volumes"]}
+    notices = {"colin27": "colin27_COPYRIGHT.txt", "mni152": "mni152_COPYRIGHT.txt"}
+    for name in names:
+        source = next((k for k in notices if name.startswith(k)), None)
+        assert source is not None, f"{name}: no licence notice is known for this training source"
+        assert (folder / notices[source]).is_file(), notices[source]
+        assert name in (folder / "SPLIT.md").read_text(), f"SPLIT.md does not name {name}"
