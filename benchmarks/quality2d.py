@@ -114,14 +114,26 @@ def load_case(name: str) -> np.ndarray:
     raise ValueError(f"unknown case {name!r}")
 
 
+# rows of the prior methods written before rows recorded their prior used the prior of 2026-11-26
+FIRST_PRIOR = "2c58283baaef (2026-11-26)"
+
+
+def row_prior(row: dict) -> str | None:
+    """The prior a row's method loaded (None: the method uses no prior)."""
+    if row["method"] not in PRIOR_METHODS and row["method"] != UNREFIT:
+        return None
+    return row.get("prior", FIRST_PRIOR)
+
+
 def done_keys(path: Path) -> set[tuple]:
+    """(case, R, seed, method, prior) of the rows already run (prior None for methods without one)."""
     if not path.exists():
         return set()
     keys = set()
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add((row["case"], row["R"], row["seed"], row["method"]))
+            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row)))
     return keys
 
 
@@ -172,8 +184,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
             if only_rows and f"{case}:{acceleration}:{seed}" not in only_rows:
                 continue
             for method in methods:
-                key = (case, acceleration, seed, method)
-                if key in done:
+                prior = prior_id() if method in PRIOR_METHODS else None  # the prior this run loads
+                if (case, acceleration, seed, method, prior) in done:
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
@@ -182,12 +194,12 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},
-                       **({"prior": prior_id()} if method in PRIOR_METHODS else {}),
+                       **({"prior": prior} if prior else {}),
                        "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
                 rows_out = [row]
                 if unrefit is not None:
                     chosen = row["selection"]["chosen"]
-                    rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals")},
+                    rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals", "prior")},
                                      "method": UNREFIT, **all_metrics(unrefit, reference, support),
                                      "seconds": row["seconds"] - row["selection"].get("refit_seconds", 0.0),
                                      "steps": chosen["steps"], "stopped": "selection",
@@ -402,8 +414,39 @@ def selection_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def later_prior_label(row: dict) -> str:
+    """Method label of a row: the method, with the prior's date when it is not the first prior
+    (the summary and label-free sections compare like with like: first-prior rows only)."""
+    prior = row_prior(row)
+    if prior is None or prior == FIRST_PRIOR:
+        return row["method"]
+    return f"{row['method']} (prior {prior.split('(')[-1].rstrip(')')})"
+
+
+def prior_section(rows: list[dict]) -> list[str]:
+    """fast with the first prior against fast with each later one, on the rows where both ran."""
+    later = sorted({r["method"] for r in rows if " (prior " in r["method"]})  # rows already relabelled
+    if not later:
+        return []
+    nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
+    lines = ["## fast with the new prior (engine/assets/prior, benchmarks/results/prior_eval.md) vs the first prior, NRMSE %", "",
+             "| case | R | seed | INR + TV | fast, first prior (2026-11-26) | " + " | ".join(later) + " |",
+             "|---|---|---|---|---|" + "---|" * len(later)]
+    keys = sorted({k[:4] for k in nrmse if k[4] in later}, key=lambda k: (k[1], k[0], k[3], k[2]))
+    for key in keys:
+        case, size, acceleration, seed = key
+
+        def shown(method: str, key: tuple = key) -> str:
+            value = nrmse.get((*key, method))
+            return "-" if value is None else f"{value:.2f}"
+
+        lines.append(f"| {case} ({size} px) | {acceleration} | {seed} | {shown('inr_tv')} | {shown('fast')} | "
+                     + " | ".join(shown(m) for m in later) + " |")
+    return lines + [""]
+
+
 def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
-    rows = read_rows(runs)
+    rows = [{**r, "method": later_prior_label(r)} for r in read_rows(runs)]
     timing = read_rows(timing_runs) if timing_runs is not None else []
     by_key: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -423,12 +466,14 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     ]
     lines += summary_section(rows)
     lines += selection_section(rows)
+    lines += prior_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",
                   "| R | method | seeds | NRMSE % | PSNR dB | SSIM | seconds | prior evals | steps |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for acceleration in ACCELERATIONS:
-            for method in REPORTED:
+            extra = sorted({m for (c, z, a, m) in by_key if (c, z, a) == (case, size, acceleration)} - set(REPORTED))
+            for method in (*REPORTED, *extra):
                 entries = by_key.get((case, size, acceleration, method))
                 if not entries:
                     continue
