@@ -445,6 +445,23 @@ def prior_section(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def bart_section(path: Path) -> list[str]:
+    """The real undersampled BART brain case (`bart` subcommand): images only, no scores."""
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text())
+    methods = ", ".join(f"{name} {m['seconds']:.1f} s" + (f" (`bart {m['command']}`, BART {m['bart_version']})"
+                                                         if "command" in m else "")
+                        + (f" ({m['config']}, {m['steps']} steps, prior {m['prior']})" if "config" in m else "")
+                        for name, m in info["methods"].items())
+    return ["## Real undersampled BART brain (images only, no ground truth)", "",
+            (f"`python benchmarks/quality2d.py bart`, {info['date']}, {info['machine']}: "
+             f"{info['kspace_shape'][0]} coils, {info['kspace_shape'][1]} x {info['kspace_shape'][2]}, "
+             f"{100 * info['sampled_fraction']:.1f} % sampled (R = {info['achieved_acceleration']}); "
+             f"{info['maps']}; {info['display']}. Methods: {methods}."), "",
+            f"![BART brain]({info['png']})", ""]
+
+
 def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     rows = [{**r, "method": later_prior_label(r)} for r in read_rows(runs)]
     timing = read_rows(timing_runs) if timing_runs is not None else []
@@ -485,6 +502,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
                              f"{mean['seconds']:.1f} | {evals} | {int(np.mean(steps)) if steps else '-'} |")
         lines.append("")
     lines += speed_section(timing)
+    lines += bart_section(BART_PNG.with_suffix(".json"))
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
