@@ -10,7 +10,7 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - real: 4h_GE and 4h_mpr (real 4-coil brain slices), 4h_Ph (real resolution phantom, own rows);
 - sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
   axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
-- 256: 4h_GE and 4h_mpr at full 256 x 256 (all R and seeds).
+- 256: 4h_GE, 4h_mpr and 4h_Ph at full 256 x 256 (all R and seeds).
 Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
@@ -34,6 +34,7 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     # speed: one row, methods back to back on an otherwise idle machine, into their own file
     python benchmarks/quality2d.py run --part real --cases 4h_GE --rows 4h_GE:6:0 \
         --methods inr_tv fast reference --reference-rows 4h_GE:6:0 --runs benchmarks/results/quality2d_timing.jsonl
+    nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
     python benchmarks/quality2d.py report
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ REPORTED = (*METHODS[:7], UNREFIT, METHODS[7])
 PARTS = {
     "real": ("4h_GE", "4h_mpr", "4h_Ph"),
     "sim": ("bundled_colin27_z45", "mni152_axial"),
-    "256": ("4h_GE_256", "4h_mpr_256"),
+    "256": ("4h_GE_256", "4h_mpr_256", "4h_Ph_256"),
 }
 NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 MNI_SLICE = 110  # axial voxel index of the 1 mm MNI152 volume (evaluation-only data)
@@ -95,8 +96,15 @@ def load_case(name: str) -> np.ndarray:
         import nibabel as nib
 
         from engine.physics.simulate import simulate_multicoil
+        from engine.prior.checkpoint import default_prior_path, read_arch
+        from engine.prior.data import trained_near
 
         volume = nib.load(DATA / "volumes" / "mni152_2009a_t1_1mm.nii.gz")
+        world_z = float(volume.affine[2, 3] + volume.affine[2, 2] * MNI_SLICE)  # 38 mm
+        if trained_near(read_arch(default_prior_path()).get("training", {}).get("volumes", []),
+                        "mni152_2009a_t1_1mm.nii.gz", world_z):
+            raise RuntimeError(f"mni152_axial: z = {world_z} mm is in or within 10 mm of the shipped prior's "
+                               "MNI152 training part (engine/assets/prior/SPLIT.md)")
         plane = np.asarray(volume.dataobj[:, :, MNI_SLICE], dtype=np.float64).T[::-1]
         magnitude = np.zeros((256, 256))
         top, left = (256 - plane.shape[0]) // 2, (256 - plane.shape[1]) // 2
@@ -106,14 +114,26 @@ def load_case(name: str) -> np.ndarray:
     raise ValueError(f"unknown case {name!r}")
 
 
+# rows of the prior methods written before rows recorded their prior used the prior of 2026-11-26
+FIRST_PRIOR = "2c58283baaef (2026-11-26)"
+
+
+def row_prior(row: dict) -> str | None:
+    """The prior a row's method loaded (None: the method uses no prior)."""
+    if row["method"] not in PRIOR_METHODS and row["method"] != UNREFIT:
+        return None
+    return row.get("prior", FIRST_PRIOR)
+
+
 def done_keys(path: Path) -> set[tuple]:
+    """(case, R, seed, method, prior) of the rows already run (prior None for methods without one)."""
     if not path.exists():
         return set()
     keys = set()
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add((row["case"], row["R"], row["seed"], row["method"]))
+            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row)))
     return keys
 
 
@@ -164,8 +184,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
             if only_rows and f"{case}:{acceleration}:{seed}" not in only_rows:
                 continue
             for method in methods:
-                key = (case, acceleration, seed, method)
-                if key in done:
+                prior = prior_id() if method in PRIOR_METHODS else None  # the prior this run loads
+                if (case, acceleration, seed, method, prior) in done:
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
@@ -174,11 +194,12 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},
+                       **({"prior": prior} if prior else {}),
                        "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
                 rows_out = [row]
                 if unrefit is not None:
                     chosen = row["selection"]["chosen"]
-                    rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals")},
+                    rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals", "prior")},
                                      "method": UNREFIT, **all_metrics(unrefit, reference, support),
                                      "seconds": row["seconds"] - row["selection"].get("refit_seconds", 0.0),
                                      "steps": chosen["steps"], "stopped": "selection",
@@ -189,6 +210,96 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                     print(f"{case} R={acceleration} seed={seed} {written['method']}: NRMSE "
                           f"{written['nrmse_percent']:.2f} % in {written['seconds']:.1f} s, "
                           f"{written['prior_evals']} prior evals", flush=True)
+
+
+PRIOR_METHODS = ("fast", "fast_auto", "reference")  # the methods whose configs load the shipped prior
+
+
+def prior_id() -> str:
+    """The shipped prior these runs loaded: the first 12 hex digits of sha256(weights.pt) and its date."""
+    import hashlib
+
+    from engine.prior.checkpoint import WEIGHTS_FILE, default_prior_path, read_arch
+
+    folder = default_prior_path()
+    digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    return f"{digest} ({read_arch(folder).get('training', {}).get('date', '?')})"
+
+
+BART_CASE = "raw/bart_brain_undersampled/ksp"  # real 8-coil ky-kz plane, already undersampled
+BART_PNG = REPO / "benchmarks" / "results" / "bart_brain.png"
+BART_LAMBDA = 0.005  # `bart pics -R W:7:0:0.005`, the BART workshop's setting for this case
+
+
+def bart_brain(out_png: Path = BART_PNG, methods: tuple[str, ...] = ("fast",)) -> dict:
+    """The real undersampled BART brain case (no ground truth): images side by side.
+
+    ESPIRiT maps from the data's own fully sampled centre (engine.physics.coils, calibration width
+    shrunk to that centre); zero-filled and the engine's L1-wavelet (engine.evaluation.baselines' rule); `bart
+    pics -R W:7:0:0.005` with the same maps when `bart` is on PATH; the engine's fast mode
+    (configs/demo2d.yaml). Each panel is scaled to its own 99th magnitude percentile inside the
+    maps' support (the methods' overall scales differ). Writes `out_png` and a JSON beside it.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from engine.evaluation import baselines
+    from engine.evaluation.report import comparison_png
+    from engine.io.bart import read_bart, write_cfl
+    from engine.io.data import derive_mask
+    from engine.physics.coils import espirit_maps, support_mask
+    from engine.physics.masks import achieved_acceleration
+
+    torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
+    data = read_bart(DATA / BART_CASE)
+    kspace = data.kspace.astype(np.complex64)
+    mask = derive_mask(kspace, "2d", str(DATA / BART_CASE)).astype(np.float32)
+    calib = min(24, baselines.fully_sampled_centre(mask)) or 24
+    maps = espirit_maps(kspace * mask, calib)
+    support = support_mask(maps).astype(bool)
+    images, info = {}, {}
+    for method in ("zero_filled", "l1_wavelet"):
+        result = baselines.run_baselines(kspace, maps, mask, (method,), None, support)[method]
+        images[method], info[method] = result["image"], {"seconds": round(result["seconds"], 1)}
+    bart = shutil.which("bart")
+    if bart:
+        with tempfile.TemporaryDirectory() as tmp:
+            # BART layout [READ, PHS1, PHS2, COIL]: this case is 1 x ny x nx x coils
+            write_cfl(Path(tmp) / "ksp", np.moveaxis(kspace * mask, 0, -1)[None])
+            write_cfl(Path(tmp) / "sens", np.moveaxis(maps, 0, -1)[None])
+            command = [bart, "pics", "-d0", "-R", f"W:7:0:{BART_LAMBDA}", "ksp", "sens", "out"]
+            start = time.time()
+            subprocess.run(command, cwd=tmp, check=True, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            from engine.io.bart import read_cfl
+
+            images["bart_pics"] = np.asarray(read_cfl(Path(tmp) / "out")).reshape(kspace.shape[1:])
+            version = subprocess.run([bart, "version"], check=False, capture_output=True, text=True).stdout.strip()
+            info["bart_pics"] = {"seconds": round(time.time() - start, 1), "command": " ".join(command[1:]),
+                                 "bart_version": version}
+    for method in methods:
+        result = run_method(method, kspace, maps, mask, None, support, 0)
+        images[method] = result["image"]
+        info[method] = {"seconds": round(result["seconds"], 1), "steps": result["steps"],
+                        "stopped": result["stopped"], "prior_evals": result["prior_evals"],
+                        "config": f"configs/{CONFIGS[method]}",
+                        **({"prior": prior_id()} if method in PRIOR_METHODS else {})}
+    scaled = {name: image / max(float(np.percentile(np.abs(image)[support], 99)), 1e-12)
+              for name, image in images.items()}
+    comparison_png(out_png, scaled, overwrite=True)
+    summary = {"case": f"shared/data/{BART_CASE} (real 8-coil brain, ky-kz plane, no ground truth)",
+               "kspace_shape": list(kspace.shape), "sampled_fraction": round(float(mask.mean()), 4),
+               "achieved_acceleration": round(float(achieved_acceleration(mask)), 2),
+               "maps": f"ESPIRiT (sigpy) from the data's fully sampled centre, calib_width {calib}",
+               "display": "each panel scaled to its 99th magnitude percentile inside the maps' support",
+               "methods": info, "png": out_png.name, "machine": machine(),
+               "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    out_png.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return summary
 
 
 def machine() -> str:
@@ -303,8 +414,56 @@ def selection_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def later_prior_label(row: dict) -> str:
+    """Method label of a row: the method, with the prior's date when it is not the first prior
+    (the summary and label-free sections compare like with like: first-prior rows only)."""
+    prior = row_prior(row)
+    if prior is None or prior == FIRST_PRIOR:
+        return row["method"]
+    return f"{row['method']} (prior {prior.split('(')[-1].rstrip(')')})"
+
+
+def prior_section(rows: list[dict]) -> list[str]:
+    """fast with the first prior against fast with each later one, on the rows where both ran."""
+    later = sorted({r["method"] for r in rows if " (prior " in r["method"]})  # rows already relabelled
+    if not later:
+        return []
+    nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
+    lines = ["## fast with the new prior (engine/assets/prior, benchmarks/results/prior_eval.md) vs the first prior, NRMSE %", "",
+             "| case | R | seed | INR + TV | fast, first prior (2026-11-26) | " + " | ".join(later) + " |",
+             "|---|---|---|---|---|" + "---|" * len(later)]
+    keys = sorted({k[:4] for k in nrmse if k[4] in later}, key=lambda k: (k[1], k[0], k[3], k[2]))
+    for key in keys:
+        case, size, acceleration, seed = key
+
+        def shown(method: str, key: tuple = key) -> str:
+            value = nrmse.get((*key, method))
+            return "-" if value is None else f"{value:.2f}"
+
+        lines.append(f"| {case} ({size} px) | {acceleration} | {seed} | {shown('inr_tv')} | {shown('fast')} | "
+                     + " | ".join(shown(m) for m in later) + " |")
+    return lines + [""]
+
+
+def bart_section(path: Path) -> list[str]:
+    """The real undersampled BART brain case (`bart` subcommand): images only, no scores."""
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text())
+    methods = ", ".join(f"{name} {m['seconds']:.1f} s" + (f" (`bart {m['command']}`, BART {m['bart_version']})"
+                                                         if "command" in m else "")
+                        + (f" ({m['config']}, {m['steps']} steps, prior {m['prior']})" if "config" in m else "")
+                        for name, m in info["methods"].items())
+    return ["## Real undersampled BART brain (images only, no ground truth)", "",
+            (f"`python benchmarks/quality2d.py bart`, {info['date']}, {info['machine']}: "
+             f"{info['kspace_shape'][0]} coils, {info['kspace_shape'][1]} x {info['kspace_shape'][2]}, "
+             f"{100 * info['sampled_fraction']:.1f} % sampled (R = {info['achieved_acceleration']}); "
+             f"{info['maps']}; {info['display']}. Methods: {methods}."), "",
+            f"![BART brain]({info['png']})", ""]
+
+
 def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
-    rows = read_rows(runs)
+    rows = [{**r, "method": later_prior_label(r)} for r in read_rows(runs)]
     timing = read_rows(timing_runs) if timing_runs is not None else []
     by_key: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -324,12 +483,14 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     ]
     lines += summary_section(rows)
     lines += selection_section(rows)
+    lines += prior_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",
                   "| R | method | seeds | NRMSE % | PSNR dB | SSIM | seconds | prior evals | steps |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for acceleration in ACCELERATIONS:
-            for method in REPORTED:
+            extra = sorted({m for (c, z, a, m) in by_key if (c, z, a) == (case, size, acceleration)} - set(REPORTED))
+            for method in (*REPORTED, *extra):
                 entries = by_key.get((case, size, acceleration, method))
                 if not entries:
                     continue
@@ -341,6 +502,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
                              f"{mean['seconds']:.1f} | {evals} | {int(np.mean(steps)) if steps else '-'} |")
         lines.append("")
     lines += speed_section(timing)
+    lines += bart_section(BART_PNG.with_suffix(".json"))
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
@@ -362,11 +524,17 @@ def main(argv: list[str] | None = None) -> int:
                             help="case:R:seed rows on which the reference mode runs")
     run_parser.add_argument("--rows", nargs="*", default=None, help="only these case:R:seed rows")
     run_parser.add_argument("--runs", type=Path, default=RUNS)
+    bart_parser = sub.add_parser("bart", help="the real undersampled BART brain case: images side by side (PNG)")
+    bart_parser.add_argument("--out", type=Path, default=BART_PNG)
+    bart_parser.add_argument("--methods", nargs="+", default=["fast"], choices=["inr", "inr_tv", "fast", "fast_auto"])
     report_parser = sub.add_parser("report", help="write the markdown table from the runs file")
     report_parser.add_argument("--runs", type=Path, default=RUNS)
     report_parser.add_argument("--out", type=Path, default=REPORT)
     report_parser.add_argument("--timing-runs", type=Path, default=TIMING_RUNS)
     args = parser.parse_args(argv)
+    if args.command == "bart":
+        bart_brain(args.out, tuple(args.methods))
+        return 0
     if args.command == "run":
         start = time.time()
         run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases, args.rows)

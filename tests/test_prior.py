@@ -273,3 +273,81 @@ def test_bf16_autocast_denoiser_stays_float32() -> None:
     assert out.dtype == torch.float32 and loss.dtype == torch.float32
     torch.testing.assert_close(out, reference, rtol=5e-2, atol=5e-2)
     assert not torch.equal(out, reference)  # the U-Net really ran in bf16
+
+
+def test_evaluate_compare_side_by_side(tmp_path) -> None:
+    """engine.prior.evaluate --compare: every prior sees the same images and noise draws; the
+    markdown lists each prior's denoised RMSE per image and sigma and their ratio."""
+    nib = pytest.importorskip("nibabel")
+    from engine.prior import evaluate
+
+    # attention only at 1/8 resolution: the 256 px Colin27 slice stays cheap
+    config = UNetConfig(base_channels=8, channel_mult=(1, 2, 2, 2), attention_levels=(3,), attention_heads=2,
+                        groupnorm_groups=4, noise_embedding_channels=16, embedding_mult=2)
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        model = EDMPrior(config, sigma_data=0.5)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.05)
+        save_prior(tmp_path / name, model.eval())
+    volume = np.zeros((180, 200, 120), np.float32)
+    volume[20:160, 20:180, :] = np.linspace(0.2, 1.0, 120)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[2, 3] = -71.0  # Colin27's: world z = 40 mm is k = 111
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "colin.nii.gz"))
+    g = np.random.default_rng(0)
+    y, x = np.mgrid[-1:1:32j, -1:1:32j]
+    image = (np.hypot(x, y) < 0.7) * (1 + 0.3 * x)
+    coils = np.stack([np.exp(-((x - cx) ** 2 + (y - cy) ** 2)) for cx, cy in ((1, 0), (-1, 0), (0, 1), (0, -1))])
+    from engine.physics.fft import fftc
+
+    kspace = fftc(torch.from_numpy((coils * image).astype(np.complex64)), dims=(-2, -1)).numpy()
+    kspace += 1e-3 * (g.standard_normal(kspace.shape) + 1j * g.standard_normal(kspace.shape))
+    np.save(tmp_path / "real_kspace_c4.npy", kspace.astype(np.complex64))
+    out, md = tmp_path / "cmp.json", tmp_path / "cmp.md"
+    argv = ["--colin27", str(tmp_path / "colin.nii.gz"), "--real", str(tmp_path / "real_kspace_c4.npy"),
+            "--sigmas", "0.02", "0.2", "--seeds", "2", "--compare", f"old={tmp_path / 'a'}",
+            f"new={tmp_path / 'b'}", f"same={tmp_path / 'a'}", "--out", str(out), "--markdown", str(md)]
+    assert evaluate.main(argv) == 0
+    result = json.loads(out.read_text())
+    old, new, same = (result["priors"][k] for k in ("old", "new", "same"))
+    for key in ("real_slices_espirit", "real_slices_rss"):
+        rows_old, rows_new, rows_same = (p[key]["real_kspace_c4.npy"] for p in (old, new, same))
+        assert [r["sigma"] for r in rows_old] == [0.02, 0.2]
+        assert [r["rmse_noisy"] for r in rows_old] == [r["rmse_noisy"] for r in rows_new]  # same noise
+        assert rows_old == rows_same  # the same folder gives the same numbers
+        assert rows_old[1]["rmse_noisy"] == pytest.approx(0.2, rel=0.05)
+        assert rows_old[0]["rmse_denoised"] != rows_new[0]["rmse_denoised"]
+    text = md.read_text()
+    assert "| real | 0.02 |" in text and "same / old" in text and "| 1.000 |" in text
+    assert old["weights_sha256"] == same["weights_sha256"] != new["weights_sha256"]
+
+
+def test_shipped_prior_never_trained_near_the_evaluation_slices() -> None:
+    """SPLIT.md's rule, read from the shipped arch.json: the evaluation slices (Colin27 z = 40 mm of
+    the denoising check, z = 45 mm of the bundled example, MNI152 z = 38 mm of benchmarks/quality2d.py)
+    are at least 10 mm away from every training part of the same file."""
+    from engine.prior.data import VolumeSource, trained_near
+
+    sources = [VolumeSource("x/mni.nii.gz", world_z_max_mm=15.0), {"path": "colin.nii.gz", "world_z_min_mm": 60.0}]
+    assert trained_near(sources, "mni.nii.gz", 20.0) and not trained_near(sources, "mni.nii.gz", 25.0)
+    assert trained_near(sources, "colin.nii.gz", 55.0) and not trained_near(sources, "colin.nii.gz", 45.0)
+    assert trained_near([{"path": "/a/whole.npy"}], "whole.npy", 1e3) and not trained_near(sources, "other", 0.0)
+    volumes = read_arch(default_prior_path())["training"]["volumes"]
+    assert volumes, "the shipped arch.json lists no training volumes"
+    for name, z in (("colin27_t1_1mm.nii.gz", 40.0), ("colin27_t1_1mm.nii.gz", 45.0),
+                    ("colin27_t1_0p5mm.nii.gz", 40.0), ("mni152_2009a_t1_1mm.nii.gz", 38.0)):
+        assert not trained_near(volumes, name, z), (name, z)
+
+
+def test_every_training_source_of_the_shipped_prior_has_its_notice_beside_the_weights() -> None:
+    folder = default_prior_path()
+    names = {v["path"].rsplit("/", 1)[-1] for v in read_arch(folder)["training"]["volumes"]}
+    notices = {"colin27": "colin27_COPYRIGHT.txt", "mni152": "mni152_COPYRIGHT.txt"}
+    for name in names:
+        source = next((k for k in notices if name.startswith(k)), None)
+        assert source is not None, f"{name}: no licence notice is known for this training source"
+        assert (folder / notices[source]).is_file(), notices[source]
+        assert name in (folder / "SPLIT.md").read_text(), f"SPLIT.md does not name {name}"

@@ -137,6 +137,24 @@ def training_part(data: np.ndarray, affine: np.ndarray | None, source: VolumeSou
     return np.ascontiguousarray(data)
 
 
+def trained_near(sources: list, filename: str, world_z_mm: float, gap_mm: float = 10.0) -> bool:
+    """Whether an axial plane at world z ``world_z_mm`` of the file named ``filename`` lies in, or
+    within ``gap_mm`` of, the training part of any of ``sources`` (VolumeSource objects or their
+    dicts, e.g. arch.json's ``training.volumes``) that names the same file. A source of that file
+    with no world-z limit (the whole volume, or a voxel range) counts as trained near every plane.
+    Evaluation code calls this to refuse a slice a prior may have seen (engine/assets/prior/SPLIT.md)."""
+    for source in sources:
+        values = source if isinstance(source, dict) else source.__dict__
+        if Path(values["path"]).name != filename:
+            continue
+        low, high = values.get("world_z_min_mm"), values.get("world_z_max_mm")
+        if low is None and high is None:
+            return True
+        if (low is None or world_z_mm >= low - gap_mm) and (high is None or world_z_mm < high + gap_mm):
+            return True
+    return False
+
+
 class _Pyramid:
     """A volume at full resolution and 2x box-filtered, with per-slice scales per orientation."""
 
@@ -260,4 +278,4 @@ class PatchSampler:
         return torch.stack([self._one(generator) for _ in range(batch)])
 
 
-__all__ = ["DataConfig", "PatchSampler", "VolumeSource", "read_volume", "training_part"]
+__all__ = ["DataConfig", "PatchSampler", "VolumeSource", "read_volume", "trained_near", "training_part"]

@@ -85,6 +85,10 @@ class TrainConfig:
     for runs split into chunks, e.g. preemptible jobs."""
     max_minutes: float = 0.0
     """Wall-time budget: stop (checkpoint and export) after this many minutes (0: none)."""
+    init_from: str = ""
+    """A prior folder (weights.pt + arch.json, e.g. engine/assets/prior) whose weights initialise
+    the model and its EMA with a fresh optimiser ('': random initialisation); its arch.json must
+    match ``model``. A checkpoint in out_dir that is resumed takes precedence."""
     max_bad_steps: int = 10
     """A step whose loss or gradient is NaN/Inf on some rank is skipped on every rank (no weight,
     optimiser or EMA update) and counted in loss.csv; this many in a row stop the run with
@@ -108,6 +112,30 @@ class PriorTrainConfig:
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def init_weights_from(model: EDMPrior, ema: EDMPrior, directory: str | Path) -> None:
+    """Copy the weights of the prior folder ``directory`` into ``model`` and ``ema`` (in place);
+    ValueError if its architecture (arch.json: unet, sigma_data) differs from the model's."""
+    from engine.prior.checkpoint import load_prior, read_arch
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"train.init_from: {directory} is not a folder")
+    arch = read_arch(directory)
+    want = {"unet": model.config.to_dict(), "sigma_data": model.sigma_data}
+    have = {"unet": arch.get("unet"), "sigma_data": arch.get("sigma_data")}
+    have_unet = UNetConfig.from_dict(have["unet"]).to_dict() if isinstance(have["unet"], dict) else None
+    problems = [f"model.unet.{k}: config {v!r}, arch.json {None if have_unet is None else have_unet.get(k)!r}"
+                for k, v in want["unet"].items() if have_unet is None or have_unet.get(k) != v]
+    if have["sigma_data"] != want["sigma_data"]:
+        problems.append(f"model.sigma_data: config {want['sigma_data']!r}, arch.json {have['sigma_data']!r}")
+    if problems:
+        raise ValueError(f"train.init_from: {directory / 'arch.json'} does not match the model config "
+                         f"({'; '.join(problems)})")
+    source = load_prior(directory)
+    model.load_state_dict(source.state_dict())
+    ema.load_state_dict(source.state_dict())
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -275,6 +303,8 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = EDMPrior(cfg.model.unet, cfg.model.sigma_data).to(info.device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if tc.init_from:  # before any optimiser or engine sees the parameters; a resumed checkpoint overrides
+        init_weights_from(model, ema, tc.init_from)
     data_gen = torch.Generator().manual_seed(tc.seed + 1 + 1000 * info.rank)
 
     engine = None
@@ -391,7 +421,8 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
                               "parameters": count_parameters(model),
                               "volumes": [asdict(v) for v in cfg.data.volumes],
                               "orientations": list(cfg.data.orientations),
-                              "stopped_by_time_budget_at_step": stopped_at or None}}
+                              "stopped_by_time_budget_at_step": stopped_at or None,
+                              "initialised_from": tc.init_from or None}}
         save_prior(prior_dir, ema, extra=extra, dtype=getattr(torch, tc.export_dtype))
         if tc.sample_png and start < tc.steps:
             from engine.prior.visualise import save_samples_png
@@ -410,6 +441,7 @@ __all__ = [
     "PriorTrainConfig",
     "TrainConfig",
     "TrainResult",
+    "init_weights_from",
     "learning_rate",
     "run_training",
     "train_prior",
