@@ -643,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("--R", type=float, nargs="+", default=[4.0])
     inf.add_argument("--label", required=True)
     inf.add_argument("--config", default="configs/demo3d.yaml")
-    inf.add_argument("--set", nargs="*", default=[])
+    from engine.config import add_override_option
+
+    add_override_option(inf, "steps=400 tv_weight=0.002")  # the launchers' --set, passed on to launch/recon3d.py
     mon = sub.add_parser("montage", help="PNG of reference, zero-filled, L1-wavelet, best BART, best INFusion")
     mon.add_argument("--case", choices=CASES, default="colin27_1mm")
     mon.add_argument("--R", type=float, nargs="+", default=[4.0])

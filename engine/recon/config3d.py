@@ -13,6 +13,7 @@ from engine.config import config_to_dict
 from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
+from engine.recon.schedule import AdamConfig
 from engine.recon.selection3d import Selection3DConfig
 from engine.runtime.checkpoint import (
     CheckpointConfig,
@@ -51,19 +52,14 @@ class DCConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Adam on trunk and head."""
+class OptimConfig(AdamConfig):
+    """Adam on trunk and head (the shared keys: engine.recon.schedule.AdamConfig); lr is the
+    trunk's, and the head's unless lr_head is set."""
 
-    lr: float = 1e-2
-    """Learning rate of the trunk (and of the head unless lr_head is set)."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """learning-rate decay after warm-up, down to lr * lr_final_fraction at the last step."""
     lr_head: float | None = None
     """Learning rate of the head rows; null = lr."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    """Adam betas."""
-    schedule: Literal["constant", "cosine"] = "cosine"
-    """Learning-rate schedule over the steps."""
-    lr_final_fraction: float = 0.1
-    """cosine: final lr = lr * this."""
     ema: float = 0.0
     """Polyak averaging: the output uses an exponential moving average of the parameters with this
     decay per step (e.g. 0.99: about the last 100 steps), which averages out the noise of the

@@ -38,30 +38,20 @@ from engine.losses.tv import total_variation
 from engine.losses.wavelet import wavelet_l1
 from engine.models.inr import INR2D, INRConfig, resolve_encoding
 from engine.physics import sense
-from engine.recon.schedule import lr_factor
+from engine.recon.schedule import AdamConfig, lr_factor
 from engine.recon.selection2d import SelectionConfig
 from engine.runtime.checkpoint import CheckpointConfig, capture_rng_state, restore_rng_state
 from engine.runtime.preemption import Preempted, PreemptionFlag
 
 
 @dataclass
-class OptimConfig:
-    """Adam and its learning-rate schedule."""
+class OptimConfig(AdamConfig):
+    """Adam and its learning-rate schedule (the shared keys: engine.recon.schedule.AdamConfig)."""
 
     steps: int = 300
     """maximum number of Adam steps."""
-    lr: float = 1e-2
-    """peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    """Adam betas."""
     eps: float = 1e-15
     """Adam epsilon (hash-grid tables get tiny, sparse gradients; Instant-NGP uses 1e-15)."""
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """learning-rate decay after warm-up, down to lr * lr_final_fraction at the last step."""
-    lr_final_fraction: float = 0.1
-    """cosine / linear: final lr as a fraction of lr."""
-    warmup_steps: int = 0
-    """linear warm-up from 0 over this many steps."""
     grad_clip: float | None = None
     """clip the gradient norm to this value (null: no clipping)."""
 

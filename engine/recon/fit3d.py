@@ -361,7 +361,8 @@ class Recon3D:
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of optim.lr at `step` (engine.recon.schedule, the rule 2D uses too)."""
-        return lr_factor(step, self.cfg.steps, self.cfg.optim.schedule, self.cfg.optim.lr_final_fraction)
+        o = self.cfg.optim
+        return lr_factor(step, self.cfg.steps, o.schedule, o.lr_final_fraction, o.warmup_steps)
 
     def is_full_dc_step(self, step: int) -> bool:
         d = self.cfg.dc

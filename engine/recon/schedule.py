@@ -4,6 +4,25 @@ last step."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class AdamConfig:
+    """Adam and its learning-rate schedule: the keys the 2D and 3D `optim` sections share (each
+    adds its own: engine.recon.fit2d.OptimConfig, engine.recon.config3d.OptimConfig)."""
+
+    lr: float = 1e-2
+    """peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """learning-rate decay after warm-up, down to lr * lr_final_fraction at the last step."""
+    lr_final_fraction: float = 0.1
+    """cosine / linear: final lr as a fraction of lr."""
+    warmup_steps: int = 0
+    """linear warm-up from 0 over this many steps."""
 
 
 def lr_factor(step: int, steps: int, schedule: str, lr_final_fraction: float, warmup_steps: int = 0) -> float:
