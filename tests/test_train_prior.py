@@ -165,25 +165,25 @@ def test_resume_is_exact(tmp_path, volume_file) -> None:
 def test_init_from_a_prior_folder(tmp_path, volume_file) -> None:
     """train.init_from starts from an exported prior's weights (model and EMA), with a fresh
     optimiser; a folder whose arch.json differs from the model config is refused by name."""
-    first = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
+    first = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
     source = load_prior(tmp_path / "a" / "prior")
     cfg = tiny_config(volume_file, tmp_path / "b", steps=1, lr=0.0, init_from=str(tmp_path / "a" / "prior"))
-    cont = run_training(load_config(write_config(tmp_path, cfg)))
+    cont = run_training(load_config(PriorTrainConfig, write_config(tmp_path, cfg)))
     for name, value in source.state_dict().items():  # lr 0: the weights are the source's exactly
         assert torch.equal(cont.model.state_dict()[name], value), name
     # fresh optimiser: one step, so Adam's step count is 1 (not the 4 + 1 of a resumed run)
     state = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {1.0}
     assert first.summary["steps"] == 4
-    scratch = run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "c", steps=1,
+    scratch = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "c", steps=1,
                                                                           lr=0.0))))
     assert not torch.equal(scratch.model.state_dict()["unet.stem.weight"], source.state_dict()["unet.stem.weight"])
     wider = tiny_config(volume_file, tmp_path / "d", init_from=str(tmp_path / "a" / "prior"))
     wider["model"] = {"unet": {**TINY_MODEL["unet"], "base_channels": 12}, "sigma_data": 0.4}
     with pytest.raises(ValueError, match=r"does not match the model config \(model.unet.base_channels: config 12"):
-        run_training(load_config(write_config(tmp_path, wider)))
+        run_training(load_config(PriorTrainConfig, write_config(tmp_path, wider)))
     with pytest.raises(FileNotFoundError, match="init_from"):
-        run_training(load_config(write_config(tmp_path, tiny_config(volume_file, tmp_path / "e",
+        run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "e",
                                                                     init_from=str(tmp_path / "nope")))))
 
 

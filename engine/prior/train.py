@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import yaml
 
-from engine.config import config_to_dict
+from engine.config import build_config, config_to_dict
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
 from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
@@ -123,9 +123,10 @@ def init_weights_from(model: EDMPrior, ema: EDMPrior, directory: str | Path) -> 
     if not directory.is_dir():
         raise FileNotFoundError(f"train.init_from: {directory} is not a folder")
     arch = read_arch(directory)
-    want = {"unet": model.config.to_dict(), "sigma_data": model.sigma_data}
+    want = {"unet": config_to_dict(model.config), "sigma_data": model.sigma_data}
     have = {"unet": arch.get("unet"), "sigma_data": arch.get("sigma_data")}
-    have_unet = UNetConfig.from_dict(have["unet"]).to_dict() if isinstance(have["unet"], dict) else None
+    have_unet = (config_to_dict(build_config(UNetConfig, have["unet"], source=str(directory / "arch.json")))
+                 if isinstance(have["unet"], dict) else None)
     problems = [f"model.unet.{k}: config {v!r}, arch.json {None if have_unet is None else have_unet.get(k)!r}"
                 for k, v in want["unet"].items() if have_unet is None or have_unet.get(k) != v]
     if have["sigma_data"] != want["sigma_data"]:
