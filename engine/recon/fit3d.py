@@ -264,7 +264,7 @@ class Recon3D:
         # Intensity convention of the prior: 99th percentile of the zero-filled magnitude -> 1 (of all
         # measured samples, so that a fit with a held-out part has the same scale as one without).
         zero_filled = torch.cat([sense.adjoint(k, m) for k, m in zip(kspace.split(8), maps.split(8))])
-        self.holdout = None  # sqrt of the held-out samples' weights
+        self.holdout = None  # the held-out samples' weights (0 elsewhere)
         if holdout is not None:
             weights = torch.as_tensor(np.asarray(holdout, dtype=np.float32))
             held = (weights > 0).float()
@@ -272,7 +272,7 @@ class Recon3D:
                 raise ValueError(f"holdout {tuple(weights.shape)} must be weights >= 0 on a part of the "
                                  f"{tuple(mask.shape)} mask")
             mask = mask - held
-            self.holdout = weights.sqrt().to(self.device)
+            self.holdout = weights.to(self.device)
         self.measured_per_plane = float(mask.sum()) * coils
         self.scale = global_percentile(zero_filled.abs(), 99.0, ctx)
         self.zero_filled = zero_filled.numpy()
@@ -510,7 +510,7 @@ class Recon3D:
         relative error there, summed over every plane of every rank (collective; needs `holdout`)."""
         if self.holdout is None:
             raise ValueError("heldout_error needs a Recon3D made with a holdout mask")
-        weights = self.holdout.square()  # kernels.sense.dc_loss's mask is 0/1: the weighted sum is written out here
+        # kernels.sense.dc_loss's mask is 0/1, so the weighted sum is written out here
         sums = torch.zeros(2, dtype=torch.float64)
         with self._output_parameters():
             with _autocast(self.device, self.bf16):
@@ -519,10 +519,16 @@ class Recon3D:
                 local = chunk - self.x_start
                 kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
                 predicted = sense.forward(self._planes(features, chunk), maps)
-                sums[0] += float((weights * (predicted - kspace).abs().square()).sum())
-                sums[1] += float((weights * kspace.abs().square()).sum())
+                sums[0] += float((self.holdout * (predicted - kspace).abs().square()).sum())
+                sums[1] += float((self.holdout * kspace.abs().square()).sum())
         error, energy = self.ctx.all_reduce_sum(sums).tolist()
         return error / energy
+
+    def maps_support(self) -> np.ndarray | None:
+        """(slab, ny, nz) bool: where the coil maps cover the image (the metrics' support), None
+        when they cover everything."""
+        power = (self.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
+        return power if not power.all() else None
 
     def evaluate_slab(self) -> np.ndarray:
         """This rank's whole slab (x_stop - x_start, ny, nz) complex64 (kept in host memory)."""

@@ -337,8 +337,7 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
     if recon.reference is not None:
-        maps_power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
-        support = maps_power if not maps_power.all() else None
+        support = recon.maps_support()
         candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
         baseline_seconds = {}
         if cfg.baseline.l1_wavelet_3d:

@@ -88,9 +88,8 @@ def _reference_sums(recon) -> torch.Tensor | None:
         return None
     from engine.recon.job3d import _error_sums
 
-    power = (recon.maps.abs().square().sum(dim=1) > 0).cpu().numpy()
-    support = power if not power.all() else None
-    return torch.tensor(_error_sums(recon.evaluate_slab(), recon.reference, support), dtype=torch.float64)
+    return torch.tensor(_error_sums(recon.evaluate_slab(), recon.reference, recon.maps_support()),
+                        dtype=torch.float64)
 
 
 def _score(recon) -> dict[str, float]:
