@@ -268,7 +268,7 @@ def test_reused_prior_targets_are_refused_in_3d(tiny_store):
 PLANE_GRIDS = {"plane_grids": {"enabled": True, "levels": 3, "min_res": 4, "max_res": 16, "hidden": 8,
                                "layers": 1, "init_scale": 0.05},
                "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True}, "tv_x_weight": 0.05,
-               "optim": {"lr": 0.01, "ema": 0.5}}
+               "wavelet_x_weight": 0.05, "optim": {"lr": 0.01, "ema": 0.5}}
 
 
 def _first_step_and_volume(recon: Recon3D, steps: int) -> dict:
@@ -297,7 +297,7 @@ def _plane_grid_worker(ctx: DistContext, store: str) -> dict:
 @pytest.mark.dist
 def test_plane_grids_two_ranks_equal_one_process(tiny_store):
     """Per-plane grids (rank-local) with their shared decoder (summed with the trunk), contiguous
-    draws, TV along the readout and the parameter average (optim.ema): 2 gloo ranks
+    draws, TV and wavelet L1 along the readout and the parameter average (optim.ema): 2 gloo ranks
     and 1 process give the same loss, trunk / decoder / head / grid gradients after one step and
     the same volume after 4 steps (a full-DC step included)."""
     run = launch_local(_plane_grid_worker, 2, args=(str(tiny_store),), timeout_s=240)
@@ -320,8 +320,20 @@ def test_plane_grids_two_ranks_equal_one_process(tiny_store):
 def test_plane_grids_refuse_ddp_and_tv_x_needs_contiguous_draws(tiny_store):
     with pytest.raises(ValueError, match="needs grad_sync allreduce"):
         Recon3D(tiny_config(grad_sync="ddp", **PLANE_GRIDS), HybridStore(tiny_store), single_process())
-    with pytest.raises(ValueError, match="needs slices.contiguous"):
-        Recon3D(tiny_config(tv_x_weight=0.1), HybridStore(tiny_store), single_process())
+    for key in ("tv_x_weight", "wavelet_x_weight"):
+        with pytest.raises(ValueError, match=f"{key} needs slices.contiguous"):
+            Recon3D(tiny_config(**{key: 0.1}), HybridStore(tiny_store), single_process())
+
+
+def test_wavelet_l1_of_planes_penalises_the_approximation_only_when_asked():
+    """A constant plane has no wavelet detail; as a readout difference it is all approximation,
+    which wavelet_x_weight penalises: |c| per pixel (orthogonal transform, 3 levels: 2^3 gain)."""
+    from engine.recon.fit3d import wavelet_detail_l1
+
+    constant = torch.full((2, 32, 16), 0.3 + 0.4j, dtype=torch.complex64)
+    assert float(wavelet_detail_l1(constant)) == pytest.approx(0.0, abs=1e-6)
+    # the coarsest band holds 32 x 16 / 64 coefficients of magnitude 0.5 x 8 each
+    assert float(wavelet_detail_l1(constant, include_approximation=True)) == pytest.approx(0.5 * 8 / 64, rel=1e-3)
 
 
 def test_contiguous_draws_are_neighbours_inside_the_shard():

@@ -159,6 +159,11 @@ class Recon3DConfig:
     tv_x_weight: float = 0.0
     """Weight of TV along the readout: mean sqrt(|p_(x+1) - p_x|^2 + eps^2) - eps over the drawn
     neighbour pairs (needs slices.contiguous; rank-local: pairs never cross a shard)."""
+    wavelet_x_weight: float = 0.0
+    """Weight of an L1 penalty on the readout detail of a 3D wavelet: the db3 coefficients (3 levels,
+    approximation included) of (p_(x+1) - p_x) / sqrt 2 over the drawn neighbour pairs, i.e. the
+    x-detail bands of a Haar transform along x at every shift; mean over pixels like `wavelet_weight`
+    (needs slices.contiguous)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     bf16: bool | None = None
     """bf16 autocast for trunk, head and prior (FFT and losses stay float32/complex64);

@@ -20,6 +20,7 @@ Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K
                           + prior_term(p_x, step)                       (engine.losses.prior_term)
                           + lambda_tv TV(p_x) ]                         (engine.losses.tv)
     + sum_s w_s K lambda_tv_x mean over the drawn neighbour pairs of TV_x(p_x, p_x+1) (slices.contiguous)
+    + sum_s w_s K lambda_wavelet_x mean over the pairs of |W (p_x+1 - p_x) / sqrt 2|_1 / (ny nz)
 w_s makes the drawn-slice DC an unbiased estimate of the mean DC over all nx planes, which is
 what a full-DC step (every plane, `dc.full_every`) computes exactly. The prior term is the 2D
 engine's PriorTerm: the one-step (Tweedie) denoiser target ("tweedie") or INFusion's 10-step
@@ -171,19 +172,25 @@ def global_percentile(values: torch.Tensor, q: float, ctx: DistContext, bins: in
     return float(top) * (index + 1) / bins
 
 
-def wavelet_detail_l1(planes: torch.Tensor, levels: int = 3, eps: float = 1e-4) -> torch.Tensor:
+def wavelet_detail_l1(planes: torch.Tensor, levels: int = 3, eps: float = 1e-4,
+                      include_approximation: bool = False) -> torch.Tensor:
     """Mean over the planes' pixels of |d| (complex magnitude, smoothed by eps like the TV) of the
-    db3 wavelet details of (B, ny, nz) complex planes; sides must be divisible by 2^levels
-    (zero-padded otherwise). The approximation band is left free: only detail is penalised."""
+    db3 wavelet details of (B, ny, nz) complex planes; sides not divisible by 2^levels are
+    zero-padded; planes too small for `levels` (fewer than 4 coarsest pixels per side) get fewer.
+    The approximation band is left free unless `include_approximation` (for planes that are
+    themselves details, such as readout differences)."""
     import torch.nn.functional as F
 
     from engine.losses.wavelet import dwt2
 
     b, ny, nz = planes.shape
+    levels = max(1, min(levels, 1 + int(math.log2(max(min(ny, nz), 4) / 4))))
     step = 2**levels
     parts = torch.view_as_real(planes).movedim(-1, 1).reshape(2 * b, ny, nz)  # (re, im) of each plane
     parts = F.pad(parts, (0, (-nz) % step, 0, (-ny) % step))
-    _, details = dwt2(parts, levels)
+    approx, details = dwt2(parts, levels)
+    if include_approximation:
+        details = [*details, approx.unsqueeze(1)]
     total = planes.new_zeros((), dtype=torch.float32)
     for d in details:
         pair = d.reshape(b, 2, *d.shape[1:])
@@ -292,8 +299,9 @@ class Recon3D:
             self.plane_grids = PlaneGrids(cfg.plane_grids, self.x_start, self.x_stop, self.plane).to(self.device)
             trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
-        if cfg.tv_x_weight > 0 and not cfg.slices.contiguous:
-            raise ValueError("tv_x_weight needs slices.contiguous: true (scattered draws have no neighbours)")
+        for key in ("tv_x_weight", "wavelet_x_weight"):
+            if getattr(cfg, key) > 0 and not cfg.slices.contiguous:
+                raise ValueError(f"{key} needs slices.contiguous: true (scattered draws have no neighbours)")
         self.samplers = [ShardSampler(s, cfg.slices.per_step, cfg.slices.seed, cfg.slices.contiguous)
                          for s in self.local_shards]
         self.head_optimizer = torch.optim.Adam(self._local_param_groups(), betas=cfg.optim.betas)
@@ -423,14 +431,18 @@ class Recon3D:
             if cfg.wavelet_weight > 0:
                 wavelet = wavelet_detail_l1(shard_planes)
                 terms["tv"] = terms["tv"] + (cfg.wavelet_weight * w * K) * wavelet
-            if cfg.tv_x_weight > 0:
+            if cfg.tv_x_weight > 0 or cfg.wavelet_x_weight > 0:
                 pairs = ShardSampler.neighbour_pairs(draw).to(self.device)
                 if len(pairs):
                     step_x = shard_planes[pairs + 1] - shard_planes[pairs]
-                    eps = 1e-4  # as engine.losses.tv: a finite gradient where neighbours agree
-                    tv_x = (torch.sqrt(step_x.real.square() + step_x.imag.square() + eps * eps) - eps).mean()
-                    # mean over the K - 1 pairs of a block, x K: the same scale per plane as `tv`
-                    terms["tv"] = terms["tv"] + (cfg.tv_x_weight * w * K) * tv_x
+                    # means over the K - 1 pairs of a block, x K: the same scale per plane as `tv`
+                    if cfg.tv_x_weight > 0:
+                        eps = 1e-4  # as engine.losses.tv: a finite gradient where neighbours agree
+                        tv_x = (torch.sqrt(step_x.real.square() + step_x.imag.square() + eps * eps) - eps).mean()
+                        terms["tv"] = terms["tv"] + (cfg.tv_x_weight * w * K) * tv_x
+                    if cfg.wavelet_x_weight > 0:
+                        wavelet_x = wavelet_detail_l1(step_x / math.sqrt(2.0), include_approximation=True)
+                        terms["tv"] = terms["tv"] + (cfg.wavelet_x_weight * w * K) * wavelet_x
         local_loss = terms["dc"] + terms["prior"] + terms["tv"]
         if local_loss.requires_grad:
             local_loss.backward()

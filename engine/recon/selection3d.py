@@ -11,7 +11,7 @@ by the inverse sampling density, `holdout_weighting`).
 Procedure (`select_regularisation`, collective: every rank runs the same candidates):
 1. split the (ky, kz) mask into fit and held-out samples (engine.recon.selection2d.split_holdout);
 2. for each factor in `regularisation_scales`, a full run of the config (all its steps) with
-   tv_weight, wavelet_weight and tv_x_weight multiplied by the factor, on the fit samples; every
+   the regulariser weights (REGULARISER_KEYS) multiplied by the factor, on the fit samples; every
    `validate_every` steps and at the end its output is scored on the held-out samples;
 3. the factor whose run ends with the lowest held-out error wins (the runs keep their full
    schedule, so the end is what the final run returns);
@@ -43,7 +43,7 @@ class Selection3DConfig:
     holdout_seed: int = 0
     """seed of the held-out draw (independent of the mask's)."""
     regularisation_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """candidate factors on tv_weight, wavelet_weight and tv_x_weight together; each is one run."""
+    """candidate factors on the regulariser weights (REGULARISER_KEYS) together; each is one run."""
     validate_every: int = 100
     """steps between held-out checks of a candidate (the validation curve in metrics.json)."""
     holdout_weighting: Literal["uniform", "density"] = "uniform"
@@ -60,10 +60,12 @@ class Selection3DConfig:
             raise ValueError("selection.validate_every must be >= 1")
 
 
+REGULARISER_KEYS = ("tv_weight", "wavelet_weight", "tv_x_weight", "wavelet_x_weight")
+
+
 def scaled_config(cfg, factor: float):
-    """`cfg` with its TV, wavelet and readout-TV weights multiplied by `factor`."""
-    return dataclasses.replace(cfg, tv_weight=cfg.tv_weight * factor, wavelet_weight=cfg.wavelet_weight * factor,
-                               tv_x_weight=cfg.tv_x_weight * factor)
+    """`cfg` with its regulariser weights (REGULARISER_KEYS) multiplied by `factor`."""
+    return dataclasses.replace(cfg, **{key: getattr(cfg, key) * factor for key in REGULARISER_KEYS})
 
 
 def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np.ndarray:
@@ -107,8 +109,8 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
     """Run the candidates of cfg.selection on the fit samples (collective; module docstring).
 
     Returns the record saved as selection.json and in metrics.json: holdout_fraction, holdout_seed,
-    fit_samples, holdout_samples (per plane), candidates [{scale, tv_weight, wavelet_weight,
-    tv_x_weight, validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
+    fit_samples, holdout_samples (per plane), candidates [{scale, the REGULARISER_KEYS' weights,
+    validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
     [, nrmse_percent]}], chosen {scale, validation_error}.
     """
     from engine.recon.fit3d import Recon3D
@@ -138,8 +140,8 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
         if bar is not None:
             bar.close()
         final = curve[-1]
-        candidates.append({"scale": factor, "tv_weight": run_cfg.tv_weight, "wavelet_weight": run_cfg.wavelet_weight,
-                           "tv_x_weight": run_cfg.tv_x_weight, "validation_error": final["validation_error"],
+        candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
+                           "validation_error": final["validation_error"],
                            "seconds": time.perf_counter() - began, "curve": curve}
                           | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         ctx.print0(f"[recon3d] selection: regularisation x{factor:g}: held-out error "
