@@ -283,6 +283,13 @@ def test_resample_kspace_and_prior_upsampling():
                      torch.Generator().manual_seed(0))
     loss, evals = term(torch.randn(1, 8, 8, dtype=torch.complex64), step=0)
     assert seen == [(1, 2, 16, 16)] and evals == 1 and loss.ndim == 0
+    # anisotropic pixels (3 x 2 mm planes): one factor per axis
+    term = PriorTerm(PriorTermConfig(mode="tweedie", distance="l2", upsample=(3, 2)), Recorder(), 10,
+                     torch.Generator().manual_seed(0))
+    term(torch.randn(1, 8, 8, dtype=torch.complex64), step=0)
+    assert seen[-1] == (1, 2, 24, 16)
+    with pytest.raises(ValueError, match="upsample must be >= 1"):
+        PriorTermConfig(mode="tweedie", upsample=(2, 0))
 
 
 def test_average_last_returns_the_mean_of_the_last_images(case):

@@ -66,10 +66,11 @@ class PriorTermConfig:
     inject_noise: bool = True
     """add t * noise before denoising (the paper); false: denoise the plane itself at level t
     (regularisation by denoising, RED)."""
-    upsample: int = 1
+    upsample: int | tuple[int, int] = 1
     """show the prior the planes at this many times their resolution (k-space zero-padding, same
     field of view) and bring its estimate back the same way: matches the prior's training pixel size
-    when the planes are coarser (e.g. 2 for the benchmark's 128 x 128 crops of 256 x 256 slices)."""
+    (1 mm) when the planes are coarser (e.g. 2 for the benchmark's 128 x 128 crops of 256 x 256
+    slices); a pair [height, width] for anisotropic pixels (3 x 2 mm planes: [3, 2])."""
     unmeasured_only: bool = False
     """l2 / l1 distance: compare image and target only on the k-space points the mask did not
     measure (the centred FFT of the plane), leaving the measured ones to the data term."""
@@ -94,8 +95,13 @@ class PriorTermConfig:
     weight_scale: float = 1.0 / 500.0
     """constant factor of the weight (the paper: 1/500)."""
 
+    @property
+    def upsample_factors(self) -> tuple[int, int]:
+        """`upsample` as (height, width) factors."""
+        return (self.upsample, self.upsample) if isinstance(self.upsample, int) else tuple(self.upsample)
+
     def __post_init__(self) -> None:
-        if self.every < 1 or self.batch < 1 or self.ode_steps < 1 or self.upsample < 1:
+        if self.every < 1 or self.batch < 1 or self.ode_steps < 1 or min(self.upsample_factors) < 1:
             raise ValueError("prior every, batch, ode_steps and upsample must be >= 1")
         if self.t_low <= 0 or self.t_high_start < self.t_low or self.t_high_end < self.t_low:
             raise ValueError("loguniform noise needs 0 < t_low <= t_high_start, t_high_end")
@@ -210,14 +216,15 @@ class PriorTerm(torch.nn.Module):
         if (step - c.start_step) % c.every == 0:
             b = planes.shape[0]
             shown = scaled.detach()
-            if c.upsample > 1:
-                shown = resample_kspace(shown, (planes.shape[-2] * c.upsample, planes.shape[-1] * c.upsample))
+            up_h, up_w = c.upsample_factors
+            if (up_h, up_w) != (1, 1):
+                shown = resample_kspace(shown, (planes.shape[-2] * up_h, planes.shape[-1] * up_w))
             clean = complex_to_channels(shown).repeat_interleave(c.batch, dim=0)  # (B*batch, 2, H', W')
             t = self.noise_levels(clean.shape[0], step, planes.device)
             noise = torch.randn(clean.shape, generator=self.generator).to(planes.device)
             noisy = clean + t.view(-1, 1, 1, 1) * noise if c.inject_noise else clean
             x0 = channels_to_complex(self._denoise(noisy, t))
-            if c.upsample > 1:
+            if (up_h, up_w) != (1, 1):
                 x0 = resample_kspace(x0, tuple(planes.shape[-2:]))
             self.target = x0.view(b, c.batch, *planes.shape[-2:])
             evals = clean.shape[0] * (c.ode_steps if c.mode == "reference" else 1)
