@@ -267,7 +267,8 @@ def test_reused_prior_targets_are_refused_in_3d(tiny_store):
 # with contiguous draws and TV along the readout (rank-local: neighbour pairs never cross a shard)
 PLANE_GRIDS = {"plane_grids": {"enabled": True, "levels": 3, "min_res": 4, "max_res": 16, "hidden": 8,
                                "layers": 1, "init_scale": 0.05},
-               "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True}, "tv_x_weight": 0.05,
+               "slices": {"per_step": 3, "num_shards": 2, "seed": 3, "contiguous": True, "prior_per_step": 2},
+               "tv_x_weight": 0.05,
                "wavelet_x_weight": 0.05, "optim": {"lr": 0.01, "ema": 0.5}}
 
 
@@ -297,7 +298,8 @@ def _plane_grid_worker(ctx: DistContext, store: str) -> dict:
 @pytest.mark.dist
 def test_plane_grids_two_ranks_equal_one_process(tiny_store):
     """Per-plane grids (rank-local) with their shared decoder (summed with the trunk), contiguous
-    draws, TV and wavelet L1 along the readout and the parameter average (optim.ema): 2 gloo ranks
+    draws, TV and wavelet L1 along the readout, the prior on 2 of the 3 drawn planes and the
+    parameter average (optim.ema): 2 gloo ranks
     and 1 process give the same loss, trunk / decoder / head / grid gradients after one step and
     the same volume after 4 steps (a full-DC step included)."""
     run = launch_local(_plane_grid_worker, 2, args=(str(tiny_store),), timeout_s=240)
@@ -323,6 +325,16 @@ def test_plane_grids_refuse_ddp_and_tv_x_needs_contiguous_draws(tiny_store):
     for key in ("tv_x_weight", "wavelet_x_weight"):
         with pytest.raises(ValueError, match=f"{key} needs slices.contiguous"):
             Recon3D(tiny_config(**{key: 0.1}), HybridStore(tiny_store), single_process())
+
+
+def test_prior_per_step_shows_the_prior_a_subset_of_the_drawn_planes(tiny_store):
+    evals = {}
+    for seen in (0, 2, 3):
+        cfg = tiny_config(slices={"per_step": 3, "num_shards": 2, "seed": 3, "prior_per_step": seen})
+        evals[seen] = Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior()).step().prior_evals
+    assert evals == {0: 6, 2: 4, 3: 6}  # per shard (2 of them): all 3 planes, 2 of them, all 3
+    with pytest.raises(ValueError, match=r"slices.prior_per_step: 4 must be in \[0, per_step = 3\]"):
+        Recon3D(tiny_config(slices={"per_step": 3, "prior_per_step": 4}), HybridStore(tiny_store), single_process())
 
 
 def test_wavelet_l1_of_planes_penalises_the_approximation_only_when_asked():

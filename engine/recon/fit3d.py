@@ -12,7 +12,8 @@ independent 2D multicoil problem on its (ky, kz) plane. The INR maps phase-encod
 Rank r owns the shards (contiguous, chunk-aligned readout slabs) of its block: their k-space,
 maps and head rows. One step: every shard draws K readout positions from its own random stream
 (engine.recon.slices), the rank evaluates only those head rows, applies data consistency to those
-planes (rank-local, no distributed FFT) and passes the same planes, batched, to the 2D prior.
+planes (rank-local, no distributed FFT) and passes the same planes (or `slices.prior_per_step` of
+them), batched, to the 2D prior.
 The global loss is the sum of the ranks' losses; engine.runtime.trunk_sync sums the trunk gradients.
 
 Loss of one step (sum over the shards s, their drawn planes x; w_s = |s| / (nx K)):
@@ -299,6 +300,11 @@ class Recon3D:
             self.plane_grids = PlaneGrids(cfg.plane_grids, self.x_start, self.x_stop, self.plane).to(self.device)
             trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
+        K, seen = cfg.slices.per_step, cfg.slices.prior_per_step
+        if not 0 <= seen <= K:
+            raise ValueError(f"config key slices.prior_per_step: {seen} must be in [0, per_step = {K}] (0: all)")
+        # evenly spaced in the drawn block: with contiguous draws they cover its length
+        self.prior_subset = torch.linspace(0, K - 1, seen).round().long() if 0 < seen < K else slice(None)
         for key in ("tv_x_weight", "wavelet_x_weight"):
             if getattr(cfg, key) > 0 and not cfg.slices.contiguous:
                 raise ValueError(f"{key} needs slices.contiguous: true (scattered draws have no neighbours)")
@@ -422,7 +428,7 @@ class Recon3D:
                 terms["dc"] = terms["dc"] + self._dc_term(shard_planes, draw, w)
             if self.prior_terms and self.prior_terms[i].active(step):
                 # PriorTerm and total_variation return means over the K planes: x K for sums.
-                prior_loss, evals = self.prior_terms[i](shard_planes, step)
+                prior_loss, evals = self.prior_terms[i](shard_planes[self.prior_subset], step)
                 terms["prior"] = terms["prior"] + (w * K) * prior_loss
                 self.prior_evals += evals
             if cfg.tv_weight > 0:
