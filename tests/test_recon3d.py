@@ -329,12 +329,12 @@ def test_plane_grids_refuse_ddp_and_tv_x_needs_contiguous_draws(tiny_store):
 
 def test_prior_per_step_shows_the_prior_a_subset_of_the_drawn_planes(tiny_store):
     evals = {}
-    for seen in (0, 2, 3):
+    for seen in (0, 2, 3, 5):
         cfg = tiny_config(slices={"per_step": 3, "num_shards": 2, "seed": 3, "prior_per_step": seen})
         evals[seen] = Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior()).step().prior_evals
-    assert evals == {0: 6, 2: 4, 3: 6}  # per shard (2 of them): all 3 planes, 2 of them, all 3
-    with pytest.raises(ValueError, match=r"slices.prior_per_step: 4 must be in \[0, per_step = 3\]"):
-        Recon3D(tiny_config(slices={"per_step": 3, "prior_per_step": 4}), HybridStore(tiny_store), single_process())
+    assert evals == {0: 6, 2: 4, 3: 6, 5: 6}  # per shard (2 of them): all 3 planes, 2 of them, all 3, all 3
+    with pytest.raises(ValueError, match=r"slices.prior_per_step: -1 must be >= 0"):
+        Recon3D(tiny_config(slices={"per_step": 3, "prior_per_step": -1}), HybridStore(tiny_store), single_process())
 
 
 def test_wavelet_l1_of_planes_penalises_the_approximation_only_when_asked():

@@ -35,8 +35,8 @@ class SliceConfig:
     """Draw K consecutive readout positions per shard (wrapping inside it) instead of K scattered
     ones: the drawn planes then have readout neighbours for `tv_x_weight`."""
     prior_per_step: int = 0
-    """How many of a shard's K drawn planes the prior sees each prior step, evenly spaced in the
-    block (0: all K). The prior is the costly term; its loss stays the mean over the planes it saw,
+    """At most this many of a shard's K drawn planes go to the prior each prior step, evenly spaced
+    in the block (0, or K and more: all K). The prior is the costly term; its loss stays the mean over the planes it saw,
     an unbiased estimate of the mean over all K."""
 
 

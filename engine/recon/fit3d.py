@@ -301,8 +301,8 @@ class Recon3D:
             trunk.plane_decoder = plane_decoder(cfg.plane_grids, self.plane_grids.out_dim)
         self.trunk, self.head = trunk.to(self.device), head.to(self.device)
         K, seen = cfg.slices.per_step, cfg.slices.prior_per_step
-        if not 0 <= seen <= K:
-            raise ValueError(f"config key slices.prior_per_step: {seen} must be in [0, per_step = {K}] (0: all)")
+        if seen < 0:
+            raise ValueError(f"config key slices.prior_per_step: {seen} must be >= 0 (0: all drawn planes)")
         # evenly spaced in the drawn block: with contiguous draws they cover its length
         self.prior_subset = torch.linspace(0, K - 1, seen).round().long() if 0 < seen < K else slice(None)
         for key in ("tv_x_weight", "wavelet_x_weight"):
