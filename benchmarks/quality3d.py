@@ -384,9 +384,15 @@ NOTES = """## Notes (what the rows say)
   at ~1e-3 and hurt at a few times that; TV plus wavelet together beat either alone.
 - Noise of the stochastic plane draws matters: more planes per step (K) helps more than more steps,
   and parameter averaging (`optim.ema`) did not replace it.
-- The 1 mm diffusion prior hurts on these 3 x 3 x 2 mm planes (the prior-on row), so the bundled
-  config runs with `prior.mode: off`; the prior was trained on 1 mm slices (the 1 mm case below has not run
-  with it yet).
+- The diffusion prior was trained on 1 mm slices, and it needs 1 mm pixels. Shown the 3 x 3 x 2 mm
+  planes as they are it hurt (the `prior tweedie from 240` row: 7.27 vs 6.50 % off). Shown them at 1 mm
+  (`prior.upsample: [3, 2]`: k-space zero-padding to 192 x 80, its estimate brought back to the plane's
+  band) it helps: 5.75 % against 6.08 % off, and 5.69 % when it sees 4 of each shard's 16 drawn planes
+  per prior step (`slices.prior_per_step: 4`, evenly spaced in the block), at a third of the time.
+  That is the lever that moves INFusion below the 3D L1-wavelet; configs/demo3d.yaml uses it.
+- An L1 on the in-plane wavelet coefficients of readout differences (`wavelet_x_weight`, the x-detail
+  of a 3D wavelet) helped without the prior (5.99 vs 6.08 % with TV along x; 6.18 % in place of it) and
+  hurt with it (5.83 vs 5.75 %), so it stays 0.
 - The label-free choice of the regularisation strength (`selection.enabled`, engine/recon/selection3d.py:
   factors 0.5 / 1 / 2, each a full run on 92 % of the samples, then a refit on all) did not pick the best
   factor (its candidates' NRMSE is in each run's selection.json): the `demo3d_selection` rows are above
