@@ -431,6 +431,9 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   the engine's fftshift convention, so the benchmark hands BART maps rolled by one voxel along those axes
   and rolls its image back (exact on a small odd-sized test). The 1 mm BART rows logged before this fix
   (a voxel off in x and y) stay in the jsonl log but are left out of these tables.
+- The prior helps at 1 mm as on the bundled case (its planes are 1 mm already, so `prior.upsample: 1`):
+  3.44 % with it against 4.01 % without after 500 steps, 3.30 % after 1000 (all 16 drawn planes; the
+  config's `slices.prior_per_step: 4` has not run here yet).
 - Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps do not
   fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
 
