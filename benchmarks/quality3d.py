@@ -390,6 +390,11 @@ NOTES = """## Notes (what the rows say)
   band) it helps: 5.75 % against 6.08 % off, and 5.69 % when it sees 4 of each shard's 16 drawn planes
   per prior step (`slices.prior_per_step: 4`, evenly spaced in the block), at a third of the time.
   That is the lever that moves INFusion below the 3D L1-wavelet; configs/demo3d.yaml uses it.
+  Around it, at R = 4: prior weight 0.5 / 2 gave 5.69 / 5.95 %, the prior every step 5.95 %, from step
+  300 instead of 450 5.70 %, noise levels up to 0.05 instead of 0.02 5.64 %, TV and wavelet weights
+  0.0007 instead of 0.001 5.69 %: the prior's share is flat near the config and falls off when it
+  weighs more. The higher noise levels also helped at R = 6 / 8 (7.56 / 9.77 vs 7.92 / 10.10 %), so the
+  config uses them.
 - An L1 on the in-plane wavelet coefficients of readout differences (`wavelet_x_weight`, the x-detail
   of a 3D wavelet) helped without the prior (5.99 vs 6.08 % with TV along x; 6.18 % in place of it) and
   hurt with it (5.83 vs 5.75 %), so it stays 0.
