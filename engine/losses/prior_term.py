@@ -217,14 +217,15 @@ class PriorTerm(torch.nn.Module):
             b = planes.shape[0]
             shown = scaled.detach()
             up_h, up_w = c.upsample_factors
-            if (up_h, up_w) != (1, 1):
+            upsampled = (up_h, up_w) != (1, 1)
+            if upsampled:
                 shown = resample_kspace(shown, (planes.shape[-2] * up_h, planes.shape[-1] * up_w))
             clean = complex_to_channels(shown).repeat_interleave(c.batch, dim=0)  # (B*batch, 2, H', W')
             t = self.noise_levels(clean.shape[0], step, planes.device)
             noise = torch.randn(clean.shape, generator=self.generator).to(planes.device)
             noisy = clean + t.view(-1, 1, 1, 1) * noise if c.inject_noise else clean
             x0 = channels_to_complex(self._denoise(noisy, t))
-            if (up_h, up_w) != (1, 1):
+            if upsampled:
                 x0 = resample_kspace(x0, tuple(planes.shape[-2:]))
             self.target = x0.view(b, c.batch, *planes.shape[-2:])
             evals = clean.shape[0] * (c.ode_steps if c.mode == "reference" else 1)

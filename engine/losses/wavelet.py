@@ -38,11 +38,20 @@ def _kernels(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.outer(a, b) for a, b in pairs]).unsqueeze(1)
 
 
+def max_levels(height: int, width: int, taps: int = len(DB3)) -> int:
+    """Most db3 levels an image of this size takes: the coarsest level's input keeps at least
+    taps - 2 pixels per axis (0 when even one level does not fit)."""
+    levels = 0
+    while min(height, width) // 2**levels >= taps - 2:
+        levels += 1
+    return levels
+
+
 def _check_size(height: int, width: int, levels: int, taps: int) -> None:
     step = 2 ** levels
     if height % step or width % step:
         raise ValueError(f"db3 DWT with {levels} levels needs image sizes divisible by {step}, got {height} x {width}")
-    if min(height, width) // 2 ** (levels - 1) < taps - 2:
+    if levels > max_levels(height, width, taps):
         raise ValueError(f"image {height} x {width} is too small for {levels} db3 levels "
                          f"(the coarsest level needs at least {taps - 2} pixels per axis)")
 

@@ -36,8 +36,8 @@ class SliceConfig:
     ones: the drawn planes then have readout neighbours for `tv_x_weight`."""
     prior_per_step: int = 0
     """At most this many of a shard's K drawn planes go to the prior each prior step, evenly spaced
-    in the block (0, or K and more: all K). The prior is the costly term; its loss stays the mean over the planes it saw,
-    an unbiased estimate of the mean over all K."""
+    in the block (0, or K and more: all K). The prior is the costly term; its loss stays the mean
+    over the planes it saw, an unbiased estimate of the mean over all K."""
 
 
 @dataclass

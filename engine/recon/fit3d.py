@@ -182,10 +182,10 @@ def wavelet_detail_l1(planes: torch.Tensor, levels: int = 3, eps: float = 1e-4,
     themselves details, such as readout differences)."""
     import torch.nn.functional as F
 
-    from engine.losses.wavelet import dwt2
+    from engine.losses.wavelet import dwt2, max_levels
 
     b, ny, nz = planes.shape
-    levels = max(1, min(levels, 1 + int(math.log2(max(min(ny, nz), 4) / 4))))
+    levels = max(1, min(levels, max_levels(ny, nz)))
     step = 2**levels
     parts = torch.view_as_real(planes).movedim(-1, 1).reshape(2 * b, ny, nz)  # (re, im) of each plane
     parts = F.pad(parts, (0, (-nz) % step, 0, (-ny) % step))
@@ -427,7 +427,7 @@ class Recon3D:
             if not full:
                 terms["dc"] = terms["dc"] + self._dc_term(shard_planes, draw, w)
             if self.prior_terms and self.prior_terms[i].active(step):
-                # PriorTerm and total_variation return means over the K planes: x K for sums.
+                # PriorTerm and total_variation return means over the planes they see: x K for sums.
                 prior_loss, evals = self.prior_terms[i](shard_planes[self.prior_subset], step)
                 terms["prior"] = terms["prior"] + (w * K) * prior_loss
                 self.prior_evals += evals
