@@ -38,6 +38,21 @@ class SliceConfig:
     """At most this many of a shard's K drawn planes go to the prior each prior step, evenly spaced
     in the block (0, or K and more: all K). The prior is the costly term; its loss stays the mean
     over the planes it saw, an unbiased estimate of the mean over all K."""
+    cross_per_step: int = 0
+    """Slices across the readout per shard and prior step (0: off): an (x, y) plane at a random z
+    or an (x, z) plane at a random y, assembled from every rank's rows, shown to the same prior
+    (the paper's random 2D slices of the volume; engine.recon.fit3d, "Cross slices")."""
+    cross_weight: float = 1.0
+    """Weight of the cross slices' prior loss (a mean over them) beside the readout planes' (a mean
+    over those)."""
+    cross_upsample_x: int = 1
+    """Upsampling of the readout axis before a cross slice meets the prior (its other axis takes
+    y's or z's factor of prior.upsample): the prior was trained on 1 mm pixels."""
+
+    def __post_init__(self) -> None:
+        if self.cross_per_step < 0 or self.cross_upsample_x < 1 or self.cross_weight < 0:
+            raise ValueError("config keys slices.cross_per_step, cross_weight must be >= 0 and "
+                             "slices.cross_upsample_x >= 1")
 
 
 @dataclass

@@ -28,6 +28,16 @@ engine's PriorTerm: the one-step (Tweedie) denoiser target ("tweedie") or INFusi
 Euler ODE ("reference"), distance L2/L1/LPIPS, its noise and weight schedules; each shard has
 its own PriorTerm drawing noise from that shard's stream, batched over the shard's K planes.
 
+Cross slices (`slices.cross_per_step`): the prior also sees planes across the readout, an (x, y)
+plane at z = z0 or an (x, z) plane at y = y0, drawn per shard and prior step from a stream of
+(seed, shard, step) that every rank computes alike. Each rank renders its rows of every drawn
+slice (one line of the trunk's features through its head rows and plane grids), one all-reduce
+of the zero-padded rows assembles them, the rank owning the slice's shard runs the prior on it,
+and a second all-reduce hands the gradient of that loss back to every rank's rows. Their loss
+is cross_weight x the mean over the drawn slices; the prior sees them at the readout's
+`cross_upsample_x` and the other axis' `prior.upsample` factor, without the unmeasured-only
+restriction (a (ky, kz) mask does not act on one such plane).
+
 Memory: a step holds the trunk on the plane grid plus K planes x coils (x the number of local
 shards), independent of nx; full-DC steps evaluate the slab in chunks of `dc.chunk` rows,
 back-propagating chunk by chunk into a detached copy of the trunk features.
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -60,7 +70,7 @@ from engine.recon.config3d import (
     result_config,
 )
 from engine.recon.schedule import lr_factor
-from engine.recon.slices import Shard, ShardSampler, shards_of_rank, split_readout
+from engine.recon.slices import Shard, ShardSampler, shard_seed, shards_of_rank, split_readout
 from engine.runtime.checkpoint import capture_rng_state, restore_rng_state
 from engine.runtime.context import DistContext
 from engine.runtime.preemption import (
@@ -128,6 +138,22 @@ class PlaneGrids(nn.Module):
         feats = [nn.functional.interpolate(level[local], size=tuple(shape), mode="bilinear", align_corners=True)
                  for level in self.levels]
         return torch.cat(feats, dim=1).flatten(2).transpose(1, 2)
+
+    def line(self, global_rows: torch.Tensor, axis: int, index: int, shape: tuple[int, int]) -> torch.Tensor:
+        """Features (B, n, out_dim) of the given planes on one line of the (ny, nz) pixel grid: y = index
+        (axis 0, n = nz) or z = index (axis 1, n = ny); equal to forward's pixels there (bilinear is
+        linear along each axis in turn), at the cost of one line."""
+        local = (global_rows - self.x_start).to(self.levels[0].device)
+        fixed, free = shape[axis], shape[1 - axis]
+        feats = []
+        for res, level in zip(self.resolutions, self.levels):
+            grid = level[local] if axis == 1 else level[local].transpose(-1, -2)  # fixed axis last
+            position = index * res / (fixed - 1) if fixed > 1 else 0.0  # align_corners=True
+            low = min(math.floor(position), res - 1)
+            frac = position - low
+            column = grid[..., low] * (1 - frac) + grid[..., low + 1] * frac  # (B, F, res + 1)
+            feats.append(nn.functional.interpolate(column, size=free, mode="linear", align_corners=True))
+        return torch.cat(feats, dim=1).transpose(1, 2)
 
 
 def plane_decoder(config: PlaneGridConfig, in_dim: int) -> nn.Module:
@@ -314,6 +340,7 @@ class Recon3D:
         self.sync = make_trunk_sync(cfg.grad_sync, self.trunk, ctx, cfg.optim.lr, tuple(cfg.optim.betas),
                                     zero_stage=cfg.zero_stage)
         self.prior_terms = self._build_prior_terms(prior)
+        self.cross_terms = self._build_cross_terms()
         # Polyak averaging (optim.ema): shadow copies of every parameter, used for the output
         self.ema = {name: p.detach().clone() for name, p in self._named_parameters()} if cfg.optim.ema else None
         self.step_index = 0
@@ -340,6 +367,20 @@ class Recon3D:
         # the (ky, kz) mask is shared by every readout plane: unmeasured_only applies plane by plane
         return [PriorTerm(self.cfg.prior, prior, self.cfg.steps, s.generator, dtype, mask=self.mask)
                 for s in self.samplers]
+
+    def _build_cross_terms(self) -> list[dict[int, PriorTerm]]:
+        """Per local shard, the prior terms of its cross slices by fixed axis (0: y, an (x, z) plane;
+        1: z, an (x, y) plane), drawing noise from the shard's stream like its readout planes'."""
+        s = self.cfg.slices
+        if s.cross_per_step == 0:
+            return []
+        if not self.prior_terms:
+            raise ValueError("config key slices.cross_per_step: cross slices need the prior (prior.mode is off)")
+        up_y, up_z = self.cfg.prior.upsample_factors
+        configs = {0: replace(self.cfg.prior, upsample=(s.cross_upsample_x, up_z), unmeasured_only=False),
+                   1: replace(self.cfg.prior, upsample=(s.cross_upsample_x, up_y), unmeasured_only=False)}
+        return [{axis: PriorTerm(c, term.prior, self.cfg.steps, term.generator, term.autocast_dtype)
+                 for axis, c in configs.items()} for term in self.prior_terms]
 
     def _local_lrs(self) -> list[float]:
         """Base learning rates of the rank-local parameter groups: head rows[, plane grids]."""
@@ -450,6 +491,11 @@ class Recon3D:
                         wavelet_x = wavelet_detail_l1(step_x / math.sqrt(2.0), include_approximation=True)
                         terms["tv"] = terms["tv"] + (cfg.wavelet_x_weight * w * K) * wavelet_x
         local_loss = terms["dc"] + terms["prior"] + terms["tv"]
+        if self.cross_terms and self.cross_terms[0][0].active(step):  # the same step on every rank
+            cross_loss, surrogate, evals = self._cross_prior(leaf, step)
+            terms["prior"] = terms["prior"] + cross_loss
+            local_loss = local_loss + surrogate
+            self.prior_evals += evals
         if local_loss.requires_grad:
             local_loss.backward()
         if full:  # every plane of the slab, chunk by chunk, accumulating into leaf.grad
@@ -484,6 +530,73 @@ class Recon3D:
         self.step_index += 1
         return StepResult(step, rows, {"dc": dc, "prior": prior_term, "tv": tv}, full, int(prior_evals),
                           skipped, stop > 0)
+
+    # ------------------------------------------------------------------ cross slices
+
+    def cross_slices(self, step: int) -> list[tuple[int, int, int]]:
+        """(shard index, fixed axis (0: y, 1: z), index) of every shard's cross slices at `step`,
+        the same on every rank: drawn from a stream seeded by (seed, shard, step), so nothing to
+        checkpoint."""
+        draws = []
+        for shard in self.shards:
+            seed = (shard_seed(self.cfg.slices.seed, shard.index) + 7919 * (step + 1)) % 2**63
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(self.cfg.slices.cross_per_step):
+                axis = int(torch.randint(2, (1,), generator=generator))
+                draws.append((shard.index, axis, int(torch.randint(self.plane[axis], (1,), generator=generator))))
+        return draws
+
+    def _cross_rows(self, leaf: torch.Tensor, axis: int, index: int) -> torch.Tensor:
+        """This rank's rows of the cross slice at y (axis 0) or z (axis 1) = index: (slab, n) complex64,
+        n the other phase-encode axis' length."""
+        ny, nz = self.plane
+        grid = leaf.view(ny, nz, -1)
+        line = grid[index] if axis == 0 else grid[:, index]
+        with _autocast(self.device, self.bf16):
+            out = self.head(line)  # every local row
+            if self.plane_grids is not None:
+                rows = torch.arange(self.x_start, self.x_stop)
+                residual = self.trunk.plane_decoder(self.plane_grids.line(rows, axis, index, self.plane)).float()
+                out = out + torch.complex(residual[..., 0], residual[..., 1])
+        return out
+
+    def _sum_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Complex tensors summed over ranks, packed into one all-reduce."""
+        flat = torch.cat([torch.view_as_real(t).reshape(-1) for t in tensors]).cpu()
+        self.ctx.all_reduce_sum(flat)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(torch.view_as_complex(flat[offset:offset + 2 * t.numel()].view(*t.shape, 2)).to(self.device))
+            offset += 2 * t.numel()
+        return out
+
+    def _cross_prior(self, leaf: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The cross slices' term (module docstring): (this rank's share of the loss, detached; a
+        surrogate whose gradient through this rank's rows is the loss's; U-Net evaluations)."""
+        draws = self.cross_slices(step)
+        parts = [self._cross_rows(leaf, axis, index) for _, axis, index in draws]
+        padded = []
+        for part in parts:
+            full = part.new_zeros((self.nx, part.shape[1]))
+            full[self.x_start:self.x_stop] = part.detach()
+            padded.append(full)
+        slices = self._sum_over_ranks(padded)  # every rank's rows: the whole slices
+        owner = {shard.index: i for i, shard in enumerate(self.local_shards)}
+        weight = self.cfg.slices.cross_weight / len(draws)
+        loss, evals, grads = torch.zeros((), device=self.device), 0, []
+        for (shard, axis, _), whole in zip(draws, slices):
+            if shard not in owner:
+                grads.append(torch.zeros_like(whole))
+                continue
+            whole.requires_grad_(True)
+            term, n = self.cross_terms[owner[shard]][axis](whole.unsqueeze(0), step)
+            (weight * term).backward()
+            loss, evals = loss + weight * term.detach(), evals + n
+            grads.append(whole.grad)
+        grads = self._sum_over_ranks(grads)
+        surrogate = sum((torch.view_as_real(part) * torch.view_as_real(g[self.x_start:self.x_stop])).sum()
+                        for part, g in zip(parts, grads))
+        return loss, surrogate, evals
 
     def _gradients_finite(self) -> bool:
         """Head gradients, and trunk gradients (already summed over ranks) unless ZeRO holds them."""
