@@ -313,13 +313,37 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
     metrics = json.loads((out.with_name(out.name.removesuffix(".zarr") + "_run") / "metrics.json").read_text())
     shown = " ".join(c if not c.startswith(str(REPO)) else str(Path(c).relative_to(REPO)) for c in command)
     # the run's own 3D L1-wavelet (rule) is kept beside it: the montage shows both
+    run_dir = out.with_name(out.name.removesuffix(".zarr") + "_run")
     row = {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
+           **setting_without_seed(run_dir / "config.yaml"),
             "wall_seconds": wall, "config": config, "overrides": overrides, "command": shown,
             "steps": metrics["steps"], "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1),
             **peak, "volume_zarr": str(out.relative_to(REPO)),
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
             "montage": str(out.with_name(out.name.removesuffix(".zarr") + "_run").relative_to(REPO) / "montage.png")}
     return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
+
+
+# keys of the resolved config that do not change the result (engine.recon.config3d's _NOT_HASHED)
+_NOT_RESULT = ("output", "checkpoint", "baseline", "bundled", "data_on_host", "max_bad_steps")
+
+
+def setting_without_seed(config_yaml: Path) -> dict:
+    """The run's slice seed and a hash of its resolved config without it: rows with equal hashes are
+    one setting run with different seeds (the report averages them)."""
+    import hashlib
+
+    import yaml
+
+    from engine.config import build_config, config_to_dict
+    from engine.recon.config3d import Recon3DConfig
+
+    # through the dataclass, so a config written before a key existed gets its default
+    config = config_to_dict(build_config(Recon3DConfig, yaml.safe_load(config_yaml.read_text())))
+    seed = int(config["slices"].pop("seed"))
+    values = {k: v for k, v in config.items() if k not in _NOT_RESULT}
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    return {"slice_seed": seed, "setting_hash": digest}
 
 
 def _selection_summary(record: dict) -> dict:
@@ -491,14 +515,31 @@ def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[
                          f"{r['machine']}, {r['date']}, {r['commit']} |")
         peers = [r for r in group if r["method"].startswith(("bart_", "l1_wavelet_3d", "inr_tv_2d"))]
         ours = [r for r in group if r["method"].startswith("infusion")]
+        settings: dict = {}  # one setting's runs with different slice seeds
+        for r in ours:
+            settings.setdefault(r.get("setting_hash", r["method"]), []).append(r)
+        for runs in settings.values():
+            if len(runs) > 1:
+                runs.sort(key=lambda r: r["slice_seed"])
+                values = [r["nrmse_percent"] for r in runs]
+                lines += ["", (f"Slice seeds of one setting ({', '.join(r['method'] for r in runs)}): seeds "
+                               f"{' / '.join(str(r['slice_seed']) for r in runs)} give "
+                               f"{' / '.join(f'{v:.2f}' for v in values)} %, mean {np.mean(values):.2f} %, "
+                               f"spread {max(values) - min(values):.2f} points.")]
         if peers and ours:
             best_peer = min(peers, key=lambda r: r["nrmse_percent"])
-            best = min(ours, key=lambda r: r["nrmse_percent"])
+            # judged among the settings run at the most seeds: one lucky seed does not count as a setting
+            most = max(len(runs) for runs in settings.values())
+            runs = min((runs for runs in settings.values() if len(runs) == most),
+                       key=lambda runs: np.mean([r["nrmse_percent"] for r in runs]))
+            score = float(np.mean([r["nrmse_percent"] for r in runs]))
             target = 0.9 * best_peer["nrmse_percent"]
-            verdict = "reached" if best["nrmse_percent"] <= target else "NOT reached"
+            verdict = "reached" if score <= target else "NOT reached"
+            judged = (f"{runs[0]['method']} {score:.2f} %" if len(runs) == 1 else
+                      f"the mean of the {len(runs)} seeds of {runs[0]['method']}, {score:.2f} %")
             lines += ["", (f"Best peer: {best_peer['method']} {best_peer['nrmse_percent']:.2f} %; goal (10 % "
-                           f"below it): {target:.2f} %; best INFusion: {best['method']} "
-                           f"{best['nrmse_percent']:.2f} %: goal {verdict}.")]
+                           f"below it): {target:.2f} %; best INFusion (a setting's mean over its slice seeds, "
+                           f"among the settings run at the most seeds): {judged}: goal {verdict}.")]
         if case_name == "colin27_1mm":
             for r in ours:
                 full = _config_steps(r["config"])

@@ -74,7 +74,15 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
         monkeypatch.setattr(quality3d, name, tmp_path / f"{name}.txt")
     quality3d.SCALE_REPORT.write_text("# scaling\n")
     common = {"machine": "m", "date": "d", "commit": "c"}
+    infusion = {"config": "configs/demo3d.yaml", "overrides": [], "seconds": 9.0}
     rows = [{"case": "bundled", "R": 4.0, "method": "zero_filled", "nrmse_percent": 30.0, "seconds": 1.0},
+            {"case": "bundled", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 6.0, "seconds": 1.0},
+            # one setting at two slice seeds: judged by their mean (5.50 %), not by the luckier seed
+            {"case": "bundled", "R": 4.0, "method": "infusion:a", "nrmse_percent": 5.2, "slice_seed": 0,
+             "setting_hash": "h", **infusion},
+            {"case": "bundled", "R": 4.0, "method": "infusion:a seed 1", "nrmse_percent": 5.8, "slice_seed": 1,
+             "setting_hash": "h", **infusion},
+            {"case": "bundled", "R": 4.0, "method": "infusion:b", "nrmse_percent": 5.45, **infusion},
             {"case": "colin27_1mm", "R": 4.0, "method": "zero_filled", "nrmse_percent": 23.0, "seconds": 2.0},
             {"case": "colin27_1mm", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 6.0, "seconds": 9.0,
              "factor": 0.004, "lamda": 0.01},
@@ -90,6 +98,10 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
     assert "Not run (time on 2 shared CPU cores): bart_W." in report
     assert "Not finished: inr_tv_2d_planes, 3 of 217 planes" in report
     assert "goal (10 % below it): 5.40 %" in report
+    assert ("Slice seeds of one setting (infusion:a, infusion:a seed 1): seeds 0 / 1 give 5.20 / 5.80 %, "
+            "mean 5.50 %, spread 0.60 points.") in report
+    # b's single run is lower, but only a setting run at the most seeds is judged
+    assert "at the most seeds): the mean of the 2 seeds of infusion:a, 5.50 %: goal NOT reached." in report
     scale = quality3d.SCALE_REPORT.read_text()
     assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
     quality3d.write_report()  # the marked section is replaced, not appended again
