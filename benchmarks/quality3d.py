@@ -424,6 +424,11 @@ NOTES = """## Notes (what the rows say)
   at R = 6, 9.77 / 9.85 % at R = 8, seeds 0 / 1). The levers above ran at seed 0 only, so gaps of less
   than about 0.25 points between them are not resolved; the goal lines judge a setting by its mean over
   the seeds it ran.
+- The learning rate's final fraction (`optim.lr_final_fraction`, cosine decay) is what narrows the
+  seed spread: down to 0.02 of its start instead of 0.1, R = 4 gave 5.65 / 5.67 / 5.62 % at seeds 0 / 1 / 2
+  (mean 5.65 against 5.80 %); 0.005 gave 5.68 % at seed 0. But at R = 6 / 8 it was worse (seeds 0 / 1:
+  7.61 / 7.64 against 7.56 / 7.47 %, 10.08 / 10.31 against 9.77 / 9.85 %), so configs/demo3d.yaml keeps
+  0.1 (its rows at seed 1 ran while the config held 0.02: their setting column shows no override).
 - Also tried at R = 4, seed 0 unless said: every plane every step (`slices.per_step: 36`, the prior on 4
   of them) 6.53 %; 1200 steps (prior from 675) 5.82 %; full DC over every plane in the last 50 steps
   5.67 / 5.87 % (seeds 0 / 1); noise levels up to 0.1 -> 0.03 5.70 %.
@@ -474,8 +479,12 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   and rolls its image back (exact on a small odd-sized test). The 1 mm BART rows logged before this fix
   (a voxel off in x and y) stay in the jsonl log but are left out of these tables.
 - The prior helps at 1 mm as on the bundled case (its planes are 1 mm already, so `prior.upsample: 1`):
-  3.44 % with it against 4.01 % without after 500 steps, 3.30 % after 1000 (all 16 drawn planes; the
-  config's `slices.prior_per_step: 4` has not run here yet).
+  3.44 % with it against 4.01 % without after 500 steps, 3.30 % after 1000 (all 16 drawn planes, noise
+  levels up to 0.02 -> 0.01).
+- R = 8 ran with the config as of its commit (the prior on 4 of 16 planes, noise up to 0.05 -> 0.02,
+  learning rate down to 0.1 of its start) for 500 of 2400 steps: 5.56 %, above the 3D L1-wavelet (4.76 %)
+  and BART (4.86 %). On the bundled case INFusion's lead grows with R; here, cut to a fifth of its
+  steps, it trails, so these short rows say little about the config's full run.
 - Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps do not
   fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
 
