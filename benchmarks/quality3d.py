@@ -310,22 +310,18 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
         raise subprocess.CalledProcessError(process.returncode, command)
     peak = memory.stop()
     wall = time.perf_counter() - t0
-    metrics = json.loads((out.with_name(out.name.removesuffix(".zarr") + "_run") / "metrics.json").read_text())
+    run_dir = out.with_name(out.name.removesuffix(".zarr") + "_run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     shown = " ".join(c if not c.startswith(str(REPO)) else str(Path(c).relative_to(REPO)) for c in command)
     # the run's own 3D L1-wavelet (rule) is kept beside it: the montage shows both
-    run_dir = out.with_name(out.name.removesuffix(".zarr") + "_run")
     row = {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
            **setting_without_seed(run_dir / "config.yaml"),
             "wall_seconds": wall, "config": config, "overrides": overrides, "command": shown,
             "steps": metrics["steps"], "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1),
             **peak, "volume_zarr": str(out.relative_to(REPO)),
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
-            "montage": str(out.with_name(out.name.removesuffix(".zarr") + "_run").relative_to(REPO) / "montage.png")}
+            "montage": str(run_dir.relative_to(REPO) / "montage.png")}
     return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
-
-
-# keys of the resolved config that do not change the result (engine.recon.config3d's _NOT_HASHED)
-_NOT_RESULT = ("output", "checkpoint", "baseline", "bundled", "data_on_host", "max_bad_steps")
 
 
 def setting_without_seed(config_yaml: Path) -> dict:
@@ -335,13 +331,14 @@ def setting_without_seed(config_yaml: Path) -> dict:
 
     import yaml
 
-    from engine.config import build_config, config_to_dict
-    from engine.recon.config3d import Recon3DConfig
+    from engine.config import build_config
+    from engine.recon.config3d import Recon3DConfig, result_config
 
-    # through the dataclass, so a config written before a key existed gets its default
-    config = config_to_dict(build_config(Recon3DConfig, yaml.safe_load(config_yaml.read_text())))
-    seed = int(config["slices"].pop("seed"))
-    values = {k: v for k, v in config.items() if k not in _NOT_RESULT}
+    # through the dataclass, so a config written before a key existed gets its default; the keys a
+    # checkpoint's hash covers, without the input (a row's case and R) and the seed
+    values = result_config(build_config(Recon3DConfig, yaml.safe_load(config_yaml.read_text())), {})
+    del values["input"]
+    seed = int(values["slices"].pop("seed"))
     digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
     return {"slice_seed": seed, "setting_hash": digest}
 

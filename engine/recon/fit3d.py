@@ -430,9 +430,13 @@ class Recon3D:
         with _autocast(self.device, self.bf16):
             out = self.head(features, (global_rows - self.x_start).to(self.device))
             if self.plane_grids is not None:
-                residual = self.trunk.plane_decoder(self.plane_grids(global_rows, self.plane)).float()
-                out = out + torch.complex(residual[..., 0], residual[..., 1])
+                out = out + self._decoded(self.plane_grids(global_rows, self.plane))
         return out.view(-1, *self.plane)
+
+    def _decoded(self, grid_features: torch.Tensor) -> torch.Tensor:
+        """The shared decoder's complex64 output for plane-grid features (..., out_dim)."""
+        residual = self.trunk.plane_decoder(grid_features).float()
+        return torch.complex(residual[..., 0], residual[..., 1])
 
     def _slab_data(self, global_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k-space (of the fitted samples) and maps of these readout positions, on the device."""
@@ -556,8 +560,7 @@ class Recon3D:
             out = self.head(line)  # every local row
             if self.plane_grids is not None:
                 rows = torch.arange(self.x_start, self.x_stop)
-                residual = self.trunk.plane_decoder(self.plane_grids.line(rows, axis, index, self.plane)).float()
-                out = out + torch.complex(residual[..., 0], residual[..., 1])
+                out = out + self._decoded(self.plane_grids.line(rows, axis, index, self.plane))
         return out
 
     def _sum_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
