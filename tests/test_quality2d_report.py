@@ -30,12 +30,39 @@ def test_rows_of_a_later_prior_are_reported_apart(tmp_path) -> None:
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # a first-prior row (no "prior" field) does not count as done for a later prior, and vice versa
     done = q.done_keys(runs)
-    assert ("4h_GE_256", 4, 0, "fast", q.FIRST_PRIOR) in done and ("4h_GE_256", 4, 0, "fast", later) in done
-    assert ("4h_GE_256", 4, 0, "inr_tv", None) in done
-    assert ("4h_GE_256", 4, 0, "fast", "000000000000 (2027-01-01)") not in done
+    assert ("4h_GE_256", 4, 0, "fast", q.FIRST_PRIOR, 0) in done and ("4h_GE_256", 4, 0, "fast", later, 0) in done
+    assert ("4h_GE_256", 4, 0, "inr_tv", None, 0) in done
+    assert ("4h_GE_256", 4, 0, "fast", "000000000000 (2027-01-01)", 0) not in done
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()
     assert "| 4 | fast | 0 | 2.80 |" in text  # the first prior's row alone, not the mean with 2.6
     assert "| 4 | fast (prior 2026-12-01) | 0 | 2.60 |" in text
     assert "| 4h_GE_256 (256 px) | 4 | 0 | 3.00 | 2.80 | 2.60 |" in text  # first-vs-new prior table
+
+
+def _auto_row(nrmse: float, extend_edges: int = 0) -> dict:
+    candidate = {"tv_weight": 1e-3, "prior_weight": 0.1, "validation_error": 0.1, "stop_step": 10,
+                 "nrmse_percent": nrmse + 0.1, "curve": [{"step": 10, "validation_error": 0.1, "nrmse_percent": nrmse + 0.1}]}
+    selection = {"candidates": [candidate], "chosen": {"tv_weight": 1e-3, "prior_weight": 0.1, "steps": 10}}
+    return _row("fast_auto", nrmse, prior="abcdef123456 (2026-12-01)", selection=selection,
+                **({"extend_edges": extend_edges, "date": "2026-12-02T00:00:00"} if extend_edges else {}))
+
+
+def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) -> None:
+    """fast_auto rows with extended lists are their own rows; the label-free table shows the newest
+    version against INR + TV and the oracle L1-wavelet, with the issue's 10 % goal per row."""
+    q = _quality2d()
+    rows = [_row("inr_tv", 3.0), _row("l1_wavelet_best", 3.2), _auto_row(2.8), _auto_row(2.6, extend_edges=2)]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = q.done_keys(runs)
+    later = "abcdef123456 (2026-12-01)"
+    assert ("4h_GE_256", 4, 0, "fast_auto", later, 0) in done and ("4h_GE_256", 4, 0, "fast_auto", later, 2) in done
+    out = tmp_path / "report.md"
+    q.report(runs, out, None)
+    text = out.read_text()
+    assert "## Label-free choices (fast_auto (prior 2026-12-01, edges extended)" in text
+    # 2.6 <= 0.9 x min(3.0, 3.2) = 2.70: met; the older version (2.8) is not in that table
+    assert "| 4h_GE_256 (256 px) | 4 | 0 | 3.00 | 3.20 | - | 2.60 | 2.70 met |" in text
+    assert "goal met on 1 of 1" in text and "| 4 | fast_auto (prior 2026-12-01) | 0 | 2.80 |" in text

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.recon.selection2d import choose, split_holdout
+from engine.recon.selection2d import SelectionConfig, choose, edge_search, split_holdout
 from tests.test_recon2d import TinyDenoiser, case, small_config  # noqa: F401 (case is a fixture)
 
 
@@ -26,6 +26,33 @@ def test_choose_takes_the_lowest_held_out_error():
     candidates = [{"name": "a", "validation_error": 0.3}, {"name": "b", "validation_error": 0.1},
                   {"name": "c", "validation_error": 0.2}]
     assert choose(candidates)["name"] == "b"
+
+
+def test_edge_search_grows_a_list_where_its_best_value_sits_at_an_end():
+    scored = []
+
+    def score(best):
+        def f(value):
+            scored.append(value)
+            return abs(np.log(value / best))
+        return f
+
+    # the best value lies 4x above the list: two steps of the top pair's ratio (2) reach it
+    assert edge_search(score(4e-3), [2.5e-4, 5e-4, 1e-3], 2) == pytest.approx(4e-3)
+    assert scored == pytest.approx([2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])
+    scored.clear()
+    # at most extend_edges steps: 16x above stops at 4x; 0 keeps the list as given
+    assert edge_search(score(1.6e-2), [2.5e-4, 5e-4, 1e-3], 2) == pytest.approx(4e-3)
+    assert edge_search(score(1.6e-2), [2.5e-4, 5e-4, 1e-3], 0) == pytest.approx(1e-3)
+    # downwards by the bottom pair's ratio, unless told not to
+    assert edge_search(score(6e-5), [2.5e-4, 5e-4, 1e-3], 2) == pytest.approx(6.25e-5)
+    assert edge_search(score(6e-5), [2.5e-4, 5e-4, 1e-3], 2, downwards=False) == pytest.approx(2.5e-4)
+    scored.clear()
+    # a best value inside the list, or 0 at its bottom (the prior off), adds nothing
+    assert edge_search(score(5e-4), [2.5e-4, 5e-4, 1e-3], 2) == pytest.approx(5e-4) and len(scored) == 3
+    assert edge_search(lambda w: w, [0.0, 0.05, 0.1], 2, downwards=False) == 0.0
+    with pytest.raises(ValueError, match="extend_edges"):
+        SelectionConfig(extend_edges=2, search="grid")
 
 
 def selection_config(**selection):
@@ -76,6 +103,24 @@ def test_selection_end_to_end(case, monkeypatch):  # noqa: F811
     assert info["steps"] == record["chosen"]["steps"] and result.shape == mask.shape
     assert info["unrefit_image"].shape == mask.shape and not np.array_equal(info["unrefit_image"], result)
     json.dumps(record)  # plain values only
+
+
+def test_selection_extends_the_prior_list_upwards_on_the_same_tv(case):  # noqa: F811
+    """With extend_edges the candidates are distinct pairs; a prior weight beyond the list is tried
+    only when the list's largest weight was best, and at the chosen TV weight."""
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    config = selection_config(tv_weights=[1e-4, 2e-4], prior_weights=[0.0, 0.1], refit=False, extend_edges=1)
+    _, info = reconstruct_2d(kspace, maps, mask, config, prior=TinyDenoiser())
+    candidates = info["selection"]["candidates"]
+    pairs = [(c["tv_weight"], c["prior_weight"]) for c in candidates]
+    assert len(set(pairs)) == len(pairs) and info["selection"]["extend_edges"] == 1
+    tv_stage = [c for c in candidates if c["prior_weight"] == 0.0]
+    tv_best = min(tv_stage, key=lambda c: c["validation_error"])["tv_weight"]
+    assert len(tv_stage) == 3 and {c["tv_weight"] for c in candidates if c["prior_weight"] > 0} == {tv_best}
+    at_tv = {c["prior_weight"]: c["validation_error"] for c in candidates if c["tv_weight"] == tv_best}
+    assert (0.2 in at_tv) == (at_tv[0.1] < at_tv[0.0])
 
 
 def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # noqa: F811

@@ -19,6 +19,10 @@ Procedure (`select_and_reconstruct_2d`):
    loss-plateau early stop of the config is replaced by this);
 4. search "tv_then_prior": the TV weights with the prior off, then the non-zero prior weights at
    the chosen TV weight (|tv| + |prior| - 1 runs); "grid": every pair (|tv| x |prior| runs);
+   with `extend_edges` > 0 (tv_then_prior only), a list whose best value is at one of its ends
+   grows a geometric step beyond that end (TV both ways, the prior upwards; at most
+   `extend_edges` steps per end, `edge_search`): a list cannot know how much regularisation a
+   case wants, and the held-out error says when it wanted more or less than the list offered;
 5. the lowest score wins (`choose`); with `refit` the chosen settings run again from scratch on
    all measured samples for the chosen number of steps and that image is returned, else the
    chosen candidate's image (fit without the held-out samples).
@@ -30,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,6 +71,9 @@ class SelectionConfig:
     """never stop a candidate before this step (counted from 0, warm start included)."""
     refit: bool = True
     """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
+    extend_edges: int = 0
+    """tv_then_prior: when a list's best value is at its end, try up to this many geometric steps
+    beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -76,6 +84,8 @@ class SelectionConfig:
             raise ValueError("selection weights must be >= 0")
         if self.validate_every < 1 or self.patience < 1 or self.warm_start_steps < 0:
             raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
+        if self.extend_edges < 0 or (self.extend_edges and self.search != "tv_then_prior"):
+            raise ValueError("selection.extend_edges must be >= 0, and 0 unless search is tv_then_prior")
 
 
 def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +109,31 @@ def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The candidate with the lowest held-out error (the first one on a tie)."""
     return min(candidates, key=lambda c: c["validation_error"])
+
+
+def edge_search(score: Callable[[float], float], values: Sequence[float], extend_edges: int,
+                downwards: bool = True) -> float:
+    """The value of lowest `score` among `values`, extended at the ends (SelectionConfig.extend_edges).
+
+    `score` runs (or looks up) one candidate. While the best value tried is the largest (or, with
+    `downwards`, the smallest non-zero one) and fewer than `extend_edges` steps were taken at that
+    end, one more value a step beyond it is scored; the step is the ratio of the two values at that
+    end (2 when there is no such pair). Ties go to the value scored first.
+    """
+    scores = {value: score(value) for value in values}
+    steps = {"up": 0, "down": 0}
+    while True:
+        best = min(scores, key=scores.get)
+        tried = sorted(scores)
+        if best == tried[-1] and best > 0 and steps["up"] < extend_edges:
+            ratio = tried[-1] / tried[-2] if len(tried) > 1 and tried[-2] > 0 else 2.0
+            new, steps["up"] = best * ratio, steps["up"] + 1
+        elif downwards and best == tried[0] and best > 0 and steps["down"] < extend_edges:
+            ratio = tried[1] / tried[0] if len(tried) > 1 else 2.0
+            new, steps["down"] = best / ratio, steps["down"] + 1
+        else:
+            return best
+        scores[new] = score(new)
 
 
 def candidate_config(config, tv_weight: float, prior_weight: float):
@@ -205,7 +240,11 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     candidates: list[dict[str, Any]] = []
     images: list[torch.Tensor] = []
 
-    def run(tv_weight: float, prior_weight: float) -> None:
+    def run(tv_weight: float, prior_weight: float) -> float:
+        """The held-out error of one candidate (run once: a repeated pair is looked up)."""
+        for candidate in candidates:
+            if (candidate["tv_weight"], candidate["prior_weight"]) == (tv_weight, prior_weight):
+                return candidate["validation_error"]
         began = time.perf_counter()
         fit = INRFit2D(kspace_t, maps_t, fit_mask_t, candidate_config(config, tv_weight, prior_weight),
                        device, prior, None, None)
@@ -215,6 +254,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         images.append(result.pop("image"))
         candidates.append({"tv_weight": tv_weight, "prior_weight": prior_weight, **result,
                            "seconds": time.perf_counter() - began})
+        return result["validation_error"]
 
     if selection.search == "grid":
         for tv_weight in selection.tv_weights:
@@ -222,17 +262,15 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
                 run(tv_weight, prior_weight)
     else:
         first_prior = 0.0 if 0.0 in prior_weights else prior_weights[0]
-        for tv_weight in selection.tv_weights:
-            run(tv_weight, first_prior)
-        tv_chosen = choose(candidates)["tv_weight"]
-        for prior_weight in prior_weights:
-            if prior_weight != first_prior:
-                run(tv_chosen, prior_weight)
+        tv_chosen = edge_search(lambda tv: run(tv, first_prior), selection.tv_weights, selection.extend_edges)
+        # the prior list grows upwards only: its bottom is 0 (off) or the smallest weight worth a prior step
+        edge_search(lambda weight: run(tv_chosen, weight), [first_prior, *prior_weights],
+                    selection.extend_edges if prior_on else 0, downwards=False)
     chosen = choose(candidates)
     unrefit_image = images[candidates.index(chosen)]
     record = {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
               "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
-              "search": selection.search, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
+              "search": selection.search, "extend_edges": selection.extend_edges, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
               "candidates": candidates,
               "chosen": {key: chosen[key] for key in ("tv_weight", "prior_weight", "validation_error")}
               | {"steps": chosen["stop_step"]},
@@ -260,4 +298,4 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     return image.cpu().numpy(), info
 
 
-__all__ = ["SelectionConfig", "candidate_config", "choose", "select_and_reconstruct_2d", "split_holdout"]
+__all__ = ["SelectionConfig", "candidate_config", "choose", "edge_search", "select_and_reconstruct_2d", "split_holdout"]
