@@ -426,6 +426,10 @@ NOTES = """## Notes (what the rows say)
   (mean 5.65 against 5.80 %); 0.005 gave 5.68 % at seed 0. But at R = 6 / 8 it was worse (seeds 0 / 1:
   7.61 / 7.64 against 7.56 / 7.47 %, 10.08 / 10.31 against 9.77 / 9.85 %), so configs/demo3d.yaml keeps
   0.1 (its rows at seed 1 ran while the config held 0.02: their setting column shows no override).
+- Parameter averaging (`optim.ema: 0.99`, about the last 100 steps) does the same: R = 4 5.60 / 5.68 %
+  at seeds 0 / 1 (against 5.64 / 5.90), R = 6 7.68 % and R = 8 10.04 % at seed 0 (against 7.56 / 9.77).
+  Both ways of quieting the last steps help where the data are dense and cost where they are sparse;
+  at R = 6 / 8 the error is bias (missing detail), which an average of iterates smooths further.
 - Also tried at R = 4, seed 0 unless said: every plane every step (`slices.per_step: 36`, the prior on 4
   of them) 6.53 %; 1200 steps (prior from 675) 5.82 %; full DC over every plane in the last 50 steps
   5.67 / 5.87 % (seeds 0 / 1); noise levels up to 0.1 -> 0.03 5.70 %.
