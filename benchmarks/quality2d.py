@@ -125,32 +125,40 @@ def row_prior(row: dict) -> str | None:
     return row.get("prior", FIRST_PRIOR)
 
 
-def row_extend_edges(row: dict) -> int:
-    """selection.extend_edges of a fast_auto row and its norefit twin (0: rows before it existed)."""
-    return int(row.get("extend_edges", 0))
+def selection_variant(extend_edges: int = 0, search: str = "tv_then_prior") -> str:
+    """What a fast_auto row's selection did differently from the first one ("" for none)."""
+    notes = (["edges extended"] if extend_edges else []) + ([search.replace("_", " ")] if search != "tv_then_prior" else [])
+    return ", ".join(notes)
+
+
+def row_selection_variant(row: dict) -> str:
+    """selection_variant of a fast_auto row and its norefit twin ("" for other methods and older rows)."""
+    return selection_variant(int(row.get("extend_edges", 0)), row.get("search", "tv_then_prior"))
 
 
 def done_keys(path: Path) -> set[tuple]:
-    """(case, R, seed, method, prior, extend_edges) of the rows already run (prior None for methods
-    without one; extend_edges 0 but for fast_auto's rows)."""
+    """(case, R, seed, method, prior, selection variant) of the rows already run (prior None for
+    methods without one; the variant "" but for fast_auto's rows)."""
     if not path.exists():
         return set()
     keys = set()
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row), row_extend_edges(row)))
+            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row), row_selection_variant(row)))
     return keys
 
 
-def planned_extend_edges(method: str) -> int:
-    """selection.extend_edges a run of `method` would use now (configs/auto2d.yaml for fast_auto)."""
+def planned_selection(method: str) -> dict:
+    """The non-default selection keys a run of `method` would record now (configs/auto2d.yaml)."""
     if method != "fast_auto":
-        return 0
+        return {}
     from engine.config import load_config
     from engine.recon.fit2d import Recon2DConfig
 
-    return load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], []).selection.extend_edges
+    selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], []).selection
+    return ({"extend_edges": selection.extend_edges} if selection.extend_edges else {}) | (
+        {"search": selection.search} if selection.search != "tv_then_prior" else {})
 
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
@@ -201,8 +209,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 continue
             for method in methods:
                 prior = prior_id() if method in PRIOR_METHODS else None  # the prior this run loads
-                extend = planned_extend_edges(method)
-                if (case, acceleration, seed, method, prior, extend) in done:
+                variant = planned_selection(method)
+                if (case, acceleration, seed, method, prior, row_selection_variant(variant)) in done:
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
@@ -211,13 +219,13 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},
-                       **({"prior": prior} if prior else {}), **({"extend_edges": extend} if extend else {}),
+                       **({"prior": prior} if prior else {}), **variant,
                        "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
                 rows_out = [row]
                 if unrefit is not None:
                     chosen = row["selection"]["chosen"]
                     rows_out.append({**{k: row[k] for k in ("case", "R", "seed", "size", "prior_evals", "prior")},
-                                     **({"extend_edges": extend} if extend else {}),
+                                     **variant,
                                      "method": UNREFIT, **all_metrics(unrefit, reference, support),
                                      "seconds": row["seconds"] - row["selection"].get("refit_seconds", 0.0),
                                      "steps": chosen["steps"], "stopped": "selection",
@@ -447,12 +455,12 @@ def selection_section(rows: list[dict]) -> list[str]:
 
 def method_label(row: dict) -> str:
     """Method label of a row: the method, with the prior's date when it is not the first prior and
-    "edges extended" for fast_auto rows with selection.extend_edges (sections compare like with like)."""
+    the selection variant of fast_auto rows (sections compare like with like)."""
     prior, notes = row_prior(row), []
     if prior is not None and prior != FIRST_PRIOR:
         notes.append(f"prior {prior.split('(')[-1].rstrip(')')}")
-    if row_extend_edges(row):
-        notes.append("edges extended")
+    if row_selection_variant(row):
+        notes.append(row_selection_variant(row))
     return row["method"] + (f" ({', '.join(notes)})" if notes else "")
 
 

@@ -30,9 +30,9 @@ def test_rows_of_a_later_prior_are_reported_apart(tmp_path) -> None:
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # a first-prior row (no "prior" field) does not count as done for a later prior, and vice versa
     done = q.done_keys(runs)
-    assert ("4h_GE_256", 4, 0, "fast", q.FIRST_PRIOR, 0) in done and ("4h_GE_256", 4, 0, "fast", later, 0) in done
-    assert ("4h_GE_256", 4, 0, "inr_tv", None, 0) in done
-    assert ("4h_GE_256", 4, 0, "fast", "000000000000 (2027-01-01)", 0) not in done
+    assert ("4h_GE_256", 4, 0, "fast", q.FIRST_PRIOR, "") in done and ("4h_GE_256", 4, 0, "fast", later, "") in done
+    assert ("4h_GE_256", 4, 0, "inr_tv", None, "") in done
+    assert ("4h_GE_256", 4, 0, "fast", "000000000000 (2027-01-01)", "") not in done
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()
@@ -58,7 +58,9 @@ def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) ->
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = q.done_keys(runs)
     later = "abcdef123456 (2026-12-01)"
-    assert ("4h_GE_256", 4, 0, "fast_auto", later, 0) in done and ("4h_GE_256", 4, 0, "fast_auto", later, 2) in done
+    assert ("4h_GE_256", 4, 0, "fast_auto", later, "") in done
+    assert ("4h_GE_256", 4, 0, "fast_auto", later, "edges extended") in done
+    assert q.row_selection_variant({"search": "prior_then_tv"}) == "prior then tv"
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()

@@ -123,6 +123,22 @@ def test_selection_extends_the_prior_list_upwards_on_the_same_tv(case):  # noqa:
     assert (0.2 in at_tv) == (at_tv[0.1] < at_tv[0.0])
 
 
+def test_prior_then_tv_chooses_tv_beside_the_chosen_prior(case):  # noqa: F811
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    config = selection_config(tv_weights=[5e-5, 1e-4, 2e-4], prior_weights=[0.0, 0.1], refit=False,
+                              search="prior_then_tv")
+    _, info = reconstruct_2d(kspace, maps, mask, config, prior=TinyDenoiser())
+    pairs = [(c["tv_weight"], c["prior_weight"]) for c in info["selection"]["candidates"]]
+    errors = {pair: c["validation_error"] for pair, c in zip(pairs, info["selection"]["candidates"])}
+    # first every prior weight at the config's TV weight (1e-4), then the other TV weights at the winner
+    assert pairs[:2] == [(1e-4, 0.0), (1e-4, 0.1)] and len(pairs) == 4
+    prior_chosen = 0.0 if errors[(1e-4, 0.0)] <= errors[(1e-4, 0.1)] else 0.1
+    assert pairs[2:] == [(5e-5, prior_chosen), (2e-4, prior_chosen)]
+    assert info["selection"]["chosen"]["validation_error"] == min(errors.values())
+
+
 def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # noqa: F811
     from engine.recon.fit2d import reconstruct_2d
 

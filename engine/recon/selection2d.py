@@ -18,8 +18,10 @@ Procedure (`select_and_reconstruct_2d`):
    `min_steps`) or at optim.steps. Its score is the minimum, its stop the step of the minimum (the
    loss-plateau early stop of the config is replaced by this);
 4. search "tv_then_prior": the TV weights with the prior off, then the non-zero prior weights at
-   the chosen TV weight (|tv| + |prior| - 1 runs); "grid": every pair (|tv| x |prior| runs);
-   with `extend_edges` > 0 (tv_then_prior only), a list whose best value is at one of its ends
+   the chosen TV weight (|tv| + |prior| - 1 runs); "prior_then_tv": the prior weights at the
+   config's TV weight, then the TV weights at the chosen prior weight (as many runs; TV is chosen
+   beside the prior the image will have, rather than in its place); "grid": every pair
+   (|tv| x |prior| runs); with `extend_edges` > 0 (not with grid), a list whose best value is at one of its ends
    grows a geometric step beyond that end (TV both ways, the prior upwards; at most
    `extend_edges` steps per end, `edge_search`): a list cannot know how much regularisation a
    case wants, and the held-out error says when it wanted more or less than the list offered;
@@ -57,8 +59,9 @@ class SelectionConfig:
     prior_weights: tuple[float, ...] = (0.0, 0.05, 0.1)
     """candidate constant prior weights (replace prior.weight_start and weight_end; weight_scale is
     kept); 0 = prior off. Non-zero values are skipped when the config's prior.mode is 'off'."""
-    search: Literal["tv_then_prior", "grid"] = "tv_then_prior"
+    search: Literal["tv_then_prior", "prior_then_tv", "grid"] = "tv_then_prior"
     """'tv_then_prior': TV weights with the prior off, then prior weights at the chosen TV weight;
+    'prior_then_tv': prior weights at regularisers.tv_weight, then TV weights at the chosen prior weight;
     'grid': every (TV, prior) pair."""
     warm_start_steps: int = 100
     """steps run once and shared by all candidates (capped at prior.start_step and optim.steps - 1;
@@ -72,7 +75,7 @@ class SelectionConfig:
     refit: bool = True
     """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
     extend_edges: int = 0
-    """tv_then_prior: when a list's best value is at its end, try up to this many geometric steps
+    """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many geometric steps
     beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
 
     def __post_init__(self) -> None:
@@ -84,8 +87,8 @@ class SelectionConfig:
             raise ValueError("selection weights must be >= 0")
         if self.validate_every < 1 or self.patience < 1 or self.warm_start_steps < 0:
             raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
-        if self.extend_edges < 0 or (self.extend_edges and self.search != "tv_then_prior"):
-            raise ValueError("selection.extend_edges must be >= 0, and 0 unless search is tv_then_prior")
+        if self.extend_edges < 0 or (self.extend_edges and self.search == "grid"):
+            raise ValueError("selection.extend_edges must be >= 0, and 0 with search 'grid'")
 
 
 def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +263,10 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         for tv_weight in selection.tv_weights:
             for prior_weight in prior_weights:
                 run(tv_weight, prior_weight)
+    elif selection.search == "prior_then_tv":
+        prior_chosen = edge_search(lambda weight: run(config.regularisers.tv_weight, weight), prior_weights,
+                                   selection.extend_edges if prior_on else 0, downwards=False)
+        edge_search(lambda tv: run(tv, prior_chosen), selection.tv_weights, selection.extend_edges)
     else:
         first_prior = 0.0 if 0.0 in prior_weights else prior_weights[0]
         tv_chosen = edge_search(lambda tv: run(tv, first_prior), selection.tv_weights, selection.extend_edges)
