@@ -55,6 +55,29 @@ def test_edge_search_grows_a_list_where_its_best_value_sits_at_an_end():
         SelectionConfig(extend_edges=2, search="grid")
 
 
+def test_uniform_held_out_score_is_the_relative_dc_error_and_density_weights_the_periphery():
+    import torch
+
+    from engine.losses.dc import DataConsistency
+    from engine.physics.masks import poisson_disc_mask
+    from engine.recon.selection2d import _Scorer
+    from engine.recon.selection3d import holdout_weights
+
+    rng = np.random.default_rng(0)
+    kspace = torch.tensor(rng.standard_normal((3, 48, 48)) + 1j * rng.standard_normal((3, 48, 48)), dtype=torch.complex64)
+    maps = torch.tensor(rng.standard_normal((3, 48, 48)) + 1j * rng.standard_normal((3, 48, 48)), dtype=torch.complex64)
+    image = torch.tensor(rng.standard_normal((48, 48)) + 1j * rng.standard_normal((48, 48)), dtype=torch.complex64)
+    mask = poisson_disc_mask((48, 48), 4, calib=(0, 0), seed=0)
+    _, held = split_holdout(mask, 0.2, seed=1)
+    uniform = _Scorer(kspace, maps, torch.tensor(holdout_weights(mask, held, "uniform")), None, None)
+    expected = DataConsistency(kspace * torch.tensor(held), maps, torch.tensor(held), "energy", "torch")(image)
+    assert uniform(image, 0)["validation_error"] == pytest.approx(float(expected), rel=1e-4)
+    weights = holdout_weights(mask, held, "density")
+    radius = np.hypot(*np.meshgrid(np.arange(48) - 24, np.arange(48) - 24, indexing="ij"))
+    outer, inner = (held > 0) & (radius > 16), (held > 0) & (radius < 8)
+    assert weights[outer].mean() > 1.5 * weights[inner].mean()  # variable density: the centre is dense
+
+
 def selection_config(**selection):
     return small_config(optim={"steps": 80}, regularisers={"tv_weight": 1e-4},
                         prior={"mode": "tweedie", "inject_noise": False, "start_step": 20, "every": 5,

@@ -4,7 +4,7 @@ Why: the fast mode's prior weight, TV weight and loss-plateau stop were tuned on
 slices from other scanners the prior can cost quality, and a user has no reference to tune
 against. The measured samples are the only ground truth a user has, so a seeded random part of
 them (`holdout_fraction`) is withheld from the fit, and the relative data-consistency error on it,
-||M_h F S x - y_h||^2 / ||y_h||^2 (engine.losses.DataConsistency, "energy"), scores each
+||M_h F S x - y_h||^2 / ||y_h||^2 (optionally density-weighted, `holdout_weighting`), scores each
 candidate: k-space cross-validation, as in self-supervised MRI (SSDU).
 
 Procedure (`select_and_reconstruct_2d`):
@@ -74,6 +74,11 @@ class SelectionConfig:
     """never stop a candidate before this step (counted from 0, warm start included)."""
     refit: bool = True
     """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
+    holdout_weighting: Literal["uniform", "density"] = "uniform"
+    """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
+    (engine.recon.selection3d.holdout_weights): a variable-density mask holds out mostly central
+    samples, and the weights make the score estimate the error over all of k-space, where the
+    image's error lies, rather than over the densely sampled centre."""
     extend_edges: int = 0
     """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many geometric steps
     beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
@@ -150,16 +155,19 @@ def candidate_config(config, tv_weight: float, prior_weight: float):
 
 
 class _Scorer:
-    """Relative held-out DC error of an image in the data's units (plus NRMSE when a reference is given)."""
+    """sum w |F S x - y|^2 / sum w |y|^2 over the held-out samples (weights w; engine.recon.selection3d.
+    holdout_weights), in the data's units, plus NRMSE when a reference is given."""
 
-    def __init__(self, kspace_t, maps_t, holdout_t, reference, support):
-        from engine.losses.dc import DataConsistency
-
-        self.dc = DataConsistency(kspace_t * holdout_t, maps_t, holdout_t, "energy", "torch")
+    def __init__(self, kspace_t, maps_t, weights_t, reference, support):
+        self.kspace, self.maps, self.weights = kspace_t, maps_t, weights_t
+        self.energy = float((weights_t * kspace_t.abs().square()).sum())
         self.reference, self.support = reference, support
 
     def __call__(self, image: torch.Tensor, step: int) -> dict[str, float]:
-        error = float(self.dc(image))
+        from engine.physics.sense import forward
+
+        residual = float((self.weights * (forward(image, self.maps) - self.kspace).abs().square()).sum())
+        error = residual / self.energy
         point = {"step": step, "validation_error": error if np.isfinite(error) else float("inf")}
         if self.reference is not None:
             from engine.evaluation.metrics import nrmse_percent
@@ -218,10 +226,13 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     maps_t = _as_tensor(maps, "maps", True, device)
     mask_np = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, np.float32)
     fit_mask, holdout = split_holdout(mask_np, selection.holdout_fraction, selection.holdout_seed)
-    fit_mask_t, holdout_t = _as_tensor(fit_mask, "mask", False, device), _as_tensor(holdout, "mask", False, device)
+    fit_mask_t = _as_tensor(fit_mask, "mask", False, device)
     reference = None if reference is None else np.asarray(reference)
     support = None if support is None else np.asarray(support)
-    scorer = _Scorer(kspace_t, maps_t, holdout_t, reference, support)
+    from engine.recon.selection3d import holdout_weights
+
+    weights_t = _as_tensor(holdout_weights(mask_np, holdout, selection.holdout_weighting), "mask", False, device)
+    scorer = _Scorer(kspace_t, maps_t, weights_t, reference, support)
 
     prior_on = config.prior.mode != "off"
     prior_weights = [w for w in selection.prior_weights if prior_on or w == 0] or [0.0]
@@ -277,7 +288,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     unrefit_image = images[candidates.index(chosen)]
     record = {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
               "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
-              "search": selection.search, "extend_edges": selection.extend_edges, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
+              "search": selection.search, "holdout_weighting": selection.holdout_weighting, "extend_edges": selection.extend_edges, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
               "candidates": candidates,
               "chosen": {key: chosen[key] for key in ("tv_weight", "prior_weight", "validation_error")}
               | {"steps": chosen["stop_step"]},
