@@ -125,15 +125,25 @@ def row_prior(row: dict) -> str | None:
     return row.get("prior", FIRST_PRIOR)
 
 
-def selection_variant(extend_edges: int = 0, search: str = "tv_then_prior") -> str:
-    """What a fast_auto row's selection did differently from the first one ("" for none)."""
-    notes = (["edges extended"] if extend_edges else []) + ([search.replace("_", " ")] if search != "tv_then_prior" else [])
+SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform"}
+
+
+def selection_variant(keys: dict) -> str:
+    """What a fast_auto row's selection did differently from the first one ("" for none), from its
+    non-default selection keys (SELECTION_DEFAULTS)."""
+    notes = []
+    if keys.get("extend_edges", 0):
+        notes.append("edges extended")
+    if keys.get("search", "tv_then_prior") != "tv_then_prior":
+        notes.append(keys["search"].replace("_", " "))
+    if keys.get("holdout_weighting", "uniform") != "uniform":
+        notes.append(f"{keys['holdout_weighting']}-weighted")
     return ", ".join(notes)
 
 
 def row_selection_variant(row: dict) -> str:
     """selection_variant of a fast_auto row and its norefit twin ("" for other methods and older rows)."""
-    return selection_variant(int(row.get("extend_edges", 0)), row.get("search", "tv_then_prior"))
+    return selection_variant(row)
 
 
 def done_keys(path: Path) -> set[tuple]:
@@ -157,8 +167,8 @@ def planned_selection(method: str) -> dict:
     from engine.recon.fit2d import Recon2DConfig
 
     selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], []).selection
-    return ({"extend_edges": selection.extend_edges} if selection.extend_edges else {}) | (
-        {"search": selection.search} if selection.search != "tv_then_prior" else {})
+    return {key: getattr(selection, key) for key, default in SELECTION_DEFAULTS.items()
+            if getattr(selection, key) != default}
 
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
@@ -210,7 +220,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
             for method in methods:
                 prior = prior_id() if method in PRIOR_METHODS else None  # the prior this run loads
                 variant = planned_selection(method)
-                if (case, acceleration, seed, method, prior, row_selection_variant(variant)) in done:
+                if (case, acceleration, seed, method, prior, selection_variant(variant)) in done:
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
