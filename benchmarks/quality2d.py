@@ -401,19 +401,27 @@ def summary_section(rows: list[dict]) -> list[str]:
     return lines + ["", f"Cases: {', '.join(cases)}; only (case, R, seed) rows where every listed method ran.", ""]
 
 
-def selection_section(rows: list[dict]) -> list[str]:
-    """Per (case, R, seed): INR + TV, fast, fast with label-free choices, what was chosen, and the
-    best candidate of the same list judged by the reference (the oracle), plus the seed spread.
-    Rows of the newest fast_auto label (prior and selection version) only; older ones are columns of
-    the prior section."""
+def selection_sections(rows: list[dict]) -> list[str]:
+    """A label-free table for each fast_auto label (selection variant) of the newest prior, the
+    label of the newest row first; older priors' rows are columns of the prior section."""
     autos = [r for r in rows if r["method"].split(" (")[0] == "fast_auto"]
     if not autos:
         return []
-    newest = max(autos, key=lambda r: r["date"])
-    label, fast_label = newest["method"], method_label({"method": "fast", "prior": newest.get("prior")})
-    auto = [r for r in autos if r["method"] == label]
+    prior = max(autos, key=lambda r: r["date"]).get("prior")
+    labels = sorted({r["method"] for r in autos if r.get("prior") == prior},
+                    key=lambda label: max(r["date"] for r in autos if r["method"] == label), reverse=True)
+    return [line for label in labels for line in selection_section(rows, label)]
+
+
+def selection_section(rows: list[dict], label: str) -> list[str]:
+    """Per (case, R, seed): INR + TV, fast, fast_auto under `label`, what was chosen, and the best
+    candidate of the same list judged by the reference (the oracle), plus the seed spread."""
+    auto = [r for r in rows if r["method"] == label]
+    fast_label = method_label({"method": "fast", "prior": auto[0].get("prior")})
+    variant = row_selection_variant(auto[0])
     nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
-    lines = [f"## Label-free choices ({label}, configs/auto2d.yaml): per slice, R and mask seed, NRMSE %", "",
+    lines = [f"## Label-free choices ({label}): per slice, R and mask seed, NRMSE %", "",
+             "configs/auto2d.yaml" + (f" with the selection variant: {variant}." if variant else "."), "",
              ("Chosen on 8 % held-out measured samples (no reference); `candidate` is the chosen candidate's "
               "image (fit without the held-out samples), `refit` the same settings rerun on all samples "
               "(what fast_auto returns). Oracle: the candidate of the same runs with the lowest NRMSE at its "
@@ -533,7 +541,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         "",
     ]
     lines += summary_section(rows)
-    lines += selection_section(rows)
+    lines += selection_sections(rows)
     lines += prior_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",
