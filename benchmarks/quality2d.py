@@ -129,21 +129,12 @@ SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_wei
 
 
 def selection_variant(keys: dict) -> str:
-    """What a fast_auto row's selection did differently from the first one ("" for none), from its
-    non-default selection keys (SELECTION_DEFAULTS)."""
-    notes = []
-    if keys.get("extend_edges", 0):
-        notes.append("edges extended")
-    if keys.get("search", "tv_then_prior") != "tv_then_prior":
-        notes.append(keys["search"].replace("_", " "))
-    if keys.get("holdout_weighting", "uniform") != "uniform":
-        notes.append(f"{keys['holdout_weighting']}-weighted")
-    return ", ".join(notes)
-
-
-def row_selection_variant(row: dict) -> str:
-    """selection_variant of a fast_auto row and its norefit twin ("" for other methods and older rows)."""
-    return selection_variant(row)
+    """What a fast_auto row's selection did differently from the first one ("" for none): its
+    selection keys that differ from SELECTION_DEFAULTS (rows of other methods, and older rows, have none)."""
+    names = {"extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
+             "holdout_weighting": lambda value: f"{value}-weighted"}
+    return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
+                     if keys.get(key, default) != default)
 
 
 def done_keys(path: Path) -> set[tuple]:
@@ -155,7 +146,7 @@ def done_keys(path: Path) -> set[tuple]:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row), row_selection_variant(row)))
+            keys.add((row["case"], row["R"], row["seed"], row["method"], row_prior(row), selection_variant(row)))
     return keys
 
 
@@ -208,6 +199,9 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
 
     torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
     done = done_keys(out)
+    # what each method's runs load and record: the same for every row of this invocation
+    priors = {method: prior_id() if method in PRIOR_METHODS else None for method in methods}
+    variants = {method: planned_selection(method) for method in methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases or PARTS[part]:
         kspace = load_case(case)
@@ -218,8 +212,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
             if only_rows and f"{case}:{acceleration}:{seed}" not in only_rows:
                 continue
             for method in methods:
-                prior = prior_id() if method in PRIOR_METHODS else None  # the prior this run loads
-                variant = planned_selection(method)
+                prior, variant = priors[method], variants[method]
                 if (case, acceleration, seed, method, prior, selection_variant(variant)) in done:
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
@@ -418,7 +411,7 @@ def selection_section(rows: list[dict], label: str) -> list[str]:
     candidate of the same list judged by the reference (the oracle), plus the seed spread."""
     auto = [r for r in rows if r["method"] == label]
     fast_label = method_label({"method": "fast", "prior": auto[0].get("prior")})
-    variant = row_selection_variant(auto[0])
+    variant = selection_variant(auto[0])
     nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
     lines = [f"## Label-free choices ({label}): per slice, R and mask seed, NRMSE %", "",
              "configs/auto2d.yaml" + (f" with the selection variant: {variant}." if variant else "."), "",
@@ -477,8 +470,9 @@ def method_label(row: dict) -> str:
     prior, notes = row_prior(row), []
     if prior is not None and prior != FIRST_PRIOR:
         notes.append(f"prior {prior.split('(')[-1].rstrip(')')}")
-    if row_selection_variant(row):
-        notes.append(row_selection_variant(row))
+    variant = selection_variant(row)
+    if variant:
+        notes.append(variant)
     return row["method"] + (f" ({', '.join(notes)})" if notes else "")
 
 

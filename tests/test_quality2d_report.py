@@ -60,8 +60,8 @@ def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) ->
     later = "abcdef123456 (2026-12-01)"
     assert ("4h_GE_256", 4, 0, "fast_auto", later, "") in done
     assert ("4h_GE_256", 4, 0, "fast_auto", later, "edges extended") in done
-    assert q.row_selection_variant({"search": "prior_then_tv"}) == "prior then tv"
-    assert q.row_selection_variant({"holdout_weighting": "density", "extend_edges": 2}) == "edges extended, density-weighted"
+    assert q.selection_variant({"search": "prior_then_tv"}) == "prior then tv"
+    assert q.selection_variant({"holdout_weighting": "density", "extend_edges": 2}) == "edges extended, density-weighted"
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()

@@ -21,8 +21,8 @@ Procedure (`select_and_reconstruct_2d`):
    the chosen TV weight (|tv| + |prior| - 1 runs); "prior_then_tv": the prior weights at the
    config's TV weight, then the TV weights at the chosen prior weight (as many runs; TV is chosen
    beside the prior the image will have, rather than in its place); "grid": every pair
-   (|tv| x |prior| runs); with `extend_edges` > 0 (not with grid), a list whose best value is at one of its ends
-   grows a geometric step beyond that end (TV both ways, the prior upwards; at most
+   (|tv| x |prior| runs); with `extend_edges` > 0 (not with grid), a list whose best value is at
+   one of its ends grows a geometric step beyond that end (TV both ways, the prior upwards; at most
    `extend_edges` steps per end, `edge_search`): a list cannot know how much regularisation a
    case wants, and the held-out error says when it wanted more or less than the list offered;
 5. the lowest score wins (`choose`); with `refit` the chosen settings run again from scratch on
@@ -80,8 +80,8 @@ class SelectionConfig:
     samples, and the weights make the score estimate the error over all of k-space, where the
     image's error lies, rather than over the densely sampled centre."""
     extend_edges: int = 0
-    """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many geometric steps
-    beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
+    """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many
+    geometric steps beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -281,14 +281,17 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     else:
         first_prior = 0.0 if 0.0 in prior_weights else prior_weights[0]
         tv_chosen = edge_search(lambda tv: run(tv, first_prior), selection.tv_weights, selection.extend_edges)
-        # the prior list grows upwards only: its bottom is 0 (off) or the smallest weight worth a prior step
+        # the prior list grows upwards only: its bottom is 0 (off) or the smallest weight worth a prior step;
+        # first_prior leads so that a tie goes to the candidate the TV stage already ran
         edge_search(lambda weight: run(tv_chosen, weight), [first_prior, *prior_weights],
                     selection.extend_edges if prior_on else 0, downwards=False)
     chosen = choose(candidates)
     unrefit_image = images[candidates.index(chosen)]
     record = {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
               "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
-              "search": selection.search, "holdout_weighting": selection.holdout_weighting, "extend_edges": selection.extend_edges, "warm_start_steps": warm_steps, "warm_start_seconds": warm_seconds,
+              "search": selection.search, "holdout_weighting": selection.holdout_weighting,
+              "extend_edges": selection.extend_edges, "warm_start_steps": warm_steps,
+              "warm_start_seconds": warm_seconds,
               "candidates": candidates,
               "chosen": {key: chosen[key] for key in ("tv_weight", "prior_weight", "validation_error")}
               | {"steps": chosen["stop_step"]},
