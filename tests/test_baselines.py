@@ -276,3 +276,22 @@ def test_quality3d_cfl_files_are_column_major(tmp_path):
     assert raw[1] == array[1, 0, 0] and raw[2] == array[0, 1, 0]  # x fastest, then y
     assert (tmp_path / "a.hdr").read_text().splitlines()[1].split()[:4] == ["2", "3", "4", "1"]
     np.testing.assert_array_equal(quality3d["read_cfl"](tmp_path / "a"), array)
+
+
+def test_quality3d_error_spectrum_puts_an_error_where_it_is():
+    """An error at one (ky, kz) frequency the mask left out lands wholly on the unmeasured side and in
+    the radial band of that frequency; the shares sum to one."""
+    quality3d = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality3d.py"))
+    nx, ny, nz = 3, 16, 8
+    reference = np.full((nx, ny, nz), 2.0, np.complex64)
+    mask = np.zeros((ny, nz), np.float32)
+    mask[ny // 2, nz // 2] = 1  # only DC measured
+    iy, iz = np.meshgrid(np.arange(ny), np.arange(nz), indexing="ij")
+    ripple = 0.1 * np.cos(2 * np.pi * (7 * iy / ny + 3 * iz / nz))  # |k| = hypot(7/8, 3/4) > 0.75
+    case = {"reference": reference, "mask": mask, "support": np.ones((nx, ny, nz), bool)}
+    spectrum = quality3d["error_spectrum"](reference + ripple[None], case)
+    assert spectrum["measured_share"] < 1e-12
+    shares = [band["share"] for band in spectrum["bands"]]
+    assert sum(shares) == pytest.approx(1.0)
+    assert shares[-1] == pytest.approx(1.0)
+    assert spectrum["bands"][0]["sampled_fraction"] > 0 and spectrum["bands"][-1]["sampled_fraction"] == 0
