@@ -441,7 +441,8 @@ NOTES = """## Notes (what the rows say)
   13 % of the positions are sampled; missing fine detail, which is the prior's and the regularisers' job.
 - Also tried at R = 4, seed 0 unless said: every plane every step (`slices.per_step: 36`, the prior on 4
   of them) 6.53 %; 1200 steps (prior from 675) 5.82 %; full DC over every plane in the last 50 steps
-  5.67 / 5.87 % (seeds 0 / 1); noise levels up to 0.1 -> 0.03 5.70 %.
+  5.67 / 5.87 % (seeds 0 / 1); noise levels up to 0.1 -> 0.03 5.70 %; twice the plane grids' features
+  (`plane_grids.features_per_level: 4`) 5.83 %, so per-plane capacity is not what limits R = 4.
 - Cross slices (`slices.cross_per_step: 1`, an (x, y) or (x, z) plane per shard and prior step, assembled
   across both ranks, shown to the prior at 1 mm with `cross_upsample_x: 3`): 6.16 % at weight 1 and
   5.88 % at weight 0.5, against 5.63 % without, so they stay off. Unlike the readout planes, such a slice
