@@ -752,10 +752,9 @@ def analyse(case_name: str, acceleration: float, methods: list[str]) -> None:
               f"{spectrum['measured_share']:.2f}, unmeasured {1 - spectrum['measured_share']:.2f}; {bands}")
     if len(volumes) > 1:
         reference_norm = np.linalg.norm(np.abs(case["reference"])[case["support"]])
-        for i in range(len(volumes)):
-            for j in range(i + 1, len(volumes)):
-                difference = (np.abs(volumes[i]) - np.abs(volumes[j]))[case["support"]]
-                print(f"{methods[i]} - {methods[j]}: {100 * np.linalg.norm(difference) / reference_norm:.2f} %")
+        for (a, volume_a), (b, volume_b) in itertools.combinations(zip(methods, volumes), 2):
+            difference = (np.abs(volume_a) - np.abs(volume_b))[case["support"]]
+            print(f"{a} - {b}: {100 * np.linalg.norm(difference) / reference_norm:.2f} %")
         print(f"complex mean of the {len(volumes)}: NRMSE {nrmse_percent(np.mean(volumes, axis=0), case):.2f} %")
 
 
