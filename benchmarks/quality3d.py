@@ -498,8 +498,17 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   learning rate down to 0.1 of its start) for 500 of 2400 steps: 5.56 %, above the 3D L1-wavelet (4.76 %)
   and BART (4.86 %). On the bundled case INFusion's lead grows with R; here, cut to a fifth of its
   steps, it trails, so these short rows say little about the config's full run.
-- Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps do not
-  fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
+- R = 6 ran the config in full (2400 steps, 1.9 s per step with other jobs on the 2 cores): 3.97 %, below
+  the 3D L1-wavelet (4.01 %; the run's own slab-wise one 4.03 %) and BART's best lambda tried (4.16 %),
+  by 1 %, not the 10 % of the goal (3.61 %). R = 8 at 1200 of the 2400 steps (the prior from step 675):
+  4.62 %, below the 3D L1-wavelet (4.76 %) and BART (4.86 %), down from 5.56 % at 500 steps. So the
+  config, tuned on the bundled 3 x 3 x 2 mm case, leads at 1 mm too, but by far less than there (15 % at
+  R = 6 on the bundled case); levers tuned at 1 mm (on Colin27's training part) would be the next step,
+  which needs faster hardware than 2 CPU cores (76 min per R = 6 run here). Both rows also ran the run's
+  own slab-wise L1-wavelet after the steps (17 min, not in their seconds; the benchmark now switches it
+  off), and their peak RSS includes it.
+- Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps at
+  R = 4 / 8 do not fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
 
 EXPECTED_1MM = ("zero_filled", "l1_wavelet_3d", "bart_W", "inr_tv_2d_planes", "infusion")
 
