@@ -473,8 +473,9 @@ masks without calibration region, seeded by the case. INFusion runs configs/coli
 configs/demo3d.yaml by the scaling rules its header states; no setting was tuned against this reference.
 A row with `steps=N` in its setting ran fewer steps than the config's (time on 2 shared cores); the BART
 rows are the lambdas tried, fewer than on the bundled case (time), so its best is the best of those.
-Montage (reference, zero-filled, 3D L1-wavelet, best BART, INFusion at the true voxel shape):
-benchmarks/results/quality3d_colin27_1mm_R4.png (`python benchmarks/quality3d.py montage`)."""
+Montages (reference, zero-filled, 3D L1-wavelet, best BART, the best INFusion row at the true voxel shape;
+`python benchmarks/quality3d.py montage --R 4 6`): benchmarks/results/quality3d_colin27_1mm_R4.png (INFusion
+after 1000 steps) and benchmarks/results/quality3d_colin27_1mm_R6.png (the config's full run)."""
 
 NOTES_1MM = """#### Notes on the 1 mm rows
 
