@@ -755,7 +755,11 @@ def analyse(case_name: str, acceleration: float, methods: list[str]) -> None:
     for method in methods:
         if method not in rows or "volume_zarr" not in rows[method]:
             raise SystemExit(f"analyse: no INFusion row {method!r} at {case_name} R {acceleration:g}")
-        volume = np.asarray(open_volume(REPO / rows[method]["volume_zarr"]).complex[...])
+        path = REPO / rows[method]["volume_zarr"]
+        if not path.exists():
+            raise SystemExit(f"analyse: {method!r} logged its volume at {path}, which is not here (outputs/ is "
+                             "not committed): rerun that row first")
+        volume = np.asarray(open_volume(path).complex[...])
         volumes.append(volume)
         spectrum = error_spectrum(volume, case)
         bands = ", ".join(f"|k| {b['from']:g}-{b['to']:g}: {b['share']:.2f} ({b['sampled_fraction']:.0%} sampled)"
