@@ -82,7 +82,12 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
              "setting_hash": "h", **infusion},
             {"case": "bundled", "R": 4.0, "method": "infusion:a seed 1", "nrmse_percent": 5.8, "slice_seed": 1,
              "setting_hash": "h", **infusion},
-            {"case": "bundled", "R": 4.0, "method": "infusion:b", "nrmse_percent": 5.45, **infusion},
+            {"case": "bundled", "R": 4.0, "method": "infusion:b", "nrmse_percent": 5.45, **infusion,
+             "debias": {"gains": [1.0, 1.25], "band_edges": [0.5], "without_debias_percent": 5.6,
+                        "holdout_fit_percent": 5.9, "holdout_fit_seconds": 8.0}},
+            # the peer given the same debias: reported beside the goal, not the peer the goal is set by
+            {"case": "bundled", "R": 4.0, "method": "l1_wavelet_3d_debiased", "nrmse_percent": 5.0, "seconds": 2.0,
+             "debias": {"gains": [1.0, 1.1], "band_edges": [0.5], "without_debias_percent": 6.0}},
             {"case": "colin27_1mm", "R": 4.0, "method": "zero_filled", "nrmse_percent": 23.0, "seconds": 2.0},
             {"case": "colin27_1mm", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 6.0, "seconds": 9.0,
              "factor": 0.004, "lamda": 0.01},
@@ -102,6 +107,10 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
             "mean 5.50 %, spread 0.60 points.") in report
     # b's single run is lower, but only a setting run at the most seeds is judged
     assert "at the most seeds): the mean of the 2 seeds of infusion:a, 5.50 %: goal NOT reached." in report
+    assert ("The 3D L1-wavelet with the same debias (l1_wavelet_3d_debiased): 5.00 %; that INFusion score is "
+            "10.0 % above it.") in report
+    assert ("(debias gains 1.000 / 1.250 at band edges 0.5; without them 5.60 %; holdout fit 5.90 % in 8 s)"
+            in report)
     scale = quality3d.SCALE_REPORT.read_text()
     assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
     quality3d.write_report()  # the marked section is replaced, not appended again

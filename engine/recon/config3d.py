@@ -13,6 +13,7 @@ from engine.config import config_to_dict
 from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
+from engine.recon.debias3d import Debias3DConfig
 from engine.recon.schedule import AdamConfig
 from engine.recon.selection3d import Selection3DConfig
 from engine.runtime.checkpoint import (
@@ -204,6 +205,8 @@ class Recon3DConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     selection: Selection3DConfig = field(default_factory=Selection3DConfig)
     """Label-free choice of the regularisation strength from held-out samples (engine.recon.selection3d)."""
+    debias: Debias3DConfig = field(default_factory=Debias3DConfig)
+    """Label-free gains on the output's unmeasured (ky, kz) bands from a holdout fit (engine.recon.debias3d)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.config import config_to_dict
 from engine.recon.config3d import BundledCaseConfig, Recon3DConfig, result_config
+from engine.recon.debias3d import apply_band_gains, estimate_band_gains, gain_map, radial_bands
 from engine.recon.fit3d import NonFiniteStop, Recon3D, StepResult
 from engine.recon.selection3d import scaled_config, select_regularisation
 from engine.runtime.checkpoint import CheckpointManager
@@ -205,6 +206,7 @@ def run_recon3d(
     if cfg.selection.enabled:
         selection = choose_regularisation(cfg, source, paths, ctx, resume, prior)
         cfg = scaled_config(cfg, selection["chosen"]["scale"])
+    debias = debias_gains(cfg, source, paths, ctx, resume, prior) if cfg.debias.enabled else None
     recon = Recon3D(cfg, source, ctx, prior=prior)
     hashed = result_config(cfg, recon.input_description())
     if ctx.is_main:
@@ -285,7 +287,8 @@ def run_recon3d(
     train_seconds = elapsed()  # summed over every segment of a resumed run
     return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
                       {"skipped_steps": skipped_steps, "resumed_from_step": start_step}
-                      | ({"selection": selection} if selection is not None else {}),
+                      | ({"selection": selection} if selection is not None else {})
+                      | ({"debias": debias} if debias is not None else {}),
                       voxel_size=source.voxel_size_mm)
 
 
@@ -294,21 +297,45 @@ def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: Dist
     """engine.recon.selection3d's record for this run: read from `<stem>_run/selection.json` when resuming
     a run that already made its choice with the same selection settings, else the candidate runs
     (collective), then saved there."""
-    saved = paths.side / "selection.json"
     settings = json.loads(json.dumps(config_to_dict(cfg.selection)))  # as it reads back from the file
+    announce = (f"[recon3d] selection: {len(cfg.selection.regularisation_scales)} candidate runs on "
+                f"{1 - cfg.selection.holdout_fraction:.0%} of the measured samples, then the final run on all")
+    record = _saved_or_computed(paths.side / "selection.json", settings, resume, ctx, announce,
+                                lambda: select_regularisation(cfg, source, ctx, prior, progress=cfg.output.progress))
+    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen (held-out error "
+               f"{record['chosen']['validation_error']:.5g}); {paths.side / 'selection.json'}")
+    return record
+
+
+def debias_gains(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
+                 prior: nn.Module | None) -> dict:
+    """engine.recon.debias3d's record for this run: read from `<stem>_run/debias.json` when resuming a
+    run of the same config, else the holdout fit (collective), then saved there."""
+    settings = json.loads(json.dumps(result_config(cfg, {})))  # the holdout fit depends on every result key
+    announce = (f"[recon3d] debias: a holdout fit on {1 - cfg.debias.holdout_fraction:.0%} of the measured "
+                "samples measures the shrinkage of unmeasured (ky, kz) bands, then the final run on all")
+    record = _saved_or_computed(paths.side / "debias.json", settings, resume, ctx, announce,
+                                lambda: estimate_band_gains(cfg, source, ctx, prior, progress=cfg.output.progress))
+    gains = ", ".join(f"{g:.3f}" for g in record["gains"])
+    ctx.print0(f"[recon3d] debias: gains per band (edges {record['band_edges']}) {gains}; "
+               f"{paths.side / 'debias.json'}")
+    return record
+
+
+def _saved_or_computed(saved: Path, settings: dict, resume: bool, ctx: DistContext, announce: str,
+                       compute: Callable[[], dict]) -> dict:
+    """A label-free record of this run: `saved` when resuming with the same settings, else `compute()`
+    (collective), written to `saved` by rank 0 before the final run starts."""
     record = json.loads(saved.read_text()) if resume and saved.is_file() else None
     if record is not None and record.get("settings") == settings:
-        ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen before ({saved})")
+        ctx.print0(f"[recon3d] {saved.stem}: reusing {saved}")
         return record
-    ctx.print0(f"[recon3d] selection: {len(cfg.selection.regularisation_scales)} candidate runs on "
-               f"{1 - cfg.selection.holdout_fraction:.0%} of the measured samples, then the final run on all")
-    record = {"settings": settings, **select_regularisation(cfg, source, ctx, prior, progress=cfg.output.progress)}
+    ctx.print0(announce)
+    record = {"settings": settings, **compute()}
     if ctx.is_main:
-        paths.side.mkdir(parents=True, exist_ok=True)
+        saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(record, indent=1))
     ctx.barrier()
-    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen (held-out error "
-               f"{record['chosen']['validation_error']:.5g}); {saved}")
     return record
 
 
@@ -323,9 +350,15 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     ctx.barrier()
     if not ctx.is_main:
         writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, rank=ctx.rank)
-    pieces = []
+    debias = (extra_metrics or {}).get("debias")
+    gains = None if debias is None else gain_map(debias["gains"], radial_bands(recon.plane, debias["band_edges"]),
+                                                 np.asarray(recon.source.mask))
+    pieces, raw_pieces = [], []
     for x0, x1 in recon.output_chunks():
-        piece = recon.evaluate_rows(x0, x1)
+        piece = raw = recon.evaluate_rows(x0, x1)
+        if gains is not None:
+            piece = apply_band_gains(raw, gains)
+            raw_pieces.append(raw)
         writer.write_slab(x0, piece)
         pieces.append(piece)
     volume = np.concatenate(pieces)
@@ -339,6 +372,8 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     if recon.reference is not None:
         support = recon.maps_support()
         candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
+        if raw_pieces:  # what the debias gains changed, measured in every run that has a reference
+            candidates["infusion_without_debias"] = np.concatenate(raw_pieces)
         baseline_seconds = {}
         if cfg.baseline.l1_wavelet_3d:
             t0 = time.perf_counter()

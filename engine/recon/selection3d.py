@@ -84,7 +84,7 @@ def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np
     return (weights / weights[holdout > 0].mean()).astype(np.float32)
 
 
-def _reference_sums(recon) -> torch.Tensor | None:
+def reference_error_sums(recon) -> torch.Tensor | None:
     """[error, energy] of this rank's output against the reference (for NRMSE), or None."""
     if recon.reference is None:
         return None
@@ -96,7 +96,7 @@ def _reference_sums(recon) -> torch.Tensor | None:
 
 def _score(recon) -> dict[str, float]:
     point = {"step": recon.step_index, "validation_error": recon.heldout_error()}
-    sums = _reference_sums(recon)
+    sums = reference_error_sums(recon)
     if sums is not None:
         error, energy = recon.ctx.all_reduce_sum(sums).tolist()
         point["nrmse_percent"] = 100.0 * math.sqrt(error / energy)
@@ -154,4 +154,4 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
             "chosen": {"scale": chosen["scale"], "validation_error": chosen["validation_error"]}}
 
 
-__all__ = ["Selection3DConfig", "holdout_weights", "scaled_config", "select_regularisation"]
+__all__ = ["Selection3DConfig", "holdout_weights", "reference_error_sums", "scaled_config", "select_regularisation"]
