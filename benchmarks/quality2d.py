@@ -125,14 +125,14 @@ def row_prior(row: dict) -> str | None:
     return row.get("prior", FIRST_PRIOR)
 
 
-SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform"}
+SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False}
 
 
 def selection_variant(keys: dict) -> str:
     """What a fast_auto row's selection did differently from the first one ("" for none): its
     selection keys that differ from SELECTION_DEFAULTS (rows of other methods, and older rows, have none)."""
     names = {"extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
-             "holdout_weighting": lambda value: f"{value}-weighted"}
+             "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased"}
     return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
@@ -183,7 +183,8 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
         image, info = reconstruct_2d(kspace, maps, mask, config, reference, support)
         return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
                 "steps": info["steps"], "stopped": info["stopped"], "selection": info["selection"],
-                "unrefit_image": info["unrefit_image"]}
+                "unrefit_image": info["unrefit_image"]} | (
+                    {"image_without_debias": info["image_without_debias"]} if "image_without_debias" in info else {})
     image, info = reconstruct_2d(kspace, maps, mask, config)
     return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
             "steps": info["steps"], "stopped": info["stopped"]}
@@ -219,6 +220,10 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                     continue
                 result = run_method(method, kspace, maps, mask, reference, support, reference_steps)
                 unrefit = result.pop("unrefit_image", None)
+                without_debias = result.pop("image_without_debias", None)
+                if without_debias is not None:  # what the debias gains changed (engine.recon.selection2d)
+                    result["without_debias_nrmse_percent"] = all_metrics(without_debias, reference,
+                                                                         support)["nrmse_percent"]
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},

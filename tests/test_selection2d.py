@@ -171,6 +171,40 @@ def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # n
     assert np.array_equal(result, info["unrefit_image"]) and "refit_seconds" not in info["selection"]
 
 
+def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_gains(case):  # noqa: F811
+    """No extra run: the same candidates and refit as without debias; the returned image is the refit
+    with gain_map applied, and the gains are what band_sums says of the chosen candidate's image."""
+    import torch
+
+    from engine.physics.fft import fftc
+    from engine.recon.debias3d import (
+        apply_band_gains,
+        band_sums,
+        gain_map,
+        gains_from_sums,
+        radial_bands,
+    )
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    plain_image, plain = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0]))
+    image, info = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0],
+                                                                      debias=True, debias_band_edges=[0.5]))
+    np.testing.assert_array_equal(info["image_without_debias"], plain_image)
+    np.testing.assert_array_equal(info["unrefit_image"], plain["unrefit_image"])
+    bands = radial_bands(mask.shape, [0.5])
+    _, held = split_holdout(mask, 0.1, 0)
+    as_t = lambda a: torch.from_numpy(np.asarray(a))
+    gains = gains_from_sums(band_sums(as_t(plain["unrefit_image"])[None], as_t(kspace)[None], as_t(maps)[None],
+                                      as_t(held > 0), as_t(bands), 2))
+    assert info["selection"]["debias"] == {"gains": pytest.approx(gains), "band_edges": [0.5]}
+    np.testing.assert_allclose(image, apply_band_gains(plain_image[None], gain_map(gains, bands, mask))[0], atol=1e-6)
+    measured = mask > 0  # the data's points are left as the refit had them
+    np.testing.assert_allclose(fftc(as_t(image))[measured], fftc(as_t(plain_image))[measured], atol=1e-5)
+    with pytest.raises(ValueError, match="debias_band_edges"):
+        SelectionConfig(debias_band_edges=(0.5, 0.5))
+
+
 def fully_sampled_case(path):
     """A smooth 32 x 32 object with 4 coils, fully sampled, saved as .npy (as in test_recon2d)."""
     y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")

@@ -82,6 +82,11 @@ class SelectionConfig:
     extend_edges: int = 0
     """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many
     geometric steps beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
+    debias: bool = False
+    """scale the returned image's unmeasured k-space, per radial band, by the gain that maps the chosen
+    candidate's prediction onto the held-out samples (engine.recon.debias3d; no extra run)."""
+    debias_band_edges: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """debias: inner edges of the radial bands in |k| over the Nyquist radius (as debias.band_edges in 3D)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -94,6 +99,9 @@ class SelectionConfig:
             raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
         if self.extend_edges < 0 or (self.extend_edges and self.search == "grid"):
             raise ValueError("selection.extend_edges must be >= 0, and 0 with search 'grid'")
+        edges = list(self.debias_band_edges)
+        if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+            raise ValueError(f"selection.debias_band_edges must be increasing and > 0, got {edges}")
 
 
 def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -310,13 +318,40 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         image, history, prior_evals = refit.final_image(), refit.history, prior_evals + refit.prior_evals
         scale, skipped = refit.scale, skipped + refit.guard.total
         record["refit_seconds"] = time.perf_counter() - began
+    image_without_debias = None
+    if selection.debias:
+        image_without_debias = image
+        image, record["debias"] = _debiased(image, unrefit_image, kspace_t, maps_t, mask_np, holdout,
+                                            selection.debias_band_edges)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {"seconds": time.perf_counter() - start, "steps": chosen["stop_step"], "prior_evals": prior_evals,
             "scale": scale, "stopped": "selection", "skipped_steps": skipped, "last_change": float("nan"),
             "history": history, "resumed_from": None, "config": config_to_dict(config),
             "unrefit_image": unrefit_image.cpu().numpy(), "selection": record}
+    if image_without_debias is not None:
+        info["image_without_debias"] = image_without_debias.cpu().numpy()
     return image.cpu().numpy(), info
+
+
+def _debiased(image: torch.Tensor, candidate: torch.Tensor, kspace: torch.Tensor, maps: torch.Tensor,
+              mask: np.ndarray, holdout: np.ndarray, band_edges) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`image` with its unmeasured k-space scaled per radial band by the gains measured on the held-out
+    samples with the chosen candidate's image (fit without them), and the record {gains, band_edges}."""
+    from engine.recon.debias3d import (
+        apply_band_gains,
+        band_sums,
+        gain_map,
+        gains_from_sums,
+        radial_bands,
+    )
+
+    bands = radial_bands(mask.shape, band_edges)
+    sums = band_sums(candidate[None], kspace[None], maps[None], torch.from_numpy(holdout > 0).to(kspace.device),
+                     torch.from_numpy(bands).to(kspace.device), len(band_edges) + 1)
+    gains = gains_from_sums(sums)
+    corrected = apply_band_gains(image.cpu().numpy()[None], gain_map(gains, bands, mask))[0]
+    return torch.from_numpy(corrected).to(image.device), {"gains": gains, "band_edges": list(band_edges)}
 
 
 __all__ = ["SelectionConfig", "candidate_config", "choose", "edge_search", "select_and_reconstruct_2d", "split_holdout"]
