@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Command one of the README: set up whatever is missing (idempotent), then run the main job on the
 # bundled example (real Colin27 anatomy, simulated coils and phase; no download, no GPU needed).
-#   bash scripts/demo.sh        # 3D INFusion, 2 CPU processes (torchrun, gloo), a few minutes
+#   bash scripts/demo.sh        # 3D INFusion, 2 CPU processes (torchrun, gloo), about 7 minutes
 #   bash scripts/demo.sh 2d     # 2D INFusion on the bundled slice, with baselines and metrics
 # Outputs land in outputs/ with a time stamp, so earlier results are never overwritten.
 set -euo pipefail
