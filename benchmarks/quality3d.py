@@ -807,15 +807,14 @@ def error_spectrum(volume: np.ndarray, case: dict, bands: tuple[float, ...] = (0
     support = case["support"]
     error = (np.abs(volume).astype(np.float64) - np.abs(case["reference"]).astype(np.float64)) * support
     power = (np.abs(np.fft.fftshift(np.fft.fft2(error, axes=(1, 2), norm="ortho"), axes=(1, 2))) ** 2).sum(0)
+    from engine.recon.debias3d import radial_bands
+
     measured = np.asarray(case["mask"]).reshape(power.shape) > 0
-    ny, nz = power.shape
-    ky = (np.arange(ny) - ny // 2) / (ny / 2)
-    kz = (np.arange(nz) - nz // 2) / (nz / 2)
-    radius = np.sqrt(ky[:, None] ** 2 + kz[None, :] ** 2)
+    band_of = radial_bands(power.shape, bands)
     total = float(power.sum())
     shares = []
-    for lo, hi in itertools.pairwise((0.0, *bands, np.inf)):
-        band = (radius >= lo) & (radius < hi)
+    for index, (lo, hi) in enumerate(itertools.pairwise((0.0, *bands, np.inf))):
+        band = band_of == index
         shares.append({"from": lo, "to": hi, "share": float(power[band].sum()) / total,
                        "sampled_fraction": float(measured[band].mean())})
     return {"measured_share": float(power[measured].sum()) / total, "bands": shares}

@@ -50,9 +50,14 @@ class Debias3DConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
             raise ValueError(f"debias.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
-        edges = list(self.band_edges)
-        if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
-            raise ValueError(f"debias.band_edges must be increasing and > 0, got {edges}")
+        check_band_edges(self.band_edges, "debias.band_edges")
+
+
+def check_band_edges(edges, key: str) -> None:
+    """Refuse radial band edges that are not increasing and > 0 (`key` names the config key)."""
+    edges = list(edges)
+    if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+        raise ValueError(f"{key} must be increasing and > 0, got {edges}")
 
 
 def radial_bands(shape: tuple[int, int], edges) -> np.ndarray:
@@ -128,7 +133,7 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) ->
     """
     from engine.recon.fit3d import Recon3D
     from engine.recon.selection2d import split_holdout
-    from engine.recon.selection3d import reference_error_sums
+    from engine.recon.selection3d import reference_nrmse_percent
 
     settings = cfg.debias
     began = time.perf_counter()
@@ -154,12 +159,11 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) ->
               "band_edges": list(settings.band_edges), "gains": gains,
               "heldout_samples_per_band": [int(((bands == b) & (holdout > 0)).sum()) for b in range(count)],
               "seconds": time.perf_counter() - began}
-    sums = reference_error_sums(recon)
-    if sums is not None:
-        error, energy = ctx.all_reduce_sum(sums).tolist()
-        record["holdout_fit_nrmse_percent"] = 100.0 * math.sqrt(error / energy)
+    nrmse = reference_nrmse_percent(recon)
+    if nrmse is not None:
+        record["holdout_fit_nrmse_percent"] = nrmse
     return record
 
 
-__all__ = ["Debias3DConfig", "apply_band_gains", "band_sums", "estimate_band_gains", "gain_map", "gains_from_sums",
-           "heldout_band_sums", "radial_bands"]
+__all__ = ["Debias3DConfig", "apply_band_gains", "band_sums", "check_band_edges", "estimate_band_gains", "gain_map",
+           "gains_from_sums", "heldout_band_sums", "radial_bands"]

@@ -99,9 +99,9 @@ class SelectionConfig:
             raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
         if self.extend_edges < 0 or (self.extend_edges and self.search == "grid"):
             raise ValueError("selection.extend_edges must be >= 0, and 0 with search 'grid'")
-        edges = list(self.debias_band_edges)
-        if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
-            raise ValueError(f"selection.debias_band_edges must be increasing and > 0, got {edges}")
+        from engine.recon.debias3d import check_band_edges
+
+        check_band_edges(self.debias_band_edges, "selection.debias_band_edges")
 
 
 def split_holdout(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,7 @@ def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np
     return (weights / weights[holdout > 0].mean()).astype(np.float32)
 
 
-def reference_error_sums(recon) -> torch.Tensor | None:
+def _reference_sums(recon) -> torch.Tensor | None:
     """[error, energy] of this rank's output against the reference (for NRMSE), or None."""
     if recon.reference is None:
         return None
@@ -94,12 +94,21 @@ def reference_error_sums(recon) -> torch.Tensor | None:
                         dtype=torch.float64)
 
 
+def reference_nrmse_percent(recon) -> float | None:
+    """NRMSE (%) of the whole output against the reference over every rank, or None without one
+    (collective; reported only, never used for a choice)."""
+    sums = _reference_sums(recon)
+    if sums is None:
+        return None
+    error, energy = recon.ctx.all_reduce_sum(sums).tolist()
+    return 100.0 * math.sqrt(error / energy)
+
+
 def _score(recon) -> dict[str, float]:
     point = {"step": recon.step_index, "validation_error": recon.heldout_error()}
-    sums = reference_error_sums(recon)
-    if sums is not None:
-        error, energy = recon.ctx.all_reduce_sum(sums).tolist()
-        point["nrmse_percent"] = 100.0 * math.sqrt(error / energy)
+    nrmse = reference_nrmse_percent(recon)
+    if nrmse is not None:
+        point["nrmse_percent"] = nrmse
     if not math.isfinite(point["validation_error"]):
         point["validation_error"] = float("inf")
     return point
@@ -154,4 +163,4 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
             "chosen": {"scale": chosen["scale"], "validation_error": chosen["validation_error"]}}
 
 
-__all__ = ["Selection3DConfig", "holdout_weights", "reference_error_sums", "scaled_config", "select_regularisation"]
+__all__ = ["Selection3DConfig", "holdout_weights", "reference_nrmse_percent", "scaled_config", "select_regularisation"]
