@@ -171,16 +171,8 @@ def run_l1_wavelet_3d_debiased(case: dict, holdout_fraction: float = 0.08, holdo
                                band_edges: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict:
     """The 3D L1-wavelet (its rule) with INFusion's `debias` (engine.recon.debias3d, the same defaults):
     gains measured by a run on the fit samples, applied to the run on all; the peer with the same help."""
-    import torch
-
     from engine.evaluation.baselines import intensity_scale_3d, l1_wavelet_3d, zero_filled_3d
-    from engine.recon.debias3d import (
-        apply_band_gains,
-        band_sums,
-        gain_map,
-        gains_from_sums,
-        radial_bands,
-    )
+    from engine.recon.debias3d import debiased
     from engine.recon.selection2d import split_holdout
 
     t0 = time.perf_counter()
@@ -188,13 +180,9 @@ def run_l1_wavelet_3d_debiased(case: dict, holdout_fraction: float = 0.08, holdo
     fit_mask, holdout = split_holdout(mask, holdout_fraction, holdout_seed)
     scale = intensity_scale_3d(zero_filled_3d(case["kspace"], case["maps"], mask))  # of all samples, as the row
     held_out_fit = l1_wavelet_3d(case["kspace"], case["maps"], fit_mask, scale=scale)
-    bands = radial_bands(mask.shape, band_edges)
-    sums = band_sums(torch.from_numpy(held_out_fit), torch.from_numpy(np.asarray(case["kspace"], np.complex64)),
-                     torch.from_numpy(np.asarray(case["maps"], np.complex64)), torch.from_numpy(holdout > 0),
-                     torch.from_numpy(bands), len(band_edges) + 1)
-    gains = gains_from_sums(sums)
     plain = l1_wavelet_3d(case["kspace"], case["maps"], mask, scale=scale)
-    volume = apply_band_gains(plain, gain_map(gains, bands, mask))
+    volume, gains = debiased(plain, held_out_fit, np.asarray(case["kspace"], np.complex64),
+                             np.asarray(case["maps"], np.complex64), mask, holdout, band_edges)
     return {"nrmse_percent": nrmse_percent(volume, case), "seconds": time.perf_counter() - t0,
             "debias": {"gains": gains, "band_edges": list(band_edges),
                        "without_debias_percent": nrmse_percent(plain, case)}, "_volume": volume}

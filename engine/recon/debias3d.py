@@ -107,6 +107,24 @@ def gains_from_sums(sums) -> list[float]:
     return [float(c / p) if p > 0 and math.isfinite(c / p) else 1.0 for c, p in zip(*np.asarray(sums))]
 
 
+def debiased(output, heldout_fit, kspace, maps, mask: np.ndarray, holdout: np.ndarray,
+             band_edges) -> tuple[np.ndarray, list[float]]:
+    """`output` planes (B, ny, nz) with the gains applied, and the gains: measured on `heldout_fit`
+    (the same planes fit without the `holdout` samples) against their k-space (B, coils, ny, nz)
+    and maps there, applied at the points `mask` did not measure. For solvers that hold the whole
+    volume in one process (2D selection, the benchmark's L1-wavelet); Recon3D's sharded fit sums
+    over ranks with heldout_band_sums."""
+    planes = torch.as_tensor(heldout_fit)
+    device = planes.device
+    bands = radial_bands(np.asarray(mask).shape, band_edges)
+    sums = band_sums(planes, torch.as_tensor(kspace).to(device), torch.as_tensor(maps).to(device),
+                     torch.from_numpy(np.asarray(holdout) > 0).to(device), torch.from_numpy(bands).to(device),
+                     len(band_edges) + 1)
+    gains = gains_from_sums(sums)
+    output = output.cpu().numpy() if isinstance(output, torch.Tensor) else np.asarray(output)
+    return apply_band_gains(output, gain_map(gains, bands, mask)), gains
+
+
 @torch.no_grad()
 def heldout_band_sums(recon, bands: np.ndarray, count: int) -> np.ndarray:
     """`band_sums` of a Recon3D made with a holdout on its held-out samples, over every plane of every
@@ -140,17 +158,7 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) ->
     mask = np.asarray(source.mask, np.float32)
     fit_mask, holdout = split_holdout(mask, settings.holdout_fraction, settings.holdout_seed)
     recon = Recon3D(cfg, source, ctx, prior=prior, holdout=holdout)
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="debias holdout fit", dynamic_ncols=True, disable=None)
-    while recon.step_index < cfg.steps:
-        recon.step()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    recon.run_to_end("debias holdout fit" if progress else None)
     bands = radial_bands(mask.shape, settings.band_edges)
     count = len(settings.band_edges) + 1
     gains = gains_from_sums(heldout_band_sums(recon, bands, count))
@@ -165,5 +173,6 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) ->
     return record
 
 
-__all__ = ["Debias3DConfig", "apply_band_gains", "band_sums", "check_band_edges", "estimate_band_gains", "gain_map",
+__all__ = ["Debias3DConfig", "apply_band_gains", "band_sums", "check_band_edges", "debiased", "estimate_band_gains",
+           "gain_map",
            "gains_from_sums", "heldout_band_sums", "radial_bands"]

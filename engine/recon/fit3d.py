@@ -535,6 +535,25 @@ class Recon3D:
         return StepResult(step, rows, {"dc": dc, "prior": prior_term, "tv": tv}, full, int(prior_evals),
                           skipped, stop > 0)
 
+    def run_to_end(self, progress_label: str | None = None, after_step=None) -> None:
+        """Step until cfg.steps, calling `after_step(self)` after each step; a tqdm bar labelled
+        `progress_label` on the main rank when given (collective). The in-process fits (selection's
+        candidates, debias's holdout fit) run this way; the job's own loop adds checkpoints and signals."""
+        bar = None
+        if progress_label is not None and self.ctx.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step_index, desc=progress_label, dynamic_ncols=True,
+                       disable=None)
+        while self.step_index < self.cfg.steps:
+            self.step()
+            if bar is not None:
+                bar.update(1)
+            if after_step is not None:
+                after_step(self)
+        if bar is not None:
+            bar.close()
+
     # ------------------------------------------------------------------ cross slices
 
     def cross_slices(self, step: int) -> list[tuple[int, int, int]]:

@@ -287,9 +287,8 @@ def run_recon3d(
     train_seconds = elapsed()  # summed over every segment of a resumed run
     return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
                       {"skipped_steps": skipped_steps, "resumed_from_step": start_step}
-                      | ({"selection": selection} if selection is not None else {})
-                      | ({"debias": debias} if debias is not None else {}),
-                      voxel_size=source.voxel_size_mm)
+                      | ({"selection": selection} if selection is not None else {}),
+                      voxel_size=source.voxel_size_mm, debias=debias)
 
 
 def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
@@ -341,16 +340,16 @@ def _saved_or_computed(saved: Path, settings: dict, resume: bool, ctx: DistConte
 
 def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,
                train_seconds: float, writer_cls, extra_metrics: dict | None = None,
-               voxel_size: tuple[float, float, float] | None = None) -> dict:
+               voxel_size: tuple[float, float, float] | None = None, debias: dict | None = None) -> dict:
     """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker.
-    voxel_size: (x, y, z) mm of the input store, for the OME-Zarr scale (None: not recorded)."""
+    voxel_size: (x, y, z) mm of the input store, for the OME-Zarr scale (None: not recorded).
+    debias: debias_gains' record, whose gains the written volume carries (recorded in the metrics)."""
     attrs = {"config": config_to_dict(cfg), "input": recon.input_description()}
     writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, overwrite=overwrite,
                         rank=0, attrs=attrs, voxel_size=voxel_size) if ctx.is_main else None
     ctx.barrier()
     if not ctx.is_main:
         writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, rank=ctx.rank)
-    debias = (extra_metrics or {}).get("debias")
     gains = None if debias is None else gain_map(debias["gains"], radial_bands(recon.plane, debias["band_edges"]),
                                                  np.asarray(recon.source.mask))
     pieces, raw_pieces = [], []
@@ -366,6 +365,8 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     metrics: dict = {"steps": cfg.steps, "train_seconds": train_seconds, "ranks": ctx.world_size,
                      "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode,
                      "prior_distance": cfg.prior.distance, **(extra_metrics or {})}
+    if debias is not None:
+        metrics["debias"] = debias
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}

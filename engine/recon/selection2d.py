@@ -320,9 +320,13 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         record["refit_seconds"] = time.perf_counter() - began
     image_without_debias = None
     if selection.debias:
+        from engine.recon.debias3d import debiased
+
         image_without_debias = image
-        image, record["debias"] = _debiased(image, unrefit_image, kspace_t, maps_t, mask_np, holdout,
-                                            selection.debias_band_edges)
+        corrected, gains = debiased(image[None], unrefit_image[None], kspace_t[None], maps_t[None], mask_np, holdout,
+                                    selection.debias_band_edges)
+        image = torch.from_numpy(corrected[0]).to(image.device)
+        record["debias"] = {"gains": gains, "band_edges": list(selection.debias_band_edges)}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {"seconds": time.perf_counter() - start, "steps": chosen["stop_step"], "prior_evals": prior_evals,
@@ -332,26 +336,6 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     if image_without_debias is not None:
         info["image_without_debias"] = image_without_debias.cpu().numpy()
     return image.cpu().numpy(), info
-
-
-def _debiased(image: torch.Tensor, candidate: torch.Tensor, kspace: torch.Tensor, maps: torch.Tensor,
-              mask: np.ndarray, holdout: np.ndarray, band_edges) -> tuple[torch.Tensor, dict[str, Any]]:
-    """`image` with its unmeasured k-space scaled per radial band by the gains measured on the held-out
-    samples with the chosen candidate's image (fit without them), and the record {gains, band_edges}."""
-    from engine.recon.debias3d import (
-        apply_band_gains,
-        band_sums,
-        gain_map,
-        gains_from_sums,
-        radial_bands,
-    )
-
-    bands = radial_bands(mask.shape, band_edges)
-    sums = band_sums(candidate[None], kspace[None], maps[None], torch.from_numpy(holdout > 0).to(kspace.device),
-                     torch.from_numpy(bands).to(kspace.device), len(band_edges) + 1)
-    gains = gains_from_sums(sums)
-    corrected = apply_band_gains(image.cpu().numpy()[None], gain_map(gains, bands, mask))[0]
-    return torch.from_numpy(corrected).to(image.device), {"gains": gains, "band_edges": list(band_edges)}
 
 
 __all__ = ["SelectionConfig", "candidate_config", "choose", "edge_search", "select_and_reconstruct_2d", "split_holdout"]

@@ -135,19 +135,12 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
         run_cfg = scaled_config(cfg, factor)
         recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=weights)
         curve = []
-        bar = None
-        if progress and ctx.is_main:
-            from tqdm import tqdm
 
-            bar = tqdm(total=run_cfg.steps, desc=f"selection x{factor:g}", dynamic_ncols=True, disable=None)
-        while recon.step_index < run_cfg.steps:
-            recon.step()
-            if bar is not None:
-                bar.update(1)
-            if recon.step_index % selection.validate_every == 0 or recon.step_index == run_cfg.steps:
-                curve.append(_score(recon))
-        if bar is not None:
-            bar.close()
+        def validate(fit, curve=curve) -> None:  # curve bound now: this candidate's
+            if fit.step_index % selection.validate_every == 0 or fit.step_index == fit.cfg.steps:
+                curve.append(_score(fit))
+
+        recon.run_to_end(f"selection x{factor:g}" if progress else None, after_step=validate)
         final = curve[-1]
         candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
                            "validation_error": final["validation_error"],
