@@ -712,8 +712,9 @@ def write_scale_section(rows: list[dict]) -> None:
         return
     section = [SCALE_BEGIN, "## The 1 mm case end to end (benchmarks/quality3d.py --case colin27_1mm)", "",
                ("217 x 181 x 80, 16 coils (hybrid k-space + maps: 0.75 GiB complex64), 2 CPU ranks (torchrun, gloo, "
-               "1 thread each), K = 16 planes per rank and step, prior off (configs/colin27_1mm.yaml). Seconds: the "
-               "step loop (metrics.json train_seconds) and the whole command; peak RSS: sampled every 0.5 s over "
+               "1 thread each), K = 16 planes per rank and step, configs/colin27_1mm.yaml with the overrides each "
+               "row's label names. Seconds: the step loop (metrics.json train_seconds; with debias the final run's "
+               "alone) and the whole command (with debias its holdout fit too); peak RSS: sampled every 0.5 s over "
                "the process tree (psutil), both ranks together and the larger one alone, set-up and output "
                "included. Written by `python benchmarks/quality3d.py report` (benchmarks/scale3d.py rewrites "
                "this file without it: rerun the report after it)."), "",
