@@ -114,6 +114,37 @@ def test_run_applies_the_gains_reports_both_errors_and_resume_reuses_them(tiny_s
     assert again["debias"]["gains"] == saved["gains"]
 
 
+def test_a_preempted_holdout_fit_checkpoints_requeues_and_resumes_bit_exactly(tiny_store, tmp_path):
+    """A SIGTERM during debias's holdout fit: a checkpoint in checkpoints/debias and Preempted (exit 75,
+    which the SLURM script requeues on); a plain rerun refuses to discard it; --resume continues the
+    holdout fit and ends with the gains and the volume of an uninterrupted run, and removes the folder."""
+    import os
+    import signal
+
+    from engine.io.ome_zarr import open_volume
+    from engine.runtime.checkpoint import CheckpointManager
+    from engine.runtime.preemption import Preempted
+
+    cfg = tiny_config(**DEBIAS, checkpoint={"every": 2, "keep_last": 2})
+    uninterrupted = run_recon3d(cfg, tiny_store, tmp_path / "uninterrupted.zarr", single_process())
+
+    def signal_in_holdout_fit(recon, result):
+        if recon.holdout is not None and recon.step_index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen in step 4's all-reduce
+
+    out, side = tmp_path / "run.zarr", tmp_path / "run_run"
+    with pytest.raises(Preempted) as preempted:
+        run_recon3d(cfg, tiny_store, out, single_process(), on_step_end=signal_in_holdout_fit)
+    assert preempted.value.step == 4 and not (side / "debias.json").exists() and not out.exists()
+    assert CheckpointManager(side / "checkpoints" / "debias", single_process()).complete_steps() == [2, 4]
+    with pytest.raises(FileExistsError, match="checkpoints of an earlier run"):
+        run_recon3d(cfg, tiny_store, out, single_process())
+    resumed = run_recon3d(cfg, tiny_store, out, single_process(), resume=True)
+    assert resumed["debias"]["gains"] == uninterrupted["debias"]["gains"]
+    assert np.array_equal(open_volume(out).complex[...], open_volume(tmp_path / "uninterrupted.zarr").complex[...])
+    assert not (side / "checkpoints" / "debias").exists()
+
+
 def _without_debias(cfg: Recon3DConfig) -> Recon3DConfig:
     import dataclasses
 

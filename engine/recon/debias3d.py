@@ -19,8 +19,9 @@ bias to the numerator). Procedure (`estimate_band_gains`, collective):
    measured points keep what the data fixed).
 The gains of a fit on fewer samples are a little larger than those of the final fit (it has less to
 go on), so the correction errs on the strong side; measured in benchmarks/results/quality3d.md.
-Cost: one more run of the config. The record is saved (debias.json beside the output) before the final
-run starts, so a resumed run does not repeat the holdout fit.
+Cost: one more run of the config. In a job (engine.recon.job3d) the holdout fit has its own checkpoints
+and stops on a preemption signal like the final run, and the record is saved (debias.json beside the
+output) before the final run starts, so a resumed run continues the holdout fit or skips it.
 """
 from __future__ import annotations
 
@@ -141,8 +142,11 @@ def heldout_band_sums(recon, bands: np.ndarray, count: int) -> np.ndarray:
     return recon.ctx.all_reduce_sum(sums.flatten()).view(2, count).numpy()
 
 
-def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) -> dict[str, Any]:
+def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False, checkpoints=None) -> dict[str, Any]:
     """The holdout fit and its gains (collective; module docstring).
+
+    checkpoints: engine.recon.job3d.FitCheckpoints of the run (resumes the holdout fit, checkpoints it
+    and stops it on a preemption signal), or None (a fit in one go).
 
     Returns the record saved as debias.json and in metrics.json: holdout_fraction, holdout_seed,
     fit_samples, holdout_samples (per plane), band_edges, gains (one per band; 1 for a band without
@@ -158,7 +162,10 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False) ->
     mask = np.asarray(source.mask, np.float32)
     fit_mask, holdout = split_holdout(mask, settings.holdout_fraction, settings.holdout_seed)
     recon = Recon3D(cfg, source, ctx, prior=prior, holdout=holdout)
-    recon.run_to_end("debias holdout fit" if progress else None)
+    if checkpoints is not None:
+        checkpoints.start(recon)
+    recon.run_to_end("debias holdout fit" if progress else None,
+                     after_step=None if checkpoints is None else checkpoints.after_step)
     bands = radial_bands(mask.shape, settings.band_edges)
     count = len(settings.band_edges) + 1
     gains = gains_from_sums(heldout_band_sums(recon, bands, count))

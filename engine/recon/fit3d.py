@@ -536,23 +536,30 @@ class Recon3D:
                           skipped, stop > 0)
 
     def run_to_end(self, progress_label: str | None = None, after_step=None) -> None:
-        """Step until cfg.steps, calling `after_step(self)` after each step; a tqdm bar labelled
-        `progress_label` on the main rank when given (collective). The in-process fits (selection's
-        candidates, debias's holdout fit) run this way; the job's own loop adds checkpoints and signals."""
-        bar = None
+        """Step until cfg.steps, calling `after_step(self, result)` after each step (it may raise to
+        stop, e.g. Preempted); progress labelled `progress_label` on the main rank when given: a tqdm
+        bar, or a line every tenth of the steps when stderr is not a terminal (batch logs). Collective.
+        The fits before the final one (selection's candidates, debias's holdout fit) run this way; the
+        job's own loop adds its log and the final run's checkpoints."""
+        bar, plain_every = None, 0
         if progress_label is not None and self.ctx.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.cfg.steps, initial=self.step_index, desc=progress_label, dynamic_ncols=True,
                        disable=None)
-        while self.step_index < self.cfg.steps:
-            self.step()
+            plain_every = max(self.cfg.steps // 10, 1) if bar.disable else 0
+        try:
+            while self.step_index < self.cfg.steps:
+                result = self.step()
+                if bar is not None:
+                    bar.update(1)
+                if plain_every and (self.step_index % plain_every == 0 or self.step_index == self.cfg.steps):
+                    print(f"[recon3d] {progress_label}: step {self.step_index}/{self.cfg.steps}", flush=True)
+                if after_step is not None:
+                    after_step(self, result)
+        finally:
             if bar is not None:
-                bar.update(1)
-            if after_step is not None:
-                after_step(self)
-        if bar is not None:
-            bar.close()
+                bar.close()
 
     # ------------------------------------------------------------------ cross slices
 

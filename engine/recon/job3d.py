@@ -146,6 +146,56 @@ def write_montage(path: Path, rows: dict[str, tuple], title: str,
     volume_montage_png(path, rows, voxel_size_mm, title, nrmse)
 
 
+class FitCheckpoints:
+    """Checkpoints and preemption for a fit that runs before the final one (debias's holdout fit), in
+    its own folder under the run's checkpoints. A preemption signal there writes a checkpoint and raises
+    Preempted as the final run's loop does (exit 75: launch/slurm/recon3d.sbatch requeues the job), a
+    periodic checkpoint follows checkpoint.every, and --resume continues the fit from its newest
+    checkpoint (bit-exact, as the final run). The caller removes the folder once the fit's record is saved.
+    """
+
+    def __init__(self, folder: Path, name: str, ctx: DistContext, flag: PreemptionFlag, resume: bool,
+                 overwrite: bool, on_step_end: Callable[[Recon3D, StepResult], None] | None = None):
+        self.folder, self.name, self.ctx, self.flag = folder, name, ctx, flag
+        self.resume, self.overwrite, self.on_step_end = resume, overwrite, on_step_end
+        self.manager: CheckpointManager | None = None
+        self.hashed: dict = {}
+
+    def start(self, recon: Recon3D) -> None:
+        """Collective: resume `recon` from the newest checkpoint of the folder (with --resume), or
+        refuse / clear an earlier run's checkpoints there (as the final run's)."""
+        self.manager = CheckpointManager(self.folder, self.ctx, recon.cfg.checkpoint.keep_last)
+        self.hashed = result_config(recon.cfg, recon.input_description())
+        if not self.resume:
+            self.manager.start_fresh(self.overwrite, "pass --resume to continue it or --overwrite to start over")
+        elif (loaded := self.manager.load_latest(self.hashed)) is not None:
+            step, trunk_state, rank_state = loaded
+            recon.load_state(step, trunk_state, rank_state)
+            self.ctx.print0(f"[recon3d] {self.name} fit resumed from step {step} ({self.folder})")
+        recon.request_stop = self.flag.raised
+
+    def after_step(self, recon: Recon3D, result: StepResult) -> None:
+        """Collective: checkpoint and raise Preempted after a signal, or checkpoint every checkpoint.every steps."""
+        if self.on_step_end is not None:
+            self.on_step_end(recon, result)
+        step = recon.step_index
+        if result.stop_requested:
+            saved = self.manager.save(step, recon.trunk_state(), recon.rank_state(), self.hashed)
+            self.ctx.print0(f"[recon3d] preemption signal: checkpoint of the {self.name} fit at step {step} in {saved}")
+            raise Preempted(step, saved)
+        every = recon.cfg.checkpoint.every
+        if every and step % every == 0 and step < recon.cfg.steps:
+            self.manager.save(step, recon.trunk_state(), recon.rank_state(), self.hashed)
+        recon.request_stop = self.flag.raised  # a signal during the next step is seen in the one after
+
+    def remove(self) -> None:
+        """Collective: delete the folder (the fit's record is saved; its checkpoints are no longer needed)."""
+        self.ctx.barrier()
+        if self.ctx.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.ctx.barrier()
+
+
 def run_recon3d(
     cfg: Recon3DConfig,
     input_path: str | Path,
@@ -169,7 +219,8 @@ def run_recon3d(
             start when there is none).
         prior: use this EDMPrior instead of loading cfg.prior.path.
         store: a zarr Store to read instead of opening `input_path` (tests count chunk reads).
-        on_step_end: called after each step (tests use it to kill or signal the process).
+        on_step_end: called after each step of the final run and of debias's holdout fit (tests use it
+            to kill or signal the process; the holdout fit's Recon3D has a `holdout`).
     Returns:
         the metrics dict (on every rank). Raises Preempted after a SIGTERM/SIGUSR1 checkpoint.
     """
@@ -202,11 +253,20 @@ def run_recon3d(
     manager = CheckpointManager(paths.checkpoints, ctx, cfg.checkpoint.keep_last)
     if not resume:
         manager.start_fresh(overwrite, "pass --resume to continue it or --overwrite to start over")
-    selection = None
-    if cfg.selection.enabled:
-        selection = choose_regularisation(cfg, source, paths, ctx, resume, prior)
-        cfg = scaled_config(cfg, selection["chosen"]["scale"])
-    debias = debias_gains(cfg, source, paths, ctx, resume, prior) if cfg.debias.enabled else None
+    flag = PreemptionFlag().install()  # before the fits that precede the final one: they stop on it too
+    try:
+        selection = None
+        if cfg.selection.enabled:
+            selection = choose_regularisation(cfg, source, paths, ctx, resume, prior)
+            cfg = scaled_config(cfg, selection["chosen"]["scale"])
+        debias = None
+        if cfg.debias.enabled:
+            checkpoints = FitCheckpoints(paths.checkpoints / "debias", "debias holdout", ctx, flag, resume, overwrite,
+                                         on_step_end)
+            debias = debias_gains(cfg, source, paths, ctx, resume, prior, checkpoints)
+    except BaseException:
+        flag.uninstall()
+        raise
     recon = Recon3D(cfg, source, ctx, prior=prior)
     hashed = result_config(cfg, recon.input_description())
     if ctx.is_main:
@@ -226,7 +286,6 @@ def run_recon3d(
             seconds_before = float(rank_state.get("train_seconds", 0.0))
             ctx.print0(f"[recon3d] resumed from step {start_step} ({paths.checkpoints})")
 
-    flag = PreemptionFlag().install()
     log = _CsvLog(paths.log_csv, start_step) if ctx.is_main else None
     bar = None
     if ctx.is_main and cfg.output.progress:
@@ -307,14 +366,18 @@ def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: Dist
 
 
 def debias_gains(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
-                 prior: nn.Module | None) -> dict:
+                 prior: nn.Module | None, checkpoints: FitCheckpoints | None = None) -> dict:
     """engine.recon.debias3d's record for this run: read from `<stem>_run/debias.json` when resuming a
-    run of the same config, else the holdout fit (collective), then saved there."""
+    run of the same config, else the holdout fit (collective; checkpointed and preemptible with
+    `checkpoints`, whose folder is removed once the record is saved there)."""
     settings = json.loads(json.dumps(result_config(cfg, {})))  # the holdout fit depends on every result key
     announce = (f"[recon3d] debias: a holdout fit on {1 - cfg.debias.holdout_fraction:.0%} of the measured "
                 "samples measures the shrinkage of unmeasured (ky, kz) bands, then the final run on all")
     record = _saved_or_computed(paths.side / "debias.json", settings, resume, ctx, announce,
-                                lambda: estimate_band_gains(cfg, source, ctx, prior, progress=cfg.output.progress))
+                                lambda: estimate_band_gains(cfg, source, ctx, prior, progress=cfg.output.progress,
+                                                            checkpoints=checkpoints))
+    if checkpoints is not None:
+        checkpoints.remove()
     gains = ", ".join(f"{g:.3f}" for g in record["gains"])
     ctx.print0(f"[recon3d] debias: gains per band (edges {record['band_edges']}) {gains}; "
                f"{paths.side / 'debias.json'}")

@@ -136,7 +136,7 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
         recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=weights)
         curve = []
 
-        def validate(fit, curve=curve) -> None:  # curve bound now: this candidate's
+        def validate(fit, _result, curve=curve) -> None:  # curve bound now: this candidate's
             if fit.step_index % selection.validate_every == 0 or fit.step_index == fit.cfg.steps:
                 curve.append(_score(fit))
 
