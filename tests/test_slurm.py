@@ -16,6 +16,8 @@ CPU example options):
   to 80 s into each segment (its timer ticks every 30 s), until they are done; in the first segment
   the test holds their ranks with SIGSTOP until after that window, so the warning always finds
   them running, however fast the machine.
+Then two more run with debias on (shorter): one is signalled during debias's holdout fit, before the
+final run starts, and must requeue, resume that fit and end with the other's volume.
 Then a job on a store that does not exist must fail with exit 2, and a job cancelled with a plain
 `scancel` must end cancelled: neither is requeued.
 Every preemption must requeue (the test releases the requeued job from SLURM's ~2 min requeue
@@ -49,8 +51,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 # segment resumes from was written by the preemption under test.
 OVERRIDES = ["device=cpu", "inr.hidden=32", "inr.encoding.levels=4", "inr.encoding.log2_table_size=10",
              "inr.encoding.max_res=32", "slices.per_step=2", "prior.start_step=20", "prior.every=3", "prior.upsample=1",
-             "baseline.l1_wavelet=false", "output.montage=false", "output.log_every=5", "checkpoint.every=0",
-             "debias.enabled=false"]  # its holdout fit runs before the loop under test (not checkpointed)
+             "baseline.l1_wavelet=false", "output.montage=false", "output.log_every=5", "checkpoint.every=0"]
 # The header's CPU example: it must fit a small node.
 CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1",
                "--mem-per-cpu=1500M"]
@@ -69,6 +70,10 @@ STEPS = 800
 LIMIT_OPTIONS = ("--time=3", "--signal=USR1@100")
 LIMIT_HOLD_S = 82
 LIMIT_JOBS = ("limit1", "limit2", "limit3")  # each preempted by SLURM's time limit at least once
+# With debias on (configs/demo3d.yaml's default) a holdout fit runs before the final run; one job is
+# signalled during it, the other runs through (its reference). Shorter: two fits of DEBIAS_STEPS.
+DEBIAS_JOBS = ("debias_reference", "debias_signal")
+DEBIAS_STEPS = 200
 
 
 @dataclass
@@ -134,9 +139,10 @@ def make_store(path: Path) -> Path:
     return prepare_hybrid_store(data, path, mask=mask, chunk_x=2)
 
 
-def submit(cluster: Cluster, store: Path, out: Path, steps: int, *options: str) -> int:
+def submit(cluster: Cluster, store: Path, out: Path, steps: int, *options: str, debias: bool = False) -> int:
     text = cluster.run("sbatch", "--parsable", f"--output={out.with_suffix('.log')}", *CPU_OPTIONS, *options,
-                       str(SBATCH), str(store), str(out), "--set", f"steps={steps}", *OVERRIDES)
+                       str(SBATCH), str(store), str(out), "--set", f"steps={steps}", *OVERRIDES,
+                       f"debias.enabled={str(debias).lower()}")
     return int(text.strip().split(";")[0])
 
 
@@ -168,6 +174,10 @@ class Watcher:
         self.released = dict.fromkeys(jobs, 0)
         self.requeue_seen: dict[str, float] = {}
         self.info: dict[str, dict] = {}
+
+    def add(self, name: str, job_id: int) -> None:
+        self.jobs[name] = job_id
+        self.released[name] = 0
 
     def poll(self) -> None:
         for name, job_id in self.jobs.items():
@@ -223,7 +233,7 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
     store = make_store(tmp_path / "tiny.zarr")
     steps = STEPS
     names = ("reference", "signals", *LIMIT_JOBS)
-    outs = {name: tmp_path / f"{name}.zarr" for name in names}
+    outs = {name: tmp_path / f"{name}.zarr" for name in (*names, *DEBIAS_JOBS)}
     jobs = {name: submit(cluster, store, outs[name], steps, *(LIMIT_OPTIONS if name in LIMIT_JOBS else ()))
             for name in names}
     watch = Watcher(cluster, jobs, outs, hold=LIMIT_JOBS)
@@ -236,7 +246,16 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
         cluster.run("scancel", *options, str(jobs["signals"]))
         watch.until(lambda count=count: watch.restarts("signals") >= count, 180,
                     f"the requeue after scancel {' '.join(options)} at step {step}")
-    watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in names), 900, "every job to complete")
+    # Then (the node's CPUs are taken until the first jobs end) a signal during debias's holdout fit,
+    # before the final run has a step or a log.csv: the fit checkpoints in checkpoints/debias, the job
+    # requeues and the holdout fit resumes.
+    for name in DEBIAS_JOBS:
+        watch.add(name, submit(cluster, store, outs[name], DEBIAS_STEPS, debias=True))
+    watch.until(lambda: watch.state("debias_signal") == "RUNNING" and "debias holdout fit: step" in
+                watch.log("debias_signal"), 600, "the holdout fit of the debias job")
+    cluster.run("scancel", "--signal=USR1", str(jobs["debias_signal"]))
+    watch.until(lambda: watch.restarts("debias_signal") >= 1, 180, "the requeue after a signal in the holdout fit")
+    watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in jobs), 900, "every job to complete")
 
     # Not requeued: a run that fails (here: refused input, exit 2; there is no new checkpoint), and a
     # cancelled job (plain scancel: its ranks get SIGTERM and checkpoint, but the job must end).
@@ -279,4 +298,12 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
         volume = open_volume(outs[name])
         assert np.array_equal(volume.complex[...], expected), f"{name}: volume differs from the uninterrupted run"
         assert volume.metrics["resumed_from_step"] > 0
+    log = watch.log("debias_signal")
+    assert watch.restarts("debias_reference") == 0 and watch.restarts("debias_signal") == 1, log
+    assert watch.info["debias_signal"]["ExitCode"] == "0:0", log[-3000:]
+    assert log.count("checkpoint written; requeueing job") == 1, log
+    assert re.search(r"debias holdout fit resumed from step \d+", log), log
+    assert np.array_equal(open_volume(outs["debias_signal"]).complex[...],
+                          open_volume(outs["debias_reference"]).complex[...]), "debias: volume differs"
+    report.append("debias_signal: 1 requeue in the holdout fit")
     print("; ".join(report))  # shown with -s: the preemptions each job went through
