@@ -153,6 +153,39 @@ def test_run_records_the_choice_refits_with_it_and_resume_reuses_it(tiny_store, 
     assert again["selection"]["chosen"] == saved["chosen"]
 
 
+def test_a_preempted_candidate_checkpoints_and_resumes_to_the_same_choice_and_volume(tiny_store, tmp_path):
+    """A SIGTERM during the second candidate run: the first keeps its final checkpoint (with its curve),
+    the second checkpoints where it stopped and Preempted is raised (exit 75: requeue); --resume
+    rebuilds the first from its checkpoint, continues the second, runs the third, and ends with the
+    record and the volume of an uninterrupted run; the candidates' checkpoint folders are removed."""
+    import os
+    import signal
+
+    from engine.io.ome_zarr import open_volume
+    from engine.runtime.checkpoint import CheckpointManager
+    from engine.runtime.preemption import Preempted
+
+    cfg = tiny_config(**SELECTION, checkpoint={"every": 0})
+    uninterrupted = run_recon3d(cfg, tiny_store, tmp_path / "uninterrupted.zarr", single_process())
+
+    def signal_in_second_candidate(recon, result):
+        if recon.holdout is not None and recon.cfg.tv_weight == pytest.approx(0.01) and recon.step_index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen in step 4's all-reduce
+
+    out, side = tmp_path / "run.zarr", tmp_path / "run_run"
+    with pytest.raises(Preempted) as preempted:
+        run_recon3d(cfg, tiny_store, out, single_process(), on_step_end=signal_in_second_candidate)
+    assert preempted.value.step == 4 and not (side / "selection.json").exists()
+    folders = {f: CheckpointManager(side / "checkpoints" / f"selection-x{f:g}", single_process()) for f in (0, 1, 30)}
+    assert [folders[f].complete_steps() for f in (0, 1, 30)] == [[6], [4], []]
+    resumed = run_recon3d(cfg, tiny_store, out, single_process(), resume=True)
+    for got, expected in zip(resumed["selection"]["candidates"], uninterrupted["selection"]["candidates"], strict=True):
+        assert got["curve"] == expected["curve"] and got["validation_error"] == expected["validation_error"]
+    assert resumed["selection"]["chosen"] == uninterrupted["selection"]["chosen"]
+    assert np.array_equal(open_volume(out).complex[...], open_volume(tmp_path / "uninterrupted.zarr").complex[...])
+    assert not any((side / "checkpoints" / f"selection-x{f:g}").exists() for f in (0, 1, 30))
+
+
 def dataclass_without_selection(cfg: Recon3DConfig) -> Recon3DConfig:
     import dataclasses
 

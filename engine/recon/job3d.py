@@ -147,7 +147,8 @@ def write_montage(path: Path, rows: dict[str, tuple], title: str,
 
 
 class FitCheckpoints:
-    """Checkpoints and preemption for a fit that runs before the final one (debias's holdout fit), in
+    """Checkpoints and preemption for a fit that runs before the final one (selection's candidates,
+    debias's holdout fit), in
     its own folder under the run's checkpoints. A preemption signal there writes a checkpoint and raises
     Preempted as the final run's loop does (exit 75: launch/slurm/recon3d.sbatch requeues the job), a
     periodic checkpoint follows checkpoint.every, and --resume continues the fit from its newest
@@ -160,33 +161,46 @@ class FitCheckpoints:
         self.resume, self.overwrite, self.on_step_end = resume, overwrite, on_step_end
         self.manager: CheckpointManager | None = None
         self.hashed: dict = {}
+        self.extra_state: Callable[[], dict] | None = None
 
-    def start(self, recon: Recon3D) -> None:
+    def start(self, recon: Recon3D, extra_state: Callable[[], dict] | None = None) -> dict:
         """Collective: resume `recon` from the newest checkpoint of the folder (with --resume), or
-        refuse / clear an earlier run's checkpoints there (as the final run's)."""
+        refuse / clear an earlier run's checkpoints there (as the final run's). `extra_state()` is saved
+        with every checkpoint (e.g. a validation curve); returns what the resumed checkpoint saved ({})."""
         self.manager = CheckpointManager(self.folder, self.ctx, recon.cfg.checkpoint.keep_last)
         self.hashed = result_config(recon.cfg, recon.input_description())
+        self.extra_state = extra_state
+        restored: dict = {}
         if not self.resume:
             self.manager.start_fresh(self.overwrite, "pass --resume to continue it or --overwrite to start over")
         elif (loaded := self.manager.load_latest(self.hashed)) is not None:
             step, trunk_state, rank_state = loaded
             recon.load_state(step, trunk_state, rank_state)
+            restored = rank_state.get("fit_extra", {})
             self.ctx.print0(f"[recon3d] {self.name} fit resumed from step {step} ({self.folder})")
         recon.request_stop = self.flag.raised
+        return restored
 
     def after_step(self, recon: Recon3D, result: StepResult) -> None:
-        """Collective: checkpoint and raise Preempted after a signal, or checkpoint every checkpoint.every steps."""
+        """Collective: checkpoint and raise Preempted after a signal; checkpoint every checkpoint.every
+        steps and at the last (a finished fit is not repeated before its record is saved)."""
         if self.on_step_end is not None:
             self.on_step_end(recon, result)
         step = recon.step_index
         if result.stop_requested:
-            saved = self.manager.save(step, recon.trunk_state(), recon.rank_state(), self.hashed)
+            saved = self._save(recon)
             self.ctx.print0(f"[recon3d] preemption signal: checkpoint of the {self.name} fit at step {step} in {saved}")
             raise Preempted(step, saved)
         every = recon.cfg.checkpoint.every
-        if every and step % every == 0 and step < recon.cfg.steps:
-            self.manager.save(step, recon.trunk_state(), recon.rank_state(), self.hashed)
+        if step == recon.cfg.steps or (every and step % every == 0):
+            self._save(recon)
         recon.request_stop = self.flag.raised  # a signal during the next step is seen in the one after
+
+    def _save(self, recon: Recon3D) -> Path:
+        rank_state = recon.rank_state()
+        if self.extra_state is not None:
+            rank_state["fit_extra"] = self.extra_state()
+        return self.manager.save(recon.step_index, recon.trunk_state(), rank_state, self.hashed)
 
     def remove(self) -> None:
         """Collective: delete the folder (the fit's record is saved; its checkpoints are no longer needed)."""
@@ -257,7 +271,11 @@ def run_recon3d(
     try:
         selection = None
         if cfg.selection.enabled:
-            selection = choose_regularisation(cfg, source, paths, ctx, resume, prior)
+            def candidate_checkpoints(factor: float) -> FitCheckpoints:
+                return FitCheckpoints(paths.checkpoints / f"selection-x{factor:g}", f"selection x{factor:g}", ctx,
+                                      flag, resume, overwrite, on_step_end)
+
+            selection = choose_regularisation(cfg, source, paths, ctx, resume, prior, candidate_checkpoints)
             cfg = scaled_config(cfg, selection["chosen"]["scale"])
         debias = None
         if cfg.debias.enabled:
@@ -351,15 +369,21 @@ def run_recon3d(
 
 
 def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
-                          prior: nn.Module | None) -> dict:
+                          prior: nn.Module | None,
+                          candidate_checkpoints: Callable[[float], FitCheckpoints] | None = None) -> dict:
     """engine.recon.selection3d's record for this run: read from `<stem>_run/selection.json` when resuming
     a run that already made its choice with the same selection settings, else the candidate runs
-    (collective), then saved there."""
+    (collective; each checkpointed and preemptible with `candidate_checkpoints(factor)`, whose folders
+    are removed once the record is saved there)."""
     settings = json.loads(json.dumps(config_to_dict(cfg.selection)))  # as it reads back from the file
     announce = (f"[recon3d] selection: {len(cfg.selection.regularisation_scales)} candidate runs on "
                 f"{1 - cfg.selection.holdout_fraction:.0%} of the measured samples, then the final run on all")
     record = _saved_or_computed(paths.side / "selection.json", settings, resume, ctx, announce,
-                                lambda: select_regularisation(cfg, source, ctx, prior, progress=cfg.output.progress))
+                                lambda: select_regularisation(cfg, source, ctx, prior, progress=cfg.output.progress,
+                                                              checkpoints=candidate_checkpoints))
+    if candidate_checkpoints is not None:
+        for factor in cfg.selection.regularisation_scales:
+            candidate_checkpoints(factor).remove()
     ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen (held-out error "
                f"{record['chosen']['validation_error']:.5g}); {paths.side / 'selection.json'}")
     return record

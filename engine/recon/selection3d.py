@@ -17,8 +17,9 @@ Procedure (`select_regularisation`, collective: every rank runs the same candida
    schedule, so the end is what the final run returns);
 4. run_recon3d then reconstructs from all measured samples with the chosen factor (the refit).
 A reference, when the store has one, only adds NRMSE to the curves (benchmarks); it never steers.
-The candidate runs are not checkpointed; their result is saved (selection.json beside the output)
-before the final run starts, so a resumed run does not repeat them.
+In a job (engine.recon.job3d) each candidate run has its own checkpoints (with its curve) and stops on a
+preemption signal like the final run; their result is saved (selection.json beside the output) before
+the final run starts, so a resumed run continues the candidates or skips them.
 """
 from __future__ import annotations
 
@@ -114,8 +115,11 @@ def _score(recon) -> dict[str, float]:
     return point
 
 
-def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) -> dict[str, Any]:
+def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, checkpoints=None) -> dict[str, Any]:
     """Run the candidates of cfg.selection on the fit samples (collective; module docstring).
+
+    checkpoints: a function of the factor that returns the candidate's engine.recon.job3d.FitCheckpoints
+    (resumes it, checkpoints it with its curve, stops it on a preemption signal), or None.
 
     Returns the record saved as selection.json and in metrics.json: holdout_fraction, holdout_seed,
     fit_samples, holdout_samples (per plane), candidates [{scale, the REGULARISER_KEYS' weights,
@@ -134,17 +138,24 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False) 
         began = time.perf_counter()
         run_cfg = scaled_config(cfg, factor)
         recon = Recon3D(run_cfg, source, ctx, prior=prior, holdout=weights)
-        curve = []
+        state = {"curve": [], "seconds_before": 0.0}  # what a checkpoint keeps beside the fit
+        fit_checkpoints = checkpoints(factor) if checkpoints is not None else None
+        if fit_checkpoints is not None:
+            state |= fit_checkpoints.start(recon, lambda state=state, began=began: {
+                "curve": state["curve"], "seconds_before": state["seconds_before"] + time.perf_counter() - began})
 
-        def validate(fit, _result, curve=curve) -> None:  # curve bound now: this candidate's
+        def after_step(fit, result, state=state, fit_checkpoints=fit_checkpoints) -> None:  # this candidate's
             if fit.step_index % selection.validate_every == 0 or fit.step_index == fit.cfg.steps:
-                curve.append(_score(fit))
+                state["curve"].append(_score(fit))
+            if fit_checkpoints is not None:
+                fit_checkpoints.after_step(fit, result)
 
-        recon.run_to_end(f"selection x{factor:g}" if progress else None, after_step=validate)
+        recon.run_to_end(f"selection x{factor:g}" if progress else None, after_step=after_step)
+        curve = state["curve"]
         final = curve[-1]
         candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
                            "validation_error": final["validation_error"],
-                           "seconds": time.perf_counter() - began, "curve": curve}
+                           "seconds": state["seconds_before"] + time.perf_counter() - began, "curve": curve}
                           | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         ctx.print0(f"[recon3d] selection: regularisation x{factor:g}: held-out error "
                    f"{final['validation_error']:.5g}")
