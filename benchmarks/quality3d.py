@@ -558,6 +558,17 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   which needs faster hardware than 2 CPU cores (76 min per R = 6 run here). Both rows also ran the run's
   own slab-wise L1-wavelet after the steps (17 min, not in their seconds; the benchmark now switches it
   off), and their peak RSS includes it.
+- demo3d's held-out band gains and learning rate (`debias.enabled=true optim.lr_final_fraction=0.02`) at
+  R = 8, 1200 steps (2026-12-02): 4.84 %, worse than the same run without the gains (4.61 %, in the row's
+  debias record) and than the lr 0.1 row without them (4.62 %). The gains were 1.032 / 1.129 / 1.068 /
+  0.586 (edges 0.25 / 0.5 / 0.75); the holdout fit itself reached 4.98 %. So at 1 mm R = 8 the gains of the
+  holdout fit (8 % fewer samples) do not carry over to the final fit, and colin27_1mm.yaml keeps debias
+  off. An exploratory split of that loss, judged by this reference (a diagnosis, not a tuning: nothing was
+  changed from it): each band's gain alone gives 4.72 (centre) / 4.52 / 4.60 / 4.82 % (outer band) against
+  4.61 %. On the bundled case, the tuning case, leaving the centre band's gain at 1 lowers all seven
+  debias rows of the shipped demo3d a little (e.g. R = 4 seed 0 5.42 -> 5.38 %, R = 8 seed 0 9.70 -> 9.67 %;
+  computed from their saved volumes and gains, not rerun): a candidate rule for a later session, which
+  would then have to be measured at 1 mm afresh.
 - Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps at
   R = 4 / 8 do not fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
 
