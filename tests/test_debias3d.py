@@ -168,31 +168,9 @@ def test_gains_two_ranks_equal_one_process(tiny_store):
     assert single["gains"] != [1.0, 1.0]
 
 
-def test_centre_radius_holds_out_nothing_inside_it_and_keeps_its_gain_at_one(tiny_store, monkeypatch):
-    """With centre_radius = the first edge the held-out samples all lie outside it (and are the given
-    fraction of the samples there), and the centre band's gain is 1."""
-    from engine.recon import debias3d
-
-    seen = {}
-    real = debias3d.heldout_band_sums
-
-    def spy(recon, bands, count):
-        seen["holdout"], seen["bands"] = recon.holdout.cpu().numpy() > 0, bands
-        return real(recon, bands, count)
-
-    monkeypatch.setattr(debias3d, "heldout_band_sums", spy)
-    cfg = tiny_config(**{**DEBIAS, "debias": {**DEBIAS["debias"], "centre_radius": 0.5}})
-    record = estimate_band_gains(cfg, HybridStore(tiny_store), single_process())
-    assert record["gains"][0] == 1.0 and record["gains"][1] != 1.0
-    measured_outside = (np.asarray(HybridStore(tiny_store).mask) > 0) & (seen["bands"] >= 1)
-    assert not (seen["holdout"] & (seen["bands"] == 0)).any() and (seen["holdout"] <= measured_outside).all()
-    assert record["holdout_samples"] == round(0.25 * measured_outside.sum())
-
-
 @pytest.mark.parametrize("change, message", [("debias.holdout_fraction=0.6", "holdout_fraction"),
                                              ("debias.band_edges=[0.5, 0.25]", "band_edges"),
-                                             ("debias.band_edges=[0]", "band_edges"),
-                                             ("debias.centre_radius=0.3", "centre_radius")])
+                                             ("debias.band_edges=[0]", "band_edges")])
 def test_bad_debias_settings_are_refused_at_load(change, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Recon3DConfig, None, [change])

@@ -47,18 +47,11 @@ class Debias3DConfig:
     band_edges: tuple[float, ...] = (0.25, 0.5, 0.75)
     """inner edges of the radial bands in |k| over the Nyquist radius (increasing, > 0); the last band
     runs to the corners."""
-    centre_radius: float = 0.0
-    """0, or one of band_edges: no sample inside it is held out and its bands keep gain 1. There the fit
-    has its densest, most informative samples, so a holdout fit without some of them is most unlike the
-    final fit (its centre gain is biased); holdout_fraction is then of the samples outside it."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
             raise ValueError(f"debias.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
         check_band_edges(self.band_edges, "debias.band_edges")
-        if self.centre_radius != 0 and self.centre_radius not in self.band_edges:
-            raise ValueError(f"debias.centre_radius must be 0 or one of debias.band_edges {list(self.band_edges)}, "
-                             f"got {self.centre_radius}")
 
 
 def check_band_edges(edges, key: str) -> None:
@@ -167,19 +160,16 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False, ch
     settings = cfg.debias
     began = time.perf_counter()
     mask = np.asarray(source.mask, np.float32)
-    bands = radial_bands(mask.shape, settings.band_edges)
-    outside_centre = bands >= int(np.searchsorted(settings.band_edges, settings.centre_radius, side="right"))
-    _, holdout = split_holdout(mask * outside_centre, settings.holdout_fraction, settings.holdout_seed)
-    fit_mask = mask - holdout
+    fit_mask, holdout = split_holdout(mask, settings.holdout_fraction, settings.holdout_seed)
     recon = Recon3D(cfg, source, ctx, prior=prior, holdout=holdout)
     if checkpoints is not None:
         checkpoints.start(recon)
     recon.run_to_end("debias holdout fit" if progress else None,
                      after_step=None if checkpoints is None else checkpoints.after_step)
+    bands = radial_bands(mask.shape, settings.band_edges)
     count = len(settings.band_edges) + 1
     gains = gains_from_sums(heldout_band_sums(recon, bands, count))
     record = {"holdout_fraction": settings.holdout_fraction, "holdout_seed": settings.holdout_seed,
-              "centre_radius": settings.centre_radius,
               "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
               "band_edges": list(settings.band_edges), "gains": gains,
               "heldout_samples_per_band": [int(((bands == b) & (holdout > 0)).sum()) for b in range(count)],

@@ -395,9 +395,8 @@ def debias_gains(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, 
     run of the same config, else the holdout fit (collective; checkpointed and preemptible with
     `checkpoints`, whose folder is removed once the record is saved there)."""
     settings = json.loads(json.dumps(result_config(cfg, {})))  # the holdout fit depends on every result key
-    outside = f" outside |k| {cfg.debias.centre_radius:g}" if cfg.debias.centre_radius else ""
-    announce = (f"[recon3d] debias: a holdout fit without {cfg.debias.holdout_fraction:.0%} of the measured "
-                f"samples{outside} measures the shrinkage of unmeasured (ky, kz) bands, then the final run on all")
+    announce = (f"[recon3d] debias: a holdout fit on {1 - cfg.debias.holdout_fraction:.0%} of the measured "
+                "samples measures the shrinkage of unmeasured (ky, kz) bands, then the final run on all")
     record = _saved_or_computed(paths.side / "debias.json", settings, resume, ctx, announce,
                                 lambda: estimate_band_gains(cfg, source, ctx, prior, progress=cfg.output.progress,
                                                             checkpoints=checkpoints))
