@@ -568,7 +568,11 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   4.61 %. On the bundled case, the tuning case, leaving the centre band's gain at 1 lowers all seven
   debias rows of the shipped demo3d a little (e.g. R = 4 seed 0 5.42 -> 5.38 %, R = 8 seed 0 9.70 -> 9.67 %;
   computed from their saved volumes and gains, not rerun): a candidate rule for a later session, which
-  would then have to be measured at 1 mm afresh.
+  would then have to be measured at 1 mm afresh. Its other form, holding out no sample inside 0.25 (so the
+  holdout fit keeps every centre sample) and leaving that band's gain at 1, was run on the bundled case
+  (rows `demo3d, debias with the centre band untouched`, an option `debias.centre_radius` at d6369cd,
+  removed after): R = 4 5.50 %, R = 8 9.89 % against 5.42 / 9.70 % (seed 0): the outer gains it measured
+  (1.104 / 1.217 / 1.162 at R = 4 against 1.059 / 1.116 / 1.207) served worse.
 - Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils) and INFusion at the config's steps at
   R = 4 / 8 do not fit the session's time on 2 shared cores; the lines above say what ran and what is left."""
 
