@@ -181,5 +181,4 @@ def estimate_band_gains(cfg, source, ctx, prior=None, progress: bool = False, ch
 
 
 __all__ = ["Debias3DConfig", "apply_band_gains", "band_sums", "check_band_edges", "debiased", "estimate_band_gains",
-           "gain_map",
-           "gains_from_sums", "heldout_band_sums", "radial_bands"]
+           "gain_map", "gains_from_sums", "heldout_band_sums", "radial_bands"]

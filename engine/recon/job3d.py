@@ -148,8 +148,7 @@ def write_montage(path: Path, rows: dict[str, tuple], title: str,
 
 class FitCheckpoints:
     """Checkpoints and preemption for a fit that runs before the final one (selection's candidates,
-    debias's holdout fit), in
-    its own folder under the run's checkpoints. A preemption signal there writes a checkpoint and raises
+    debias's holdout fit), in its own folder under the run's checkpoints. A preemption signal there writes a checkpoint and raises
     Preempted as the final run's loop does (exit 75: launch/slurm/recon3d.sbatch requeues the job), a
     periodic checkpoint follows checkpoint.every, and --resume continues the fit from its newest
     checkpoint (bit-exact, as the final run). The caller removes the folder once the fit's record is saved.
@@ -233,8 +232,9 @@ def run_recon3d(
             start when there is none).
         prior: use this EDMPrior instead of loading cfg.prior.path.
         store: a zarr Store to read instead of opening `input_path` (tests count chunk reads).
-        on_step_end: called after each step of the final run and of debias's holdout fit (tests use it
-            to kill or signal the process; the holdout fit's Recon3D has a `holdout`).
+        on_step_end: called after each step of the final run and of the fits before it (selection's
+            candidates, debias's holdout fit; their Recon3D has a `holdout`); tests use it to kill or
+            signal the process.
     Returns:
         the metrics dict (on every rank). Raises Preempted after a SIGTERM/SIGUSR1 checkpoint.
     """
