@@ -2,6 +2,7 @@
 
     python scripts/make_case_1mm.py magnitude --nifti PATH/colin27_t1_1mm.nii.gz   # -> data/ (once)
     python scripts/make_case_1mm.py store --R 4 --out case_R4.zarr                  # hybrid store
+    python scripts/make_case_1mm.py magnitude --part tuning --nifti PATH/colin27_t1_1mm.nii.gz
 
 `magnitude` reads the Colin27 T1 volume at 1 mm (`colin27_t1_1mm.nii.gz`, 181 x 217 x 181, RAS,
 origin (-90, -125, -71) mm; Debian mricron-data packaging, BSD-3-Clause: data/colin27_COPYRIGHT.txt;
@@ -27,6 +28,13 @@ The case:
   z, ring radius 1.5 x half the field of view), the bundled cases' smooth phase (cubic, +-pi) and
   SNR 40 (mean object magnitude / noise std of the fully sampled SENSE image), seed = CRC-32 of the
   case id.
+
+`--part tuning` makes the 1 mm tuning case instead (data/colin27_tuning_volume_1mm_72x181x80.npz): the
+80 slices right below the evaluation slab (k = 16..95, world z -55..24 mm, Colin27's training part:
+temporal lobes, cerebellum, the base of the frontal lobe), simulated in the same way over the full
+217 x 181 field of view, of which the store keeps the 72 central readout planes (x = 72..143; the
+planes of a hybrid store are independent, so a crop is the same problem on fewer planes, at a third of
+the cost). A 1 mm setting may be tuned on it; a slab reaching world z >= 25 mm is refused.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ if str(REPO) not in sys.path:
 COLIN_FILE = "colin27_t1_1mm.nii.gz"
 EVALUATION_MIN_Z_MM = 25.0  # docs/ARCHITECTURE.md "Data split": evaluation is world z >= 25 mm
 SLAB_K = (96, 176)  # world z 25 .. 104 mm in the 1 mm volume (the bundled 3D case's slab)
+TUNING_SLAB_K = (16, 96)  # world z -55 .. 24 mm: the 80 slices below the evaluation slab
+TUNING_X_PLANES = (72, 144)  # the central 72 of the 217 readout planes (as many as the bundled case has)
 SIMULATION = {
     "ncoils": 16,
     "snr": 40.0,  # the bundled cases' SNR
@@ -57,11 +67,16 @@ LICENCE = "BSD-3-Clause (Colin27 via Debian mricron-data); see colin27_COPYRIGHT
 LABEL = "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"
 
 
-def case_file(shape: tuple[int, int, int], folder: Path | None = None) -> Path:
-    return (folder or REPO / "data") / f"colin27_eval_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}.npz"
+PARTS = {"evaluation": "eval", "tuning": "tuning"}  # part -> the word in its file name and case id
+
+
+def case_file(shape: tuple[int, int, int], folder: Path | None = None, part: str = "evaluation") -> Path:
+    """The compact case file; `shape` is the stored (x, y, z) shape, a tuning case's readout planes cropped."""
+    return (folder or REPO / "data") / f"colin27_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}.npz"
 
 
 DEFAULT_CASE = case_file((217, 181, 80))
+TUNING_CASE = case_file((TUNING_X_PLANES[1] - TUNING_X_PLANES[0], 181, 80), part="tuning")
 
 
 def world_z_mm(affine: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -72,36 +87,51 @@ def world_z_mm(affine: np.ndarray, k: np.ndarray) -> np.ndarray:
     return affine[2, 2] * np.asarray(k, np.float64) + affine[2, 3]
 
 
-def evaluation_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int]) -> np.ndarray:
-    """Slices [k0, k1) of `volume` (i, j, k), refused unless every one lies at world z >= 25 mm."""
+def case_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int], part: str = "evaluation") -> np.ndarray:
+    """Slices [k0, k1) of `volume` (i, j, k), refused unless every one lies in `part`: an evaluation
+    case at world z >= 25 mm, a tuning case below it."""
     k0, k1 = slab_k
     if not 0 <= k0 < k1 <= volume.shape[2]:
         raise ValueError(f"slab k {k0}..{k1 - 1} is outside the volume's {volume.shape[2]} slices")
     z = world_z_mm(affine, np.arange(k0, k1))
-    if z.min() < EVALUATION_MIN_Z_MM:
+    if part == "evaluation" and z.min() < EVALUATION_MIN_Z_MM:
         raise ValueError(f"slab k {k0}..{k1 - 1} reaches world z = {z.min():g} mm: only the evaluation "
                          f"part (world z >= {EVALUATION_MIN_Z_MM:g} mm) may enter an evaluation case")
+    if part == "tuning" and z.max() >= EVALUATION_MIN_Z_MM:
+        raise ValueError(f"slab k {k0}..{k1 - 1} reaches world z = {z.max():g} mm: a tuning case must stay "
+                         f"out of the evaluation part (world z >= {EVALUATION_MIN_Z_MM:g} mm)")
     return volume[:, :, k0:k1]
 
 
-def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int] = SLAB_K,
-                   source: str = COLIN_FILE) -> tuple[np.ndarray, dict]:
+def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int] | None = None,
+                   source: str = COLIN_FILE, part: str = "evaluation",
+                   x_planes: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """(uint8 magnitude (x, y, z), parameters) of the case from a RAS 1 mm volume (i: left -> right,
-    j: posterior -> anterior, k: inferior -> superior)."""
+    j: posterior -> anterior, k: inferior -> superior). `x_planes` (a tuning case's) is the range of
+    readout planes its store keeps; the magnitude keeps the whole field of view for the simulation."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
+    slab_k = slab_k or (SLAB_K if part == "evaluation" else TUNING_SLAB_K)
     voxel = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
     if not np.allclose(voxel, 1.0, atol=1e-3):
         raise ValueError(f"expected a 1 mm volume, got voxel size {voxel.tolist()} mm")
-    slab = evaluation_slab(np.asarray(volume), affine, slab_k)
+    slab = case_slab(np.asarray(volume), affine, slab_k, part)
     # (Colin y reversed, Colin x, Colin z): anterior first along the readout axis (as the bundled case)
     magnitude = np.ascontiguousarray(slab[:, ::-1, :].transpose(1, 0, 2))
     magnitude = np.clip(np.round(magnitude), 0, 255).astype(np.uint8)
-    shape = magnitude.shape
-    case_id = f"colin27_eval_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}_{SIMULATION['ncoils']}coil"
+    shape = list(magnitude.shape)
+    if x_planes is not None:
+        if not 0 <= x_planes[0] < x_planes[1] <= shape[0]:
+            raise ValueError(f"x_planes {x_planes} is outside the {shape[0]} readout planes")
+        shape[0] = x_planes[1] - x_planes[0]
+    case_id = f"colin27_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}_{SIMULATION['ncoils']}coil"
     z = world_z_mm(affine, np.array(slab_k) - np.array([0, 1]))
+    kept = ("full in-plane field of view" if x_planes is None else
+            f"readout planes x = {x_planes[0]}..{x_planes[1] - 1} of {magnitude.shape[0]} kept")
     params = {
         "case_id": case_id,
-        "description": f"{LABEL}: Colin27 evaluation slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, full "
-                       f"in-plane field of view, {SIMULATION['ncoils']} birdcage coils, SNR {SIMULATION['snr']:g}",
+        "description": f"{LABEL}: Colin27 {part} slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, {kept}, "
+                       f"{SIMULATION['ncoils']} birdcage coils, SNR {SIMULATION['snr']:g}",
         "source": f"Colin27 {source}",
         "slab_k": list(slab_k),
         "world_z_mm": [float(z[0]), float(z[1])],
@@ -111,7 +141,10 @@ def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, in
         "voxel_size_mm": [1.0, 1.0, 1.0],
         "simulation": {**SIMULATION, "seed": _seed(case_id)},
         "licence": LICENCE,
+        "part": part,
     }
+    if x_planes is not None:
+        params["x_planes"] = list(x_planes)
     return magnitude, params
 
 
@@ -163,7 +196,19 @@ def load_case(path: Path = DEFAULT_CASE) -> dict:
             and np.allclose(probes, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())):
         raise RuntimeError(f"{path}: the simulated k-space no longer matches the one recorded when the file "
                            "was made (engine.physics.simulate changed): rerun scripts/make_case_1mm.py magnitude")
+    if "x_planes" in params:
+        kspace, maps, reference = crop_readout(kspace, maps, reference, params["x_planes"])
     return {"kspace": kspace, "maps": maps, "reference": reference, "params": params, "path": Path(path)}
+
+
+def crop_readout(kspace: np.ndarray, maps: np.ndarray, reference: np.ndarray,
+                 x_planes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep readout planes [x0, x1): the k-space (coils, kx, ky, kz) through the hybrid space (centred,
+    orthonormal transforms along kx, as engine.io.hybrid_store), maps (coils, x, y, z), reference (x, y, z)."""
+    x0, x1 = x_planes
+    hybrid = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=1), axis=1, norm="ortho"), axes=1)[:, x0:x1]
+    cropped = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(hybrid, axes=1), axis=1, norm="ortho"), axes=1)
+    return cropped.astype(np.complex64), maps[:, x0:x1], reference[x0:x1]
 
 
 def case_mask(case_id: str, shape: tuple[int, int], acceleration: float) -> np.ndarray:
@@ -199,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     mag = sub.add_parser("magnitude", help="the compact case file in data/ from the Colin27 1 mm NIfTI")
     mag.add_argument("--nifti", type=Path, required=True, help=f"path of {COLIN_FILE}")
-    mag.add_argument("--out", type=Path, default=None, help="default data/colin27_eval_volume_1mm_<shape>.npz")
+    mag.add_argument("--part", choices=sorted(PARTS), default="evaluation",
+                     help="evaluation: the reported case; tuning: the slab below it, central readout planes")
+    mag.add_argument("--out", type=Path, default=None,
+                     help="default data/colin27_<eval|tuning>_volume_1mm_<shape>.npz")
     st = sub.add_parser("store", help="the hybrid store of the case at one acceleration")
-    st.add_argument("--case", type=Path, default=DEFAULT_CASE)
+    st.add_argument("--case", type=Path, default=DEFAULT_CASE, help=f"default {DEFAULT_CASE.name}; the tuning "
+                    f"case: data/{TUNING_CASE.name}")
     st.add_argument("--R", type=float, default=4.0)
     st.add_argument("--chunk-x", type=int, default=8)
     st.add_argument("--out", type=Path, required=True)
@@ -211,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         import nibabel as nib
 
         image = nib.load(args.nifti)
-        magnitude, params = make_magnitude(np.asarray(image.dataobj), image.affine, source=args.nifti.name)
-        path = write_case(args.out or case_file(magnitude.shape), magnitude, params)
+        x_planes = TUNING_X_PLANES if args.part == "tuning" else None
+        magnitude, params = make_magnitude(np.asarray(image.dataobj), image.affine, source=args.nifti.name,
+                                           part=args.part, x_planes=x_planes)
+        shape = (x_planes[1] - x_planes[0], *magnitude.shape[1:]) if x_planes else magnitude.shape
+        path = write_case(args.out or case_file(shape, part=args.part), magnitude, params)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), shape {magnitude.shape}, case {params['case_id']}")
     else:
         path = write_store(load_case(args.case), args.out, args.R, args.chunk_x, args.overwrite)

@@ -66,6 +66,25 @@ def test_writes_a_valid_store(make, tmp_path):
         make.load_case(tmp_path / "changed.npz")
 
 
+def test_tuning_part_stays_below_the_evaluation_part_and_keeps_its_planes(make, tmp_path):
+    from engine.io.hybrid_store import to_hybrid
+
+    volume, affine = _volume()
+    with pytest.raises(ValueError, match="out of the evaluation part"):
+        make.make_magnitude(volume, affine, slab_k=(0, 16), part="tuning")  # k = 15: world z = 25 mm
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(0, 15), part="tuning", x_planes=(6, 18))
+    assert magnitude.shape == (24, 20, 15)  # simulated over the whole field of view
+    assert params["case_id"].startswith("colin27_tuning_volume_1mm_12x20x15") and params["world_z_mm"] == [10.0, 24.0]
+    with pytest.raises(ValueError, match="readout planes"):
+        make.make_magnitude(volume, affine, slab_k=(0, 15), part="tuning", x_planes=(6, 30))
+    kspace, maps, reference = make._simulate(magnitude, params["simulation"])
+    case = make.load_case(make.write_case(tmp_path / "tuning.npz", magnitude, params))
+    # the kept planes are the full acquisition's: the same hybrid planes, maps and reference
+    assert case["kspace"].shape == (16, 12, 20, 15)
+    assert np.allclose(to_hybrid(case["kspace"]), to_hybrid(kspace)[6:18], atol=1e-6)
+    assert np.array_equal(case["maps"], maps[:, 6:18]) and np.array_equal(case["reference"], reference[6:18])
+
+
 def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
     quality3d = importlib.util.module_from_spec(spec)
@@ -93,13 +112,16 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
              "factor": 0.004, "lamda": 0.01},
             {"case": "colin27_1mm", "R": 4.0, "method": "infusion:x", "nrmse_percent": 5.0, "seconds": 60.0,
              "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "steps": 10, "seconds_per_step": 6.0,
-             "wall_seconds": 70.0, "peak_rss_mib_all_ranks": 3000.0, "peak_rss_mib_one_rank": 1600.0}]
+             "wall_seconds": 70.0, "peak_rss_mib_all_ranks": 3000.0, "peak_rss_mib_one_rank": 1600.0},
+            {"case": "colin27_1mm_tuning", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 7.0,
+             "seconds": 3.0, "factor": 0.004, "lamda": 0.01}]
     quality3d.RUNS.write_text("".join(json.dumps({**r, **common}) + "\n" for r in rows))
     quality3d.PROGRESS.write_text(json.dumps({"case": "colin27_1mm", "store": "case_R4_x.zarr",
                                               "method": "inr_tv_2d_planes", "planes_done": 3, "planes": 217,
                                               "seconds_done": 30.0, "seconds_per_plane": 10.0, **common}) + "\n")
     report = quality3d.write_report().read_text()
     assert "## bundled, R = 4" in report and "### colin27_1mm, R = 4" in report
+    assert report.index("## The 1 mm tuning case") < report.index("### colin27_1mm_tuning, R = 4")
     assert "Not run (time on 2 shared CPU cores): bart_W." in report
     assert "Not finished: inr_tv_2d_planes, 3 of 217 planes" in report
     assert "goal (10 % below it): 5.40 %" in report
