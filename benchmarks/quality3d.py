@@ -191,7 +191,8 @@ def run_l1_wavelet_3d_debiased(case: dict, holdout_fraction: float = 0.08, holdo
                        "without_debias_percent": nrmse_percent(plain, case)}, "_volume": volume}
 
 
-def run_inr_tv_planes(case: dict, folder: Path | None = None, max_seconds: float | None = None) -> dict | None:
+def run_inr_tv_planes(case: dict, folder: Path | None = None, max_seconds: float | None = None,
+                      case_name: str = "bundled") -> dict | None:
     """configs/inr_tv2d.yaml's fit on every readout plane on its own.
 
     With `folder`, every finished plane is kept there (x<index>.npy with its seconds) and a rerun
@@ -220,9 +221,6 @@ def run_inr_tv_planes(case: dict, folder: Path | None = None, max_seconds: float
             np.savez(done, plane=planes[x], seconds=seconds[x])
     finished = sum(p is not None for p in planes)
     if finished < nx:
-        store_name = Path(case["store"]).name
-        case_name = ("colin27_1mm_tuning" if store_name.startswith("colin27_tuning") else
-                     "colin27_1mm" if "1mm" in store_name else "bundled")
         record = {"case": case_name, "store": Path(case["store"]).name, "method": "inr_tv_2d_planes",
                   "planes_done": finished, "planes": nx, "seconds_done": float(sum(seconds)),
                   "seconds_per_plane": float(sum(seconds) / max(finished, 1)), "machine": machine(),
@@ -960,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
                         log_row(name, acceleration, f"l1_wavelet_3d_c{factor:g}", run_l1_wavelet_3d(case, factor))
             elif method == "inr_tv_2d_planes":
                 folder = WORK / "inr_tv_planes" / f"{name}_R{acceleration:g}"
-                result = run_inr_tv_planes(case, folder, args.max_seconds)
+                result = run_inr_tv_planes(case, folder, args.max_seconds, name)
                 if result is not None:
                     log_row(name, acceleration, method, result)
             elif method == "bart":

@@ -203,12 +203,17 @@ def load_case(path: Path = DEFAULT_CASE) -> dict:
 
 def crop_readout(kspace: np.ndarray, maps: np.ndarray, reference: np.ndarray,
                  x_planes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep readout planes [x0, x1): the k-space (coils, kx, ky, kz) through the hybrid space (centred,
-    orthonormal transforms along kx, as engine.io.hybrid_store), maps (coils, x, y, z), reference (x, y, z)."""
+    """Keep readout planes [x0, x1): the k-space (coils, kx, ky, kz) through the hybrid space (the store's
+    own transform, engine.io.hybrid_store.to_hybrid, and back), maps (coils, x, y, z), reference (x, y, z)."""
+    import torch
+
+    from engine.io.hybrid_store import to_hybrid
+    from engine.physics.fft import fftc
+
     x0, x1 = x_planes
-    hybrid = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=1), axis=1, norm="ortho"), axes=1)[:, x0:x1]
-    cropped = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(hybrid, axes=1), axis=1, norm="ortho"), axes=1)
-    return cropped.astype(np.complex64), maps[:, x0:x1], reference[x0:x1]
+    hybrid = torch.from_numpy(to_hybrid(kspace)[x0:x1])  # (x, coils, ky, kz)
+    cropped = fftc(hybrid, dims=(0,)).movedim(0, 1).contiguous().numpy()
+    return cropped, maps[:, x0:x1], reference[x0:x1]
 
 
 def case_mask(case_id: str, shape: tuple[int, int], acceleration: float) -> np.ndarray:
