@@ -146,6 +146,22 @@ def write_montage(path: Path, rows: dict[str, tuple], title: str,
     volume_montage_png(path, rows, voxel_size_mm, title, nrmse)
 
 
+def checkpoint_after_step(manager: CheckpointManager, recon: Recon3D, result: StepResult,
+                          rank_state: Callable[[Recon3D], dict], hashed: dict, ctx: DistContext, what: str,
+                          at_last_step: bool) -> None:
+    """Collective, after each step of a fit: after a preemption signal, checkpoint and raise Preempted
+    (exit 75: launch/slurm/recon3d.sbatch requeues the job); else checkpoint every checkpoint.every
+    steps before the last, and at the last when `at_last_step`. `what` names the fit in the message."""
+    step = recon.step_index
+    if result.stop_requested:
+        folder = manager.save(step, recon.trunk_state(), rank_state(recon), hashed)
+        ctx.print0(f"[recon3d] preemption signal: checkpoint{what} at step {step} in {folder}")
+        raise Preempted(step, folder)
+    every = recon.cfg.checkpoint.every
+    if (at_last_step and step == recon.cfg.steps) or (every and step % every == 0 and step < recon.cfg.steps):
+        manager.save(step, recon.trunk_state(), rank_state(recon), hashed)
+
+
 class FitCheckpoints:
     """Checkpoints and preemption for a fit that runs before the final one (selection's candidates,
     debias's holdout fit), in its own folder under the run's checkpoints. A preemption signal there writes a checkpoint and raises
@@ -185,21 +201,15 @@ class FitCheckpoints:
         steps and at the last (a finished fit is not repeated before its record is saved)."""
         if self.on_step_end is not None:
             self.on_step_end(recon, result)
-        step = recon.step_index
-        if result.stop_requested:
-            saved = self._save(recon)
-            self.ctx.print0(f"[recon3d] preemption signal: checkpoint of the {self.name} fit at step {step} in {saved}")
-            raise Preempted(step, saved)
-        every = recon.cfg.checkpoint.every
-        if step == recon.cfg.steps or (every and step % every == 0):
-            self._save(recon)
+        checkpoint_after_step(self.manager, recon, result, self._rank_state, self.hashed, self.ctx,
+                              f" of the {self.name} fit", at_last_step=True)
         recon.request_stop = self.flag.raised  # a signal during the next step is seen in the one after
 
-    def _save(self, recon: Recon3D) -> Path:
+    def _rank_state(self, recon: Recon3D) -> dict:
         rank_state = recon.rank_state()
         if self.extra_state is not None:
             rank_state["fit_extra"] = self.extra_state()
-        return self.manager.save(recon.step_index, recon.trunk_state(), rank_state, self.hashed)
+        return rank_state
 
     def remove(self) -> None:
         """Collective: delete the folder (the fit's record is saved; its checkpoints are no longer needed)."""
@@ -317,7 +327,7 @@ def run_recon3d(
     def elapsed() -> float:
         return seconds_before + time.perf_counter() - t_start
 
-    def rank_state() -> dict:
+    def rank_state(recon: Recon3D) -> dict:
         return {**recon.rank_state(), "train_seconds": elapsed()}
 
     bad_in_a_row, skipped_steps = 0, 0
@@ -349,12 +359,8 @@ def run_recon3d(
             if bad_in_a_row >= cfg.max_bad_steps:
                 steps = manager.complete_steps()
                 raise NonFiniteStop(result.step, bad_in_a_row, steps[-1] if steps else None)
-            if result.stop_requested:
-                folder = manager.save(step_done, recon.trunk_state(), rank_state(), hashed)
-                ctx.print0(f"[recon3d] preemption signal: checkpoint at step {step_done} in {folder}")
-                raise Preempted(step_done, folder)
-            if cfg.checkpoint.every and step_done % cfg.checkpoint.every == 0 and step_done < cfg.steps:
-                manager.save(step_done, recon.trunk_state(), rank_state(), hashed)
+            # not at the last step: finish_run writes the output next
+            checkpoint_after_step(manager, recon, result, rank_state, hashed, ctx, "", at_last_step=False)
     finally:
         flag.uninstall()
         if bar is not None:
