@@ -28,8 +28,10 @@ requeue; the 8 + at least 3 preemptions here would show that with near certainty
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,7 +55,8 @@ OVERRIDES = ["device=cpu", "inr.hidden=32", "inr.encoding.levels=4", "inr.encodi
              "inr.encoding.max_res=32", "slices.per_step=2", "prior.start_step=20", "prior.every=3", "prior.upsample=1",
              "baseline.l1_wavelet=false", "output.montage=false", "output.log_every=5", "checkpoint.every=0"]
 # The header's CPU example: it must fit a small node.
-CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1",
+CPU_RANKS = 2
+CPU_OPTIONS = ["--nodes=1", f"--ntasks-per-node={CPU_RANKS}", "--gpus-per-task=0", "--cpus-per-task=1",
                "--mem-per-cpu=1500M"]
 # (scancel options, fraction of the steps at which they are sent): three times each signal to the
 # ranks, then the batch shell alone (it forwards SIGUSR1 to the ranks), then shell and ranks.
@@ -164,6 +167,34 @@ def last_logged_step(out: Path) -> int:
     return int(rows[-1].split(",")[0]) if rows else -1
 
 
+def rank_pids(out: Path) -> list[int]:
+    """The rank processes (python launch/recon3d.py ... --out OUT, not srun) of the job writing `out`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:  # ended meanwhile
+            continue
+        if (args and Path(args[0].decode()).name.startswith("python") and b"launch/recon3d.py" in args
+                and str(out).encode() in args):
+            pids.append(int(proc.name))
+    return pids
+
+
+def is_stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 class Watcher:
     """Polls every job, releases a requeued one from SLURM's requeue delay at once, and fails
     with the jobs' logs as soon as one fails."""
@@ -201,13 +232,18 @@ class Watcher:
                                      f"{self.log(name)[-4000:]}{self.snapshots.get(name, '')}")
 
     def _hold(self, name: str, job_id: int, seconds: int) -> None:
-        """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment."""
-        if self.hold[name] == "waiting" and last_logged_step(self.outs[name]) >= 0:
-            self.cluster.run("scancel", "--signal=STOP", str(job_id))
+        """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment. The
+        cluster is this machine, so the test signals the rank processes itself: the same signals sent
+        with `scancel --signal` left a job's ranks stopped until its time limit, now and then, on a
+        loaded machine. Released means no rank is stopped any more (SIGCONT is repeated until then)."""
+        ranks = rank_pids(self.outs[name])
+        if self.hold[name] == "waiting" and last_logged_step(self.outs[name]) >= 0 and len(ranks) == CPU_RANKS:
+            signal_all(ranks, signal.SIGSTOP)
             self.hold[name] = "stopped"
         elif self.hold[name] == "stopped" and seconds >= LIMIT_HOLD_S:
-            self.cluster.run("scancel", "--signal=CONT", str(job_id))
-            self.hold[name] = "released"
+            signal_all(ranks, signal.SIGCONT)
+            if not any(is_stopped(pid) for pid in ranks):
+                self.hold[name] = "released"
 
     def _snapshot_if_stuck(self, name: str) -> None:
         """A diagnosis for a rare failure on a loaded machine (a time-limit job that printed exit 75 and
