@@ -205,8 +205,6 @@ class Watcher:
         self.released = dict.fromkeys(jobs, 0)
         self.requeue_seen: dict[str, float] = {}
         self.info: dict[str, dict] = {}
-        self.exit_seen: dict[str, float] = {}  # name -> when an exit the batch script has not answered was seen
-        self.snapshots: dict[str, str] = {}
 
     def add(self, name: str, job_id: int) -> None:
         self.jobs[name] = job_id
@@ -225,17 +223,18 @@ class Watcher:
                     self.released[name] = restarts
                     del self.requeue_seen[name]
             if self.hold.get(name) and restarts == 0 and info.get("JobState") == "RUNNING":
-                self._hold(name, job_id, run_seconds(info.get("RunTime", "0")))
-            self._snapshot_if_stuck(name)
+                self._hold(name, run_seconds(info.get("RunTime", "0")))
             if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 raise AssertionError(f"job {name} ({job_id}) ended {info['JobState']} ({info.get('Reason')}):\n"
-                                     f"{self.log(name)[-4000:]}{self.snapshots.get(name, '')}")
+                                     f"{self.log(name)[-4000:]}")
 
-    def _hold(self, name: str, job_id: int, seconds: int) -> None:
+    def _hold(self, name: str, seconds: int) -> None:
         """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment. The
         cluster is this machine, so the test signals the rank processes itself: the same signals sent
         with `scancel --signal` left a job's ranks stopped until its time limit, now and then, on a
         loaded machine. Released means no rank is stopped any more (SIGCONT is repeated until then)."""
+        if self.hold[name] == "released":
+            return
         ranks = rank_pids(self.outs[name])
         if self.hold[name] == "waiting" and last_logged_step(self.outs[name]) >= 0 and len(ranks) == CPU_RANKS:
             signal_all(ranks, signal.SIGSTOP)
@@ -244,24 +243,6 @@ class Watcher:
             signal_all(ranks, signal.SIGCONT)
             if not any(is_stopped(pid) for pid in ranks):
                 self.hold[name] = "released"
-
-    def _snapshot_if_stuck(self, name: str) -> None:
-        """A diagnosis for a rare failure on a loaded machine (a time-limit job that printed exit 75 and
-        then ran into its limit without srun or the batch script reacting): when the ranks printed an exit
-        the batch script has not answered within 30 s, keep the states of the job's processes."""
-        log = self.log(name)
-        exits, answered = log.count("exit 75 (requeue"), log.count("infusion3d: step exit")
-        if exits <= answered:
-            self.exit_seen.pop(name, None)
-            return
-        since = self.exit_seen.setdefault(name, time.monotonic())
-        if time.monotonic() - since > 30 and name not in self.snapshots:
-            ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,wchan:24,etime,args"], check=False, capture_output=True,
-                                text=True)
-            rows = [line[:220] for line in ps.stdout.splitlines()
-                    if self.outs[name].name in line or "slurmstepd" in line or line.lstrip().startswith("PID")]
-            self.snapshots[name] = (f"\n--- {name}: exit printed {time.monotonic() - since:.0f} s ago, batch script "
-                                    "silent; processes:\n" + "\n".join(rows))
 
     def log(self, name: str) -> str:
         path = self.outs[name].with_suffix(".log")
