@@ -43,6 +43,7 @@ Commands (repository root):
     python benchmarks/quality3d.py infusion --case colin27_1mm --R 4 --label colin27_1mm --config configs/colin27_1mm.yaml
     python benchmarks/quality3d.py montage --case colin27_1mm --R 4
     python benchmarks/quality3d.py analyse --R 4 --methods "infusion:A" "infusion:B"
+    python benchmarks/quality3d.py dc-solve --case colin27_1mm --R 4 --method "infusion:colin27_1mm" --weight 0.15
     python benchmarks/quality3d.py report
 """
 from __future__ import annotations
@@ -356,12 +357,52 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
                          "without_debias_percent": metrics["nrmse_percent_infusion_without_debias"],
                          "holdout_fit_percent": metrics["debias"].get("holdout_fit_nrmse_percent"),
                          "holdout_fit_seconds": metrics["debias"]["seconds"]}
+    if "dc_solve" in metrics:  # the solve's settings and what the same run's fit gave without it
+        row["dc_solve"] = {**metrics["dc_solve"],
+                           "without_dc_solve_percent": metrics["nrmse_percent_infusion_without_dc_solve"]}
     return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
 
 
-def setting_without_seed(config_yaml: Path) -> dict:
+def dc_solve_row(case_name: str, acceleration: float, method: str, weight: float, iterations: int) -> dict:
+    """An INFusion row's saved fit after the final data-consistency solve: what launch/recon3d.py writes with
+    `--set dc.solve_weight=W dc.solve_iterations=N` (its output is engine.recon.dc_solve of the same fit,
+    tests/test_dc_solve.py), measured without running the fit again."""
+    import torch
+
+    from engine.io.ome_zarr import open_volume
+    from engine.recon.dc_solve import dc_solve
+
+    rows = {r["method"]: r for r in read_rows() if r["case"] == case_name and r["R"] == acceleration}
+    row = rows.get(method)
+    if row is None or "volume_zarr" not in row:
+        raise SystemExit(f"dc-solve: no INFusion row {method!r} at {case_name} R {acceleration:g}")
+    if "dc_solve" in row or "debias" in row:
+        raise SystemExit(f"dc-solve: {method!r} is not a plain fit (it has a DC solve or debias gains)")
+    if not (REPO / row["volume_zarr"]).exists():
+        raise SystemExit(f"dc-solve: {method!r} logged its volume at {row['volume_zarr']}, which is not here "
+                         "(outputs/ is not committed): rerun that row first")
+    case = load_case(case_store(case_name, acceleration))
+    fit = torch.from_numpy(np.asarray(open_volume(REPO / row["volume_zarr"]).complex[...]))
+    t0 = time.perf_counter()
+    solved = dc_solve(fit, torch.from_numpy(case["kspace"]), torch.from_numpy(case["maps"]),
+                      torch.from_numpy(case["mask"]), weight, iterations).numpy()
+    seconds = time.perf_counter() - t0
+    kept = {k: row[k] for k in ("config", "steps", "seconds_per_step", "peak_rss_mib_all_ranks",
+                                 "peak_rss_mib_one_rank") if k in row}
+    return {**kept, **setting_without_seed(Path(str(REPO / row["volume_zarr"]).removesuffix(".zarr") + "_run")
+                                           / "config.yaml", {"solve_weight": weight, "solve_iterations": iterations}),
+            "nrmse_percent": nrmse_percent(solved, case), "seconds": row["seconds"] + seconds,
+            "overrides": [*row["overrides"], f"dc.solve_weight={weight:g}", f"dc.solve_iterations={iterations}"],
+            "dc_solve": {"weight": weight, "iterations": iterations, "without_dc_solve_percent": row["nrmse_percent"],
+                         "on_saved_fit_of": {"method": method, "commit": row["commit"], "date": row["date"]},
+                         "seconds": seconds},
+            "_volume": solved}
+
+
+def setting_without_seed(config_yaml: Path, dc_changes: dict | None = None) -> dict:
     """The run's slice seed and a hash of its resolved config without it: rows with equal hashes are
-    one setting run with different seeds (the report averages them)."""
+    one setting run with different seeds (the report averages them). dc_changes: keys of the config's
+    `dc` section to set first (a dc-solve row's)."""
     import hashlib
 
     import yaml
@@ -369,9 +410,11 @@ def setting_without_seed(config_yaml: Path) -> dict:
     from engine.config import build_config
     from engine.recon.config3d import Recon3DConfig, result_config
 
+    config = yaml.safe_load(config_yaml.read_text())
+    config["dc"] = {**config.get("dc", {}), **(dc_changes or {})}
     # through the dataclass, so a config written before a key existed gets its default; the keys a
     # checkpoint's hash covers, without the input (a row's case and R) and the seed
-    values = result_config(build_config(Recon3DConfig, yaml.safe_load(config_yaml.read_text())), {})
+    values = result_config(build_config(Recon3DConfig, config), {})
     del values["input"]
     seed = int(values["slices"].pop("seed"))
     digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
@@ -629,6 +672,13 @@ def _setting(r: dict) -> str:
                     f"{' / '.join(f'{e:g}' for e in d['band_edges'])}; without them {d['without_debias_percent']:.2f} %"
                     + (f"; holdout fit {d['holdout_fit_percent']:.2f} % in {d['holdout_fit_seconds']:.0f} s"
                        if d.get("holdout_fit_seconds") else "") + ")")
+    if "dc_solve" in r:
+        d = r["dc_solve"]
+        setting += (f" (DC solve weight {d['weight']:g}, {d['iterations']} CG iterations; the fit without it "
+                    f"{d['without_dc_solve_percent']:.2f} %"
+                    + (f"; solved on the saved fit of row `{d['on_saved_fit_of']['method']}` "
+                       f"({d['on_saved_fit_of']['commit']}) in {d['seconds']:.0f} s" if "on_saved_fit_of" in d else "")
+                    + ")")
     if "bart_scale" in r:
         setting += f" (magnitude scale {r['bart_scale']:.4f})"
     return setting
@@ -931,6 +981,12 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--case", choices=CASES, default="bundled")
     ana.add_argument("--R", type=float, default=4.0)
     ana.add_argument("--methods", nargs="+", required=True, help="row methods, e.g. 'infusion:demo3d, slice seed 1'")
+    solve = sub.add_parser("dc-solve", help="an INFusion row's saved fit after the final DC solve (a new row)")
+    solve.add_argument("--case", choices=CASES, default="bundled")
+    solve.add_argument("--R", type=float, nargs="+", default=[4.0])
+    solve.add_argument("--method", required=True, help="the plain INFusion row, e.g. 'infusion:colin27_1mm'")
+    solve.add_argument("--weight", type=float, required=True, help="dc.solve_weight")
+    solve.add_argument("--iterations", type=int, default=10, help="dc.solve_iterations")
     sub.add_parser("report", help="write benchmarks/results/quality3d.md")
     args = parser.parse_args(argv)
     import torch
@@ -941,6 +997,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "analyse":
         analyse(args.case, args.R, args.methods)
+        return 0
+    if args.command == "dc-solve":
+        for acceleration in args.R:
+            log_row(args.case, acceleration, f"{args.method} with DC solve {args.weight:g}",
+                    dc_solve_row(args.case, acceleration, args.method, args.weight, args.iterations))
         return 0
     if args.command == "montage":
         for acceleration in args.R:

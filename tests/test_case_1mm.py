@@ -159,3 +159,48 @@ def test_quality3d_montage_of_the_saved_volumes(make, tmp_path, monkeypatch):
             handle.write(json.dumps({**common, "method": method, "nrmse_percent": nrmse}) + "\n")
     out = quality3d.write_montage("colin27_1mm", 4.0)
     assert out.name == "quality3d_colin27_1mm_R4.png" and out.stat().st_size > 1000
+
+
+def test_quality3d_dc_solve_row_of_a_saved_fit(make, tmp_path, monkeypatch):
+    """`dc-solve` scores engine.recon.dc_solve of a plain row's saved fit as a row of its own setting
+    (the run's config with the solve's keys), and refuses a row that is not a plain fit."""
+    import torch
+
+    import engine.io.ome_zarr as ome_zarr
+    from engine.recon.dc_solve import dc_solve
+
+    spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
+    quality3d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality3d)
+    volume, affine = _volume()
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 30))
+    case = make.load_case(make.write_case(tmp_path / "case.npz", magnitude, params))
+    store = make.write_store(case, tmp_path / "case.zarr", acceleration=4.0)
+    monkeypatch.setattr(quality3d, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(quality3d, "REPO", tmp_path)
+    monkeypatch.setattr(quality3d, "case_store", lambda name, r: store)
+    loaded = quality3d.load_case(store)
+    fit = (loaded["reference"] * 0.9).astype(np.complex64)  # a shrunk fit: the solve pulls it to the data
+    monkeypatch.setattr(ome_zarr, "open_volume", lambda path: type("V", (), {"complex": fit})())
+    run_dir = tmp_path / "outputs" / "fit_run"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "outputs" / "fit.zarr").mkdir()
+    (run_dir / "config.yaml").write_text("steps: 10\n")
+    common = {"case": "colin27_1mm", "R": 4.0, "seconds": 5.0, "machine": "m", "date": "d", "commit": "c",
+              "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "volume_zarr": "outputs/fit.zarr",
+              **quality3d.setting_without_seed(run_dir / "config.yaml")}
+    plain = quality3d.nrmse_percent(fit, loaded)
+    with open(quality3d.RUNS, "w") as handle:
+        handle.write(json.dumps({**common, "method": "infusion:x", "nrmse_percent": plain}) + "\n")
+        handle.write(json.dumps({**common, "method": "infusion:d", "nrmse_percent": 1.0, "debias": {}}) + "\n")
+    row = quality3d.dc_solve_row("colin27_1mm", 4.0, "infusion:x", 0.2, 10)
+    want = dc_solve(torch.from_numpy(fit), torch.from_numpy(loaded["kspace"]), torch.from_numpy(loaded["maps"]),
+                    torch.from_numpy(loaded["mask"]), 0.2, 10).numpy()
+    assert row["nrmse_percent"] == pytest.approx(quality3d.nrmse_percent(want, loaded), rel=1e-6)
+    assert row["nrmse_percent"] < plain and row["dc_solve"]["without_dc_solve_percent"] == plain
+    assert row["overrides"] == ["steps=10", "dc.solve_weight=0.2", "dc.solve_iterations=10"]
+    assert row["setting_hash"] != common["setting_hash"] and row["slice_seed"] == 0
+    with pytest.raises(SystemExit, match="not a plain fit"):
+        quality3d.dc_solve_row("colin27_1mm", 4.0, "infusion:d", 0.2, 10)
+    with pytest.raises(SystemExit, match="no INFusion row"):
+        quality3d.dc_solve_row("colin27_1mm", 4.0, "infusion:missing", 0.2, 10)
