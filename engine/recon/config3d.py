@@ -69,11 +69,6 @@ class DCConfig:
     backend: Backend = "auto"
     """kernels.sense backend: 'triton' (fused kernels, CUDA), 'torch' (engine.physics.sense) or 'auto'
     (Triton for CUDA tensors with even plane sizes, torch otherwise)."""
-    solve_weight: float = 0.0
-    """After the fit, solve min ||M F S x - y||^2 + solve_weight ||x - x_fit||^2 per readout plane and
-    write that x (engine.recon.dc_solve; dimensionless, e.g. 0.15); 0 = write the fit itself."""
-    solve_iterations: int = 10
-    """CG iterations of that solve per plane."""
 
 
 @dataclass
@@ -218,12 +213,6 @@ class Recon3DConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.dc.chunk < 1 or self.output.log_every < 1 or self.max_bad_steps < 1:
             raise ValueError("dc.chunk, output.log_every and max_bad_steps must be >= 1")
-        if self.dc.solve_weight < 0 or self.dc.solve_iterations < 1:
-            raise ValueError(f"dc.solve_weight must be >= 0 and dc.solve_iterations >= 1, got "
-                             f"{self.dc.solve_weight} and {self.dc.solve_iterations}")
-        if self.dc.solve_weight > 0 and self.debias.enabled:
-            raise ValueError("dc.solve_weight > 0 and debias.enabled both correct the fit's shrinkage: "
-                             "choose one (the debias gains are measured on a fit without the solve)")
 
 
 # Keys that do not change the numbers a run produces: excluded from the checkpoint's config hash.

@@ -69,7 +69,6 @@ from engine.recon.config3d import (
     SliceConfig,
     result_config,
 )
-from engine.recon.dc_solve import dc_solve
 from engine.recon.schedule import lr_factor
 from engine.recon.slices import Shard, ShardSampler, shard_seed, shards_of_rank, split_readout
 from engine.runtime.checkpoint import capture_rng_state, restore_rng_state
@@ -664,16 +663,6 @@ class Recon3D:
                 features = self.trunk(self.plane)
             planes = self._planes(features, torch.arange(x0, x1))
         return (planes * self.scale).cpu().numpy().astype(np.complex64)
-
-    @torch.no_grad()
-    def dc_solve_rows(self, x0: int, x1: int, planes: np.ndarray) -> np.ndarray:
-        """`planes` of readout positions [x0, x1) (evaluate_rows' units) after the final data-consistency
-        solve (engine.recon.dc_solve, dc.solve_weight) on the samples this fit sees."""
-        local = torch.arange(x0, x1) - self.x_start
-        kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
-        fit = torch.from_numpy(planes).to(self.device) / self.scale
-        solved = dc_solve(fit, kspace, maps, self.mask, self.cfg.dc.solve_weight, self.cfg.dc.solve_iterations)
-        return (solved * self.scale).cpu().numpy().astype(np.complex64)
 
     @torch.no_grad()
     def heldout_error(self) -> float:

@@ -445,15 +445,11 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, rank=ctx.rank)
     gains = None if debias is None else gain_map(debias["gains"], radial_bands(recon.plane, debias["band_edges"]),
                                                  np.asarray(recon.source.mask))
-    solve = cfg.dc.solve_weight > 0
     pieces, raw_pieces = [], []
     for x0, x1 in recon.output_chunks():
         piece = raw = recon.evaluate_rows(x0, x1)
         if gains is not None:
             piece = apply_band_gains(raw, gains)
-        if solve:
-            piece = recon.dc_solve_rows(x0, x1, raw)
-        if piece is not raw:
             raw_pieces.append(raw)
         writer.write_slab(x0, piece)
         pieces.append(piece)
@@ -464,17 +460,14 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
                      "prior_distance": cfg.prior.distance, **(extra_metrics or {})}
     if debias is not None:
         metrics["debias"] = debias
-    if solve:
-        metrics["dc_solve"] = {"weight": cfg.dc.solve_weight, "iterations": cfg.dc.solve_iterations}
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
     if recon.reference is not None:
         support = recon.maps_support()
         candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
-        if raw_pieces:  # what the debias gains or the DC solve changed, measured in every run with a reference
-            candidates["infusion_without_debias" if gains is not None else "infusion_without_dc_solve"] = \
-                np.concatenate(raw_pieces)
+        if raw_pieces:  # what the debias gains changed, measured in every run that has a reference
+            candidates["infusion_without_debias"] = np.concatenate(raw_pieces)
         baseline_seconds = {}
         if cfg.baseline.l1_wavelet_3d:
             t0 = time.perf_counter()
