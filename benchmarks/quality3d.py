@@ -597,8 +597,12 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   (rows `demo3d, debias with the centre band untouched`, an option `debias.centre_radius` at d6369cd,
   removed after): R = 4 5.50 %, R = 8 9.89 % against 5.42 / 9.70 % (seed 0): the outer gains it measured
   (1.104 / 1.217 / 1.162 at R = 4 against 1.059 / 1.116 / 1.207) served worse.
-- Plane-by-plane 2D INR + TV (217 planes of 181 x 80, 16 coils, about 5 h here) runs in parts across
-  sessions (`baselines --methods inr_tv_2d_planes --max-seconds S` keeps its finished planes).
+- Plane-by-plane 2D INR + TV (configs/inr_tv2d.yaml on each of the 217 planes of 181 x 80, 16 coils, on
+  its own; 6-7 s per plane on 2 idle cores, 24-26 min per volume: the 87 s of the first plane, run on
+  2026-12-01 beside other jobs, had overstated it 13-fold): R = 4 5.24 %, R = 6 6.83 %, 65 / 76 % above
+  INFusion. R = 8 was stopped after 16 planes for time (`baselines --methods inr_tv_2d_planes` continues it).
+- The R = 6 montage was redrawn on 2026-12-02 with the tuned weights' row (3.88 %; zero-filled and the 3D
+  L1-wavelet rerun for it: the same 25.66 / 4.01 %).
 - The R = 4 montage shows no BART image: BART's volumes of the 1 mm rows were not kept on the machine that
   drew it (the montage leaves out a row without its saved volume)."""
 
