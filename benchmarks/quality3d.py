@@ -683,9 +683,10 @@ NOTES_TUNING = """#### Notes on the tuning rows
   level weights is the safer against noise). The 1 mm rows of that commit and later ran it (notes above).
 - The final data-consistency solve (`dc.solve_weight` w, commit 2881d0b; notes of the 1 mm rows) on the
   saved x0.25 fit: w = 0.05 / 0.1 / 0.15 / 0.2 / 0.3 gave 3.34 / 3.13 / 3.10 / 3.11 / 3.14 % against
-  3.36 % (w = 0.03 was worse than none in an exploratory run), below the 3D L1-wavelet's 3.15 %; the same
-  solve on the L1-wavelet's volume moved it by at most 1 % (exploratory). w = 0.15 did not carry over to
-  the evaluation case (notes above)."""
+  3.36 %, below the 3D L1-wavelet's 3.15 % (exploratory, on the x0.5 fit: w = 0.03 gave 3.68 % against its
+  3.45 %); the same solve on the L1-wavelet's volume (exploratory) improved it by at most 1 % (w = 1: 3.13 %)
+  and made it worse at small w (3.53 % at 0.05, 3.27 % at 0.1). w = 0.15 did not carry over to the
+  evaluation case (notes above)."""
 
 
 def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[str]:
