@@ -548,11 +548,26 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   saved fits, which is what a run with the option writes: tested there), w = 0.15 chosen on the tuning case
   (section below, where it took the fit from 3.36 to 3.10 %): here it made every R worse, R = 4 / 6 / 8
   3.17 -> 3.77, 3.88 -> 4.22, 4.34 -> 4.62 %, and on the bundled case too (5.65 -> 5.89 % at w = 0.15, 5.64 %
-  at w = 1, i.e. nothing). Why (a diagnosis, nothing tuned from it): the evaluation slab has more air, so
-  its noise is 7.4 % of the measured k-space's norm against 4.9 % on the tuning case, and a pull towards the
-  data lets the noise of the weakly determined directions in; a fixed w does not carry across SNRs, and
-  a w chosen per case from the data alone was not built. The option was removed again (one way to correct
-  the fit's shrinkage: `debias`); its rows stay as tried settings.
+  at w = 1, i.e. nothing). Not explained by the noise level: the noise is 7.4 % of the measured k-space's
+  norm on the evaluation slab against 4.9 % on the tuning case only because the slab holds more air; per
+  sample, in the units the fit sees (the scale that maps the zero-filled 99th percentile to 1), its
+  variance is the same on both (2.38e-4 and 2.47e-4, from the data minus the noise-free reference's
+  k-space; exploratory, 2026-12-02). Split by readout position (exploratory, R = 4), the solve made the
+  evaluation slab worse everywhere, its central planes too (x = 60-99: 3.14 -> 3.36 %, x = 100-139:
+  2.83 -> 3.01 %, NRMSE within those planes), which are of the same kind as the tuning case's 72 central
+  planes where it helped; so the tuning case did not predict this lever, for a reason not found. The
+  option was removed again (one way to correct the fit's shrinkage: `debias`); its rows stay as tried
+  settings.
+- Where INFusion's error lies against the 3D L1-wavelet's (exploratory, 2026-12-02, on the saved volumes
+  of the config's R = 4 / 6 rows; a diagnosis, nothing tuned from it). By readout position: INFusion has
+  less error power in the outer planes (x < 60 and x >= 140) and about as much or slightly more in the
+  central ones (x = 60-139, 61 % of the signal: 1.04x the L1-wavelet's error power at R = 4, 0.95x at R = 6);
+  in the 17 air planes at the posterior end its error power is 2x the L1-wavelet's at R = 6 (3 % of its
+  total). In (ky, kz) at R = 4: less error power than the L1-wavelet within 0.25 of the Nyquist radius
+  (0.19 vs 0.27 of the total), more beyond 0.5 (0.61 vs 0.51), where 12-34 % of the points are sampled.
+  The two errors are far from shared: the complex mean of the two volumes scores 2.91 / 3.57 % at R = 4 / 6
+  (3.00 % on the tuning case), below either. (That mean is not an INFusion result and is not a row; it says
+  that what INFusion gets wrong differs from what the L1-wavelet gets wrong.)
 - The 3D L1-wavelet runs over the whole volume (hybrid k-space and maps, 0.8 GB, fit this machine), with
   the engine's lambda rule unchanged (tuned on the bundled case); its factor sweep was not run (each run
   takes its seconds column on 2 shared cores).
@@ -599,8 +614,8 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   (1.104 / 1.217 / 1.162 at R = 4 against 1.059 / 1.116 / 1.207) served worse.
 - Plane-by-plane 2D INR + TV (configs/inr_tv2d.yaml on each of the 217 planes of 181 x 80, 16 coils, on
   its own; 6-7 s per plane on 2 idle cores, 24-26 min per volume: the 87 s of the first plane, run on
-  2026-12-01 beside other jobs, had overstated it 13-fold): R = 4 5.24 %, R = 6 6.83 %, 65 / 76 % above
-  INFusion. R = 8 was stopped after 16 planes for time (`baselines --methods inr_tv_2d_planes` continues it).
+  2026-12-01 beside other jobs, had overstated it 13-fold): R = 4 5.24 %, R = 6 6.83 %, R = 8 7.71 % (its
+  first 16 planes in one session, the other 201 in the next: 22 min), 65 / 76 / 78 % above INFusion.
 - The R = 6 montage was redrawn on 2026-12-02 with the tuned weights' row (3.88 %; zero-filled and the 3D
   L1-wavelet rerun for it: the same 25.66 / 4.01 %).
 - The R = 4 montage shows no BART image: BART's volumes of the 1 mm rows were not kept on the machine that
