@@ -295,3 +295,6 @@ def test_quality3d_error_spectrum_puts_an_error_where_it_is():
     assert sum(shares) == pytest.approx(1.0)
     assert shares[-1] == pytest.approx(1.0)
     assert spectrum["bands"][0]["sampled_fraction"] > 0 and spectrum["bands"][-1]["sampled_fraction"] == 0
+    # the bands' powers over the reference's add up to NRMSE^2 (Parseval)
+    powers = sum(band["relative_power"] for band in spectrum["bands"])
+    assert powers == pytest.approx((quality3d["nrmse_percent"](reference + ripple[None], case) / 100) ** 2)

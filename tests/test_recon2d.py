@@ -313,3 +313,26 @@ def test_unmeasured_only_restricts_the_prior_to_unsampled_frequencies():
     assert everything(planes, 0)[0] == 0
     with pytest.raises(ValueError, match="needs the sampling mask"):
         PriorTerm(config, TinyDenoiser(), 4, torch.Generator())
+
+
+def test_min_k_radius_leaves_the_low_frequencies_out_of_the_prior():
+    from engine.physics.fft import kspace_radius
+
+    planes = torch.randn(2, 8, 10, dtype=torch.complex64)
+    mask = (torch.rand(8, 10, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    low = (kspace_radius((8, 10)) < 0.5).float()
+    assert 0 < low.sum() < low.numel() and bool(((low > 0) & (mask == 0)).any())
+
+    def loss(term_mask, **extra):  # each term draws the same noise (same seed)
+        config = PriorTermConfig(mode="tweedie", distance="l2", unmeasured_only=True, weight_scale=1.0,
+                                 weight_start=1.0, weight_end=1.0, **extra)
+        return PriorTerm(config, TinyDenoiser(), 4, torch.Generator().manual_seed(0), mask=term_mask)(planes, 0)[0]
+
+    narrowed = loss(mask, min_k_radius=0.5)
+    # the same as declaring the low frequencies measured, and less than comparing them too
+    assert torch.isclose(narrowed, loss(torch.maximum(mask, low)), rtol=1e-5)
+    assert narrowed < loss(mask)
+    with pytest.raises(ValueError, match="min_k_radius needs unmeasured_only"):
+        PriorTermConfig(mode="tweedie", distance="l2", min_k_radius=0.5)
+    with pytest.raises(ValueError, match="min_k_radius must be in"):
+        PriorTermConfig(mode="tweedie", distance="l2", unmeasured_only=True, min_k_radius=-0.1)

@@ -239,20 +239,26 @@ def test_a_non_finite_step_is_skipped_on_every_shard(tiny_store, monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(before, recon.trunk.parameters()))
 
 
-def test_prior_on_unmeasured_frequencies_only_leaves_measured_ones_alone(tiny_store):
-    """unmeasured_only in 3D: the prior term's gradient has no component on the measured (ky, kz)."""
+@pytest.mark.parametrize("min_k_radius", [0.0, 0.5])
+def test_prior_on_unmeasured_frequencies_only_leaves_measured_ones_alone(tiny_store, min_k_radius):
+    """unmeasured_only in 3D: the prior term's gradient has no component on the measured (ky, kz), nor,
+    with min_k_radius, below that radius (cross slices, which have no mask, compare every point)."""
+    from engine.physics.fft import kspace_radius
 
     cfg = tiny_config(prior={"mode": "tweedie", "distance": "l2", "every": 1, "start_step": 0,
-                             "inject_noise": False, "unmeasured_only": True})
+                             "inject_noise": False, "unmeasured_only": True, "min_k_radius": min_k_radius},
+                      slices={"per_step": 3, "cross_per_step": 1})
     recon = Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior())
     term = recon.prior_terms[0]
+    assert recon.cross_terms[0][0].unmeasured is None
     planes = torch.randn(2, *recon.plane, dtype=torch.complex64, requires_grad=True)
     loss, evals = term(planes, 0)
     loss.backward()
-    measured = recon.mask.bool()
-    assert evals == 2 and float(loss.detach()) > 0
+    left_out = recon.mask.bool() | (kspace_radius(recon.plane) < min_k_radius)
+    assert evals == 2 and float(loss.detach()) > 0 and bool((~left_out).any())
+    assert min_k_radius == 0 or bool((left_out & ~recon.mask.bool()).any())
     spectrum = fftc(planes.grad).abs()
-    assert spectrum[:, measured].max() < 1e-5 * spectrum[:, ~measured].max()
+    assert spectrum[:, left_out].max() < 1e-5 * spectrum[:, ~left_out].max()
 
 
 def test_reused_prior_targets_are_refused_in_3d(tiny_store):

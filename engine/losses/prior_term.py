@@ -74,6 +74,10 @@ class PriorTermConfig:
     unmeasured_only: bool = False
     """l2 / l1 distance: compare image and target only on the k-space points the mask did not
     measure (the centred FFT of the plane), leaving the measured ones to the data term."""
+    min_k_radius: float = 0.0
+    """with unmeasured_only: compare only the unmeasured points at |k| >= this fraction of the
+    Nyquist radius (per axis; 0: all of them), leaving the low frequencies, which the prior biases
+    more than it corrects at 1 mm (benchmarks/results/quality3d.md), to the INR and the data term."""
     ode_steps: int = 10
     """reference mode: Euler steps of the EDM ODE from t to 0."""
     rho: float = 7.0
@@ -101,6 +105,10 @@ class PriorTermConfig:
         return (self.upsample, self.upsample) if isinstance(self.upsample, int) else tuple(self.upsample)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_k_radius < 2 ** 0.5:
+            raise ValueError(f"prior min_k_radius must be in [0, sqrt(2)), got {self.min_k_radius}")
+        if self.min_k_radius > 0 and not self.unmeasured_only:
+            raise ValueError("prior min_k_radius needs unmeasured_only: true (it narrows the compared points)")
         if self.every < 1 or self.batch < 1 or self.ode_steps < 1 or min(self.upsample_factors) < 1:
             raise ValueError("prior every, batch, ode_steps and upsample must be >= 1")
         if self.t_low <= 0 or self.t_high_start < self.t_low or self.t_high_end < self.t_low:
@@ -152,7 +160,12 @@ class PriorTerm(torch.nn.Module):
             raise ValueError("PriorTerm needs mode 'reference' or 'tweedie'")
         if config.unmeasured_only and (mask is None or config.distance == "lpips"):
             raise ValueError("prior unmeasured_only needs the sampling mask and an l2 / l1 distance")
-        self.unmeasured = None if not config.unmeasured_only else (1.0 - mask.float())
+        self.unmeasured = None  # (H, W) 1 at the compared k-space points
+        if config.unmeasured_only:
+            from engine.physics.fft import kspace_radius
+
+            high = kspace_radius(tuple(mask.shape[-2:])) >= config.min_k_radius
+            self.unmeasured = (1.0 - mask.float()) * high.to(mask.device, torch.float32)
         self.config = config
         self.prior = prior
         self.total_steps = total_steps

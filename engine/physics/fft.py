@@ -32,3 +32,11 @@ def ifftc(k: torch.Tensor, dims: Dims = (-2, -1)) -> torch.Tensor:
     k = torch.fft.ifftshift(k, dim=dims)
     k = torch.fft.ifftn(k, dim=dims, norm="ortho")
     return torch.fft.fftshift(k, dim=dims)
+
+
+def kspace_radius(shape: tuple[int, int]) -> torch.Tensor:
+    """(H, W) float64: each centred k-space point's |k| over the Nyquist radius of each axis (0 at
+    the DC sample, 1 at the edge's centre, sqrt(2) in the corners)."""
+    ky = (torch.arange(shape[0], dtype=torch.float64) - shape[0] // 2) / (shape[0] / 2)
+    kx = (torch.arange(shape[1], dtype=torch.float64) - shape[1] // 2) / (shape[1] / 2)
+    return torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)

@@ -64,10 +64,9 @@ def check_band_edges(edges, key: str) -> None:
 def radial_bands(shape: tuple[int, int], edges) -> np.ndarray:
     """(ny, nz) int: the band of each centred (ky, kz) point, 0 .. len(edges), by |k| over the
     Nyquist radius of each axis (the benchmark's error_spectrum convention)."""
-    ny, nz = shape
-    ky = (np.arange(ny) - ny // 2) / (ny / 2)
-    kz = (np.arange(nz) - nz // 2) / (nz / 2)
-    radius = np.sqrt(ky[:, None] ** 2 + kz[None, :] ** 2)
+    from engine.physics.fft import kspace_radius
+
+    radius = kspace_radius(tuple(shape)).numpy()
     return np.searchsorted(np.asarray(edges, dtype=np.float64), radius, side="right")
 
 
