@@ -563,8 +563,9 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   less error power in the outer planes (x < 60 and x >= 140) and about as much or slightly more in the
   central ones (x = 60-139, 61 % of the signal: 1.04x the L1-wavelet's error power at R = 4, 0.95x at R = 6);
   in the 17 air planes at the posterior end its error power is 2x the L1-wavelet's at R = 6 (3 % of its
-  total). In (ky, kz) at R = 4: less error power than the L1-wavelet within 0.25 of the Nyquist radius
-  (0.19 vs 0.27 of the total), more beyond 0.5 (0.61 vs 0.51), where 12-34 % of the points are sampled.
+  total). In (ky, kz) at R = 4 (the two totals differ by 7 %): within 0.25 of the Nyquist radius 0.19 of
+  INFusion's error power against 0.27 of the L1-wavelet's, beyond 0.5 0.61 against 0.51 (there 12-34 % of
+  the points are sampled).
   The two errors are far from shared: the complex mean of the two volumes scores 2.91 / 3.57 % at R = 4 / 6
   (3.00 % on the tuning case), below either. (That mean is not an INFusion result and is not a row; it says
   that what INFusion gets wrong differs from what the L1-wavelet gets wrong.)
@@ -701,7 +702,19 @@ NOTES_TUNING = """#### Notes on the tuning rows
   3.36 %, below the 3D L1-wavelet's 3.15 % (exploratory, on the x0.5 fit: w = 0.03 gave 3.68 % against its
   3.45 %); the same solve on the L1-wavelet's volume (exploratory) improved it by at most 1 % (w = 1: 3.13 %)
   and made it worse at small w (3.53 % at 0.05, 3.27 % at 0.1). w = 0.15 did not carry over to the
-  evaluation case (notes above)."""
+  evaluation case (notes above).
+- More steps at x0.25 (1600, the prior from step 900): 3.32 % against 3.36 %, a small lever for twice the
+  time.
+- The prior's weight at x0.25 (800 steps): `prior.weight_scale` 0.5 / 1 / 2 and the prior off gave
+  3.06 / 3.36 / 3.81 / 3.12 %. At the config's weight 1 the prior costs 8 % here; at 0.5 it is 2 % below
+  off. (configs/colin27_1mm.yaml's comment that kept it, 3.44 % on against 4.01 % off, is from 500-step
+  runs with the demo's x1 weights, before the other regularisers were cut 4x.) `analyse` splits the
+  error power by (ky, kz) band (|k| < 0.25 / 0.25-0.5 / 0.5-0.75 / beyond, in 1e-4 of the reference's
+  power): off 1.09 / 2.71 / 2.73 / 3.23, weight 0.5 1.17 / 3.09 / 2.92 / 2.20, 1 1.79 / 3.87 / 3.30 /
+  2.31, 2 3.29 / 4.98 / 3.77 / 2.52: the prior lowers the error only beyond 0.75 of the Nyquist radius
+  (13 % sampled there) and raises it in every band below, the more the larger its weight. Hence
+  `prior.min_k_radius` (the prior compares only the unmeasured points beyond that radius): off's lower
+  bands with weight 0.5's outer one would give 2.95 %, if the bands added."""
 
 
 def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[str]:
@@ -894,7 +907,8 @@ def write_montage(case_name: str, acceleration: float) -> Path:
 def error_spectrum(volume: np.ndarray, case: dict, bands: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict:
     """Where a volume's magnitude error lies in (ky, kz): its power on the measured and the unmeasured
     (ky, kz) positions, and per radial band (|k| over the Nyquist radius: [0, b0), [b0, b1), ..., the last
-    band to the corners) its share and the mask's sampled fraction there. Shares sum to 1."""
+    band to the corners) its share, its power over the reference's (shares x NRMSE^2; what compares
+    between volumes) and the mask's sampled fraction there. Shares sum to 1."""
     support = case["support"]
     error = (np.abs(volume).astype(np.float64) - np.abs(case["reference"]).astype(np.float64)) * support
     power = (np.abs(np.fft.fftshift(np.fft.fft2(error, axes=(1, 2), norm="ortho"), axes=(1, 2))) ** 2).sum(0)
@@ -903,10 +917,12 @@ def error_spectrum(volume: np.ndarray, case: dict, bands: tuple[float, ...] = (0
     measured = np.asarray(case["mask"]).reshape(power.shape) > 0
     band_of = radial_bands(power.shape, bands)
     total = float(power.sum())
+    reference_power = float((np.abs(case["reference"]).astype(np.float64) ** 2 * support).sum())
     shares = []
     for index, (lo, hi) in enumerate(itertools.pairwise((0.0, *bands, np.inf))):
         band = band_of == index
         shares.append({"from": lo, "to": hi, "share": float(power[band].sum()) / total,
+                       "relative_power": float(power[band].sum()) / reference_power,
                        "sampled_fraction": float(measured[band].mean())})
     return {"measured_share": float(power[measured].sum()) / total, "bands": shares}
 
@@ -931,8 +947,8 @@ def analyse(case_name: str, acceleration: float, methods: list[str]) -> None:
         volume = np.asarray(open_volume(path).complex[...])
         volumes.append(volume)
         spectrum = error_spectrum(volume, case)
-        bands = ", ".join(f"|k| {b['from']:g}-{b['to']:g}: {b['share']:.2f} ({b['sampled_fraction']:.0%} sampled)"
-                          for b in spectrum["bands"])
+        bands = ", ".join(f"|k| {b['from']:g}-{b['to']:g}: {b['share']:.2f} ({1e4 * b['relative_power']:.2f}e-4 of "
+                          f"the reference's power; {b['sampled_fraction']:.0%} sampled)" for b in spectrum["bands"])
         print(f"{method}: NRMSE {nrmse_percent(volume, case):.2f} %; error power on measured (ky, kz) "
               f"{spectrum['measured_share']:.2f}, unmeasured {1 - spectrum['measured_share']:.2f}; {bands}")
     if len(volumes) > 1:
