@@ -714,7 +714,11 @@ NOTES_TUNING = """#### Notes on the tuning rows
   2.31, 2 3.29 / 4.98 / 3.77 / 2.52: the prior lowers the error only beyond 0.75 of the Nyquist radius
   (13 % sampled there) and raises it in every band below, the more the larger its weight. Hence
   `prior.min_k_radius` (the prior compares only the unmeasured points beyond that radius): off's lower
-  bands with weight 0.5's outer one would give 2.95 %, if the bands added."""
+  bands with weight 0.5's outer one would give 2.95 %, if the bands added. Measured: 2.93 % at weight
+  0.5 and 2.95 % at weight 1 with `prior.min_k_radius` 0.75, 7 % below the 3D L1-wavelet's 3.15 % here.
+  Neither lever carried over to the evaluation case (notes of the 1 mm rows: R = 8 weight 0.5 4.42 %
+  against 4.34 %, R = 4 weight 0.5 beyond 0.75 3.30 % against 3.17 %); configs/colin27_1mm.yaml keeps
+  weight 1 on every unmeasured point."""
 
 
 def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[str]:
