@@ -250,7 +250,7 @@ def test_prior_on_unmeasured_frequencies_only_leaves_measured_ones_alone(tiny_st
                       slices={"per_step": 3, "cross_per_step": 1})
     recon = Recon3D(cfg, HybridStore(tiny_store), single_process(), prior=tiny_prior())
     term = recon.prior_terms[0]
-    assert recon.cross_terms[0][0].unmeasured is None
+    assert recon.cross_terms[0][0].compared is None
     planes = torch.randn(2, *recon.plane, dtype=torch.complex64, requires_grad=True)
     loss, evals = term(planes, 0)
     loss.backward()

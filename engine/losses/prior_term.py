@@ -76,8 +76,8 @@ class PriorTermConfig:
     measure (the centred FFT of the plane), leaving the measured ones to the data term."""
     min_k_radius: float = 0.0
     """with unmeasured_only: compare only the unmeasured points at |k| >= this fraction of the
-    Nyquist radius (per axis; 0: all of them), leaving the low frequencies, which the prior biases
-    more than it corrects at 1 mm (benchmarks/results/quality3d.md), to the INR and the data term."""
+    Nyquist radius (per axis; 0: all of them), leaving the low frequencies to the INR and the data term
+    (on the 1 mm tuning case the prior raised the error below 0.75 of that radius; benchmarks/results/quality3d.md)."""
     ode_steps: int = 10
     """reference mode: Euler steps of the EDM ODE from t to 0."""
     rho: float = 7.0
@@ -160,12 +160,12 @@ class PriorTerm(torch.nn.Module):
             raise ValueError("PriorTerm needs mode 'reference' or 'tweedie'")
         if config.unmeasured_only and (mask is None or config.distance == "lpips"):
             raise ValueError("prior unmeasured_only needs the sampling mask and an l2 / l1 distance")
-        self.unmeasured = None  # (H, W) 1 at the compared k-space points
+        self.compared = None  # (H, W): 1 at the k-space points the distance compares (unmeasured_only)
         if config.unmeasured_only:
             from engine.physics.fft import kspace_radius
 
             high = kspace_radius(tuple(mask.shape[-2:])) >= config.min_k_radius
-            self.unmeasured = (1.0 - mask.float()) * high.to(mask.device, torch.float32)
+            self.compared = (1.0 - mask.float()) * high.to(mask.device, torch.float32)
         self.config = config
         self.prior = prior
         self.total_steps = total_steps
@@ -246,9 +246,9 @@ class PriorTerm(torch.nn.Module):
             return zero, 0
         target = self.target.reshape(-1, *planes.shape[-2:])
         image = scaled.repeat_interleave(c.batch, dim=0)
-        if self.unmeasured is not None:
+        if self.compared is not None:
             from engine.physics.fft import fftc
 
             # orthonormal FFT: the same distance, restricted to the unmeasured frequencies
-            image, target = fftc(image) * self.unmeasured, fftc(target) * self.unmeasured
+            image, target = fftc(image) * self.compared, fftc(target) * self.compared
         return self.weight(step) * self.distance(image, target), evals

@@ -377,10 +377,9 @@ class Recon3D:
         if not self.prior_terms:
             raise ValueError("config key slices.cross_per_step: cross slices need the prior (prior.mode is off)")
         up_y, up_z = self.cfg.prior.upsample_factors
-        configs = {0: replace(self.cfg.prior, upsample=(s.cross_upsample_x, up_z), unmeasured_only=False,
-                              min_k_radius=0.0),
-                   1: replace(self.cfg.prior, upsample=(s.cross_upsample_x, up_y), unmeasured_only=False,
-                              min_k_radius=0.0)}
+        crossing = replace(self.cfg.prior, unmeasured_only=False, min_k_radius=0.0)  # no (ky, kz) mask across
+        configs = {0: replace(crossing, upsample=(s.cross_upsample_x, up_z)),
+                   1: replace(crossing, upsample=(s.cross_upsample_x, up_y))}
         return [{axis: PriorTerm(c, term.prior, self.cfg.steps, term.generator, term.autocast_dtype)
                  for axis, c in configs.items()} for term in self.prior_terms]
 
