@@ -298,3 +298,28 @@ def test_quality3d_error_spectrum_puts_an_error_where_it_is():
     # the bands' powers over the reference's add up to NRMSE^2 (Parseval)
     powers = sum(band["relative_power"] for band in spectrum["bands"])
     assert powers == pytest.approx((quality3d["nrmse_percent"](reference + ripple[None], case) / 100) ** 2)
+
+
+def test_quality3d_rehash_updates_only_the_last_row_of_a_label_with_its_run_config(tmp_path):
+    """A row logged with a stale hash gets the hash of its run's saved config; an earlier row of the same
+    label (its run folder since overwritten) and a row whose run is absent keep theirs; lines stay in order."""
+    quality3d = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality3d.py"))
+    run = tmp_path / "out" / "a_run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 7\nslices:\n  seed: 3\n")
+    rows = [{"case": "c", "R": 4.0, "method": "infusion:a", "setting_hash": "old", "slice_seed": 3,
+             "volume_zarr": "out/a.zarr"},
+            {"case": "c", "R": 4.0, "method": "infusion:b", "setting_hash": "keep", "slice_seed": 0,
+             "volume_zarr": "out/b.zarr"},
+            {"case": "c", "R": 4.0, "method": "infusion:a", "setting_hash": "stale", "slice_seed": 3,
+             "volume_zarr": "out/a.zarr"}]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    namespace = quality3d["rehash_rows"].__globals__
+    namespace["RUNS"], namespace["REPO"] = runs, tmp_path
+    quality3d["rehash_rows"]()
+    after = [json.loads(line) for line in runs.read_text().splitlines()]
+    expected = quality3d["setting_without_seed"](run / "config.yaml")
+    assert expected["slice_seed"] == 3 and expected["setting_hash"] not in ("old", "stale")
+    assert [row["setting_hash"] for row in after] == ["old", "keep", expected["setting_hash"]]
+    assert [row["method"] for row in after] == [row["method"] for row in rows]
