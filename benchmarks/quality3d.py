@@ -330,6 +330,8 @@ class PeakMemory:
 
 
 def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> dict:
+    from engine.recon.job3d import RunPaths  # the side folder launch/recon3d.py writes beside the volume
+
     out = WORK / "infusion" / f"{label}_{store.stem}.zarr"
     command = ["torchrun", "--standalone", "--nproc-per-node", "2", "launch/recon3d.py", "--config", config,
                "--input", str(store), "--out", str(out), "--overwrite",
@@ -344,7 +346,7 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
         raise subprocess.CalledProcessError(process.returncode, command)
     peak = memory.stop()
     wall = time.perf_counter() - t0
-    run_dir = out.with_name(out.name.removesuffix(".zarr") + "_run")
+    run_dir = RunPaths.for_output(out).side
     metrics = json.loads((run_dir / "metrics.json").read_text())
     shown = " ".join(c if not c.startswith(str(REPO)) else str(Path(c).relative_to(REPO)) for c in command)
     # with baseline.l1_wavelet_3d=true the run's own 3D L1-wavelet (rule, slabs) is kept beside it
@@ -427,6 +429,7 @@ def rehash_rows() -> None:
     the same setting would not be grouped with it. A rerun of a label overwrites its run folder, so only the
     last row of each (case, R, method) is rehashed. Rewrites RUNS in place, every line kept in order."""
     from engine.config import ConfigError
+    from engine.recon.job3d import RunPaths
 
     lines, changed = RUNS.read_text().splitlines(), 0
     rows = [json.loads(line) if line.strip() else {} for line in lines]
@@ -436,7 +439,7 @@ def rehash_rows() -> None:
             continue
         if last[(row["case"], row["R"], row["method"])] != index:
             continue
-        config = REPO / (row["volume_zarr"].removesuffix(".zarr") + "_run") / "config.yaml"
+        config = RunPaths.for_output(REPO / row["volume_zarr"]).side / "config.yaml"
         try:
             setting = setting_without_seed(config)
         except (OSError, ConfigError):  # run not here, or a key since removed: keep the logged hash
