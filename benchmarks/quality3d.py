@@ -46,6 +46,7 @@ Commands (repository root):
     python benchmarks/quality3d.py infusion --case colin27_1mm --R 4 --label colin27_1mm --config configs/colin27_1mm.yaml
     python benchmarks/quality3d.py montage --case colin27_1mm --R 4
     python benchmarks/quality3d.py analyse --R 4 --methods "infusion:A" "infusion:B"
+    python benchmarks/quality3d.py refine --case colin27_1mm --R 4 --method "infusion:colin27_1mm" --anchor-weight 0.05
     python benchmarks/quality3d.py rehash
     python benchmarks/quality3d.py report
 """
@@ -330,7 +331,8 @@ class PeakMemory:
 
 
 def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> dict:
-    from engine.recon.job3d import RunPaths  # the side folder launch/recon3d.py writes beside the volume
+    # RunPaths: the side folder launch/recon3d.py writes beside the volume
+    from engine.recon.job3d import RunPaths
 
     out = WORK / "infusion" / f"{label}_{store.stem}.zarr"
     command = ["torchrun", "--standalone", "--nproc-per-node", "2", "launch/recon3d.py", "--config", config,
@@ -362,12 +364,55 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
                          "without_debias_percent": metrics["nrmse_percent_infusion_without_debias"],
                          "holdout_fit_percent": metrics["debias"].get("holdout_fit_nrmse_percent"),
                          "holdout_fit_seconds": metrics["debias"]["seconds"]}
+    if "refine" in metrics:  # the refinement's settings and what the same run's fit gave without it
+        row["refine"] = {**metrics["refine"], "without_refine_percent": metrics["nrmse_percent_infusion_without_refine"]}
     return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
 
 
-def setting_without_seed(config_yaml: Path) -> dict:
+def refine_row(case_name: str, acceleration: float, method: str, refine: dict) -> dict:
+    """An INFusion row's saved fit after the anchored L1-wavelet refinement (engine.recon.refine3d), solved
+    on the whole volume in one process: what launch/recon3d.py writes with `--set refine.anchor_weight=W`
+    on one rank (on several, each rank's slab is solved with an 8-plane halo: tests/test_refine3d.py),
+    measured without running the fit again."""
+    from engine.evaluation.baselines import intensity_scale_3d, zero_filled_3d
+    from engine.io.ome_zarr import open_volume
+    from engine.recon.job3d import RunPaths
+    from engine.recon.refine3d import Refine3DConfig, refine_slab
+    from engine.runtime.bootstrap import init_distributed
+
+    rows = {r["method"]: r for r in read_rows() if r["case"] == case_name and r["R"] == acceleration}
+    row = rows.get(method)
+    if row is None or "volume_zarr" not in row:
+        raise SystemExit(f"refine: no INFusion row {method!r} at {case_name} R {acceleration:g}")
+    if "refine" in row or "dc_solve" in row:
+        raise SystemExit(f"refine: {method!r} is not a plain fit (it has a refinement or a DC solve)")
+    if not (REPO / row["volume_zarr"]).exists():
+        raise SystemExit(f"refine: {method!r} logged its volume at {row['volume_zarr']}, which is not here "
+                         "(outputs/ is not committed): rerun that row first")
+    case = load_case(case_store(case_name, acceleration))
+    fit = np.asarray(open_volume(REPO / row["volume_zarr"]).complex[...])
+    kspace = case["kspace"] * case["mask"]
+    scale = intensity_scale_3d(zero_filled_3d(kspace, case["maps"], case["mask"]))
+    cfg = Refine3DConfig(**refine)
+    t0 = time.perf_counter()
+    refined = refine_slab(fit, lambda a, b: (kspace[a:b], case["maps"][a:b]), case["mask"], 0, fit.shape[0], scale,
+                          cfg, init_distributed(device="cpu", env={}))
+    seconds = time.perf_counter() - t0
+    kept = {k: row[k] for k in ("config", "steps", "seconds_per_step", "peak_rss_mib_all_ranks",
+                                 "peak_rss_mib_one_rank") if k in row}
+    return {**kept, **setting_without_seed(RunPaths.for_output(REPO / row["volume_zarr"]).side / "config.yaml",
+                                           {"refine": refine}),
+            "nrmse_percent": nrmse_percent(refined, case), "seconds": row["seconds"] + seconds,
+            "overrides": [*row["overrides"], *(f"refine.{k}={v:g}" for k, v in refine.items())],
+            "refine": {**refine, "without_refine_percent": row["nrmse_percent"], "seconds": seconds,
+                       "on_saved_fit_of": {"method": method, "commit": row["commit"], "date": row["date"]}},
+            "_volume": refined}
+
+
+def setting_without_seed(config_yaml: Path, changes: dict | None = None) -> dict:
     """The run's slice seed and a hash of its resolved config without it: rows with equal hashes are
-    one setting run with different seeds (the report averages them)."""
+    one setting run with different seeds (the report averages them). changes: sections' keys to set first
+    (a `refine` row's, scored on a saved fit)."""
     import hashlib
 
     import yaml
@@ -377,7 +422,10 @@ def setting_without_seed(config_yaml: Path) -> dict:
 
     # through the dataclass, so a config written before a key existed gets its default; the keys a
     # checkpoint's hash covers, without the input (a row's case and R) and the seed
-    values = result_config(build_config(Recon3DConfig, yaml.safe_load(config_yaml.read_text())), {})
+    config = yaml.safe_load(config_yaml.read_text())
+    for section, keys in (changes or {}).items():
+        config[section] = {**config.get(section, {}), **keys}
+    values = result_config(build_config(Recon3DConfig, config), {})
     del values["input"]
     seed = int(values["slices"].pop("seed"))
     digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
@@ -713,6 +761,12 @@ def _setting(r: dict) -> str:
         setting += (f" (DC solve weight {d['weight']:g}, {d['iterations']} CG iterations, on the saved fit of row "
                     f"`{d['on_saved_fit_of']['method']}` ({d['on_saved_fit_of']['commit']}), which had "
                     f"{d['without_dc_solve_percent']:.2f} %)")
+    if "refine" in r:
+        d = r["refine"]
+        setting += (f" (refined: anchor weight {d['anchor_weight']:g}, lambda factor {d['lambda_factor']:g}, "
+                    f"{d['iterations']} FISTA iterations; the fit without it {d['without_refine_percent']:.2f} %"
+                    + (f"; on the saved fit of row `{d['on_saved_fit_of']['method']}` ({d['on_saved_fit_of']['commit']}),"
+                       f" one process, {d['seconds']:.0f} s" if "on_saved_fit_of" in d else "") + ")")
     if "bart_scale" in r:
         setting += f" (magnitude scale {r['bart_scale']:.4f})"
     return setting
@@ -881,7 +935,8 @@ def write_scale_section(rows: list[dict]) -> None:
     """The 1 mm INFusion runs' time and memory as a section of scale3d.md between markers (replaced by
     every report; benchmarks/scale3d.py rewrites the file without it: rerun the report after it)."""
     runs = sorted((r for r in rows if r["case"] == "colin27_1mm" and r["method"].startswith("infusion")
-                   and "seconds_per_step" in r and "dc_solve" not in r), key=lambda r: (r["R"], r["method"]))
+                   and "seconds_per_step" in r and "dc_solve" not in r and "on_saved_fit_of" not in r.get("refine", {})),
+                  key=lambda r: (r["R"], r["method"]))
     if not runs or not SCALE_REPORT.exists():
         return
     section = [SCALE_BEGIN, "## The 1 mm case end to end (benchmarks/quality3d.py --case colin27_1mm)", "",
@@ -1047,6 +1102,13 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--case", choices=CASES, default="bundled")
     ana.add_argument("--R", type=float, default=4.0)
     ana.add_argument("--methods", nargs="+", required=True, help="row methods, e.g. 'infusion:demo3d, slice seed 1'")
+    ref = sub.add_parser("refine", help="an INFusion row's saved fit after the anchored L1-wavelet refinement "
+                                        "(a new row)")
+    ref.add_argument("--case", choices=CASES, default="bundled")
+    ref.add_argument("--R", type=float, nargs="+", default=[4.0])
+    ref.add_argument("--method", required=True, help="the plain INFusion row, e.g. 'infusion:colin27_1mm'")
+    ref.add_argument("--anchor-weight", type=float, required=True, help="refine.anchor_weight")
+    ref.add_argument("--lambda-factor", type=float, default=None, help="refine.lambda_factor (default: the engine's)")
     sub.add_parser("report", help="write benchmarks/results/quality3d.md")
     sub.add_parser("rehash", help="recompute the rows' setting hashes from their runs' saved configs")
     args = parser.parse_args(argv)
@@ -1061,6 +1123,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "analyse":
         analyse(args.case, args.R, args.methods)
+        return 0
+    if args.command == "refine":
+        from engine.recon.refine3d import Refine3DConfig
+
+        factor = Refine3DConfig().lambda_factor if args.lambda_factor is None else args.lambda_factor
+        refine = {"anchor_weight": args.anchor_weight, "lambda_factor": factor,
+                  "iterations": Refine3DConfig().iterations}
+        for acceleration in args.R:
+            log_row(args.case, acceleration, f"{args.method} refined {args.anchor_weight:g}",
+                    refine_row(args.case, acceleration, args.method, refine))
         return 0
     if args.command == "montage":
         for acceleration in args.R:

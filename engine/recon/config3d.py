@@ -14,6 +14,7 @@ from engine.losses.dc import Backend
 from engine.losses.prior_term import PriorTermConfig
 from engine.models import INRConfig
 from engine.recon.debias3d import Debias3DConfig
+from engine.recon.refine3d import Refine3DConfig
 from engine.recon.schedule import AdamConfig
 from engine.recon.selection3d import Selection3DConfig
 from engine.runtime.checkpoint import (
@@ -207,6 +208,8 @@ class Recon3DConfig:
     """Label-free choice of the regularisation strength from held-out samples (engine.recon.selection3d)."""
     debias: Debias3DConfig = field(default_factory=Debias3DConfig)
     """Label-free gains on the output's unmeasured (ky, kz) bands from a holdout fit (engine.recon.debias3d)."""
+    refine: Refine3DConfig = field(default_factory=Refine3DConfig)
+    """Anchored 3D L1-wavelet refinement of the output (engine.recon.refine3d; off by default)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -22,6 +22,7 @@ from engine.config import config_to_dict
 from engine.recon.config3d import BundledCaseConfig, Recon3DConfig, result_config
 from engine.recon.debias3d import apply_band_gains, estimate_band_gains, gain_map, radial_bands
 from engine.recon.fit3d import NonFiniteStop, Recon3D, StepResult
+from engine.recon.refine3d import refine_slab
 from engine.recon.selection3d import scaled_config, select_regularisation
 from engine.runtime.checkpoint import CheckpointManager
 from engine.runtime.context import DistContext
@@ -103,18 +104,30 @@ def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> 
     return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
 
 
-def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
-    """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
-    planes read from the input (overlapping slabs) and the volume's global intensity scale."""
-    from engine.evaluation.baselines import l1_wavelet_3d_slabs
-
+def _read_input_planes(recon: Recon3D) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
+    """(a, b) -> masked k-space and maps of the input's planes [a, b): the halo planes of a slab solve."""
     mask = recon.mask.cpu().numpy()
 
     def read_planes(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         slab = recon.source.read_slab(a, b)
         return np.asarray(slab.kspace, np.complex64) * mask, np.asarray(slab.maps, np.complex64)
 
-    return l1_wavelet_3d_slabs(read_planes, mask, recon.x_start, recon.x_stop, recon.nx, recon.scale)
+    return read_planes
+
+
+def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
+    """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
+    planes read from the input (overlapping slabs) and the volume's global intensity scale."""
+    from engine.evaluation.baselines import l1_wavelet_3d_slabs
+
+    return l1_wavelet_3d_slabs(_read_input_planes(recon), recon.mask.cpu().numpy(), recon.x_start, recon.x_stop,
+                               recon.nx, recon.scale)
+
+
+def _refine_slab(recon: Recon3D, fit: np.ndarray, cfg: Recon3DConfig, ctx: DistContext) -> np.ndarray:
+    """engine.recon.refine3d on this rank's slab of the fit (collective: the halo's anchor planes)."""
+    return refine_slab(fit, _read_input_planes(recon), recon.mask.cpu().numpy(), recon.x_start, recon.nx,
+                       recon.scale, cfg.refine, ctx, progress=cfg.output.progress and ctx.is_main)
 
 
 def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> tuple | None:
@@ -451,15 +464,24 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         if gains is not None:
             piece = apply_band_gains(raw, gains)
             raw_pieces.append(raw)
-        writer.write_slab(x0, piece)
         pieces.append(piece)
-    volume = np.concatenate(pieces)
+    volume = fit = np.concatenate(pieces)
+    refine_seconds = None
+    if cfg.refine.anchor_weight > 0:
+        t0 = time.perf_counter()
+        volume = _refine_slab(recon, fit, cfg, ctx)
+        refine_seconds = time.perf_counter() - t0
+    for x0, x1 in recon.output_chunks():
+        writer.write_slab(x0, volume[x0 - recon.x_start : x1 - recon.x_start])
 
     metrics: dict = {"steps": cfg.steps, "train_seconds": train_seconds, "ranks": ctx.world_size,
                      "slices_per_step": cfg.slices.per_step, "prior_mode": cfg.prior.mode,
                      "prior_distance": cfg.prior.distance, **(extra_metrics or {})}
     if debias is not None:
         metrics["debias"] = debias
+    if refine_seconds is not None:
+        metrics["refine"] = {**config_to_dict(cfg.refine), "seconds_max_rank": float(
+            ctx.all_reduce_max(torch.tensor([refine_seconds], dtype=torch.float64)).item())}
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
@@ -468,6 +490,8 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         candidates = {"infusion": volume, "zero_filled": recon.zero_filled}
         if raw_pieces:  # what the debias gains changed, measured in every run that has a reference
             candidates["infusion_without_debias"] = np.concatenate(raw_pieces)
+        if refine_seconds is not None:  # what the refinement changed
+            candidates["infusion_without_refine"] = fit
         baseline_seconds = {}
         if cfg.baseline.l1_wavelet_3d:
             t0 = time.perf_counter()
