@@ -151,6 +151,13 @@ def nrmse_percent(volume: np.ndarray, case: dict) -> float:
 # ================================================================================== methods
 
 
+def case_intensity_scale(case: dict) -> float:
+    """The 3D rule's intensity scale s of a whole case (the 99th percentile of its zero-filled magnitude)."""
+    from engine.evaluation.baselines import intensity_scale_3d, zero_filled_3d
+
+    return intensity_scale_3d(zero_filled_3d(case["kspace"], case["maps"], case["mask"]))
+
+
 def run_zero_filled(case: dict) -> dict:
     from engine.evaluation.baselines import zero_filled_3d
 
@@ -160,16 +167,11 @@ def run_zero_filled(case: dict) -> dict:
 
 
 def run_l1_wavelet_3d(case: dict, factor: float | None = None) -> dict:
-    from engine.evaluation.baselines import (
-        L1_3D_RELATIVE_FACTOR,
-        intensity_scale_3d,
-        l1_wavelet_3d,
-        zero_filled_3d,
-    )
+    from engine.evaluation.baselines import L1_3D_RELATIVE_FACTOR, l1_wavelet_3d
 
     factor = L1_3D_RELATIVE_FACTOR if factor is None else factor
     t0 = time.perf_counter()
-    scale = intensity_scale_3d(zero_filled_3d(case["kspace"], case["maps"], case["mask"]))
+    scale = case_intensity_scale(case)
     volume = l1_wavelet_3d(case["kspace"], case["maps"], case["mask"], factor=factor, scale=scale)
     return {"nrmse_percent": nrmse_percent(volume, case), "seconds": time.perf_counter() - t0,
             "factor": factor, "lamda": factor * scale, "_volume": volume}
@@ -179,14 +181,14 @@ def run_l1_wavelet_3d_debiased(case: dict, holdout_fraction: float = 0.08, holdo
                                band_edges: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict:
     """The 3D L1-wavelet (its rule) with INFusion's `debias` (engine.recon.debias3d, the same defaults):
     gains measured by a run on the fit samples, applied to the run on all; the peer with the same help."""
-    from engine.evaluation.baselines import intensity_scale_3d, l1_wavelet_3d, zero_filled_3d
+    from engine.evaluation.baselines import l1_wavelet_3d
     from engine.recon.debias3d import debiased
     from engine.recon.selection2d import split_holdout
 
     t0 = time.perf_counter()
     mask = np.asarray(case["mask"], np.float32)
     fit_mask, holdout = split_holdout(mask, holdout_fraction, holdout_seed)
-    scale = intensity_scale_3d(zero_filled_3d(case["kspace"], case["maps"], mask))  # of all samples, as the row
+    scale = case_intensity_scale(case)  # of all samples, as the row
     held_out_fit = l1_wavelet_3d(case["kspace"], case["maps"], fit_mask, scale=scale)
     plain = l1_wavelet_3d(case["kspace"], case["maps"], mask, scale=scale)
     volume, gains = debiased(plain, held_out_fit, np.asarray(case["kspace"], np.complex64),
@@ -374,7 +376,6 @@ def refine_row(case_name: str, acceleration: float, method: str, refine: dict) -
     on the whole volume in one process: what launch/recon3d.py writes with `--set refine.anchor_weight=W`
     on one rank (on several, each rank's slab is solved with an 8-plane halo: tests/test_refine3d.py),
     measured without running the fit again."""
-    from engine.evaluation.baselines import intensity_scale_3d, zero_filled_3d
     from engine.io.ome_zarr import open_volume
     from engine.recon.job3d import RunPaths
     from engine.recon.refine3d import Refine3DConfig, refine_slab
@@ -391,12 +392,10 @@ def refine_row(case_name: str, acceleration: float, method: str, refine: dict) -
                          "(outputs/ is not committed): rerun that row first")
     case = load_case(case_store(case_name, acceleration))
     fit = np.asarray(open_volume(REPO / row["volume_zarr"]).complex[...])
-    kspace = case["kspace"] * case["mask"]
-    scale = intensity_scale_3d(zero_filled_3d(kspace, case["maps"], case["mask"]))
-    cfg = Refine3DConfig(**refine)
+    kspace, maps = case["kspace"], case["maps"]  # load_case's k-space is masked already
     t0 = time.perf_counter()
-    refined = refine_slab(fit, lambda a, b: (kspace[a:b], case["maps"][a:b]), case["mask"], 0, fit.shape[0], scale,
-                          cfg, init_distributed(device="cpu", env={}))
+    refined = refine_slab(fit, lambda a, b: (kspace[a:b], maps[a:b]), case["mask"], 0, fit.shape[0],
+                          case_intensity_scale(case), Refine3DConfig(**refine), init_distributed(device="cpu", env={}))
     seconds = time.perf_counter() - t0
     kept = {k: row[k] for k in ("config", "steps", "seconds_per_step", "peak_rss_mib_all_ranks",
                                  "peak_rss_mib_one_rank") if k in row}

@@ -2,7 +2,7 @@
 
     v = argmin 1/2 ||M F_yz S v - y||^2 + lamda ||W_xyz v||_1 + anchor_weight / 2 ||v - v_fit||^2
 
-by FISTA from v_fit (engine.evaluation.baselines.l1_wavelet_3d with an anchor; lamda = lambda_factor x the
+by FISTA from v_fit (engine.evaluation.baselines.l1_wavelet_3d with an anchor, over overlapping slabs; lamda = lambda_factor x the
 volume's intensity scale, the 3D rule's form). This is prior-image compressed sensing with the INR's
 volume as the prior image. Why: at 1 mm the INR's error and the 3D L1-wavelet's are only partly alike
 (correlation 0.67-0.71 on the tuning and evaluation slabs, benchmarks/results/quality3d.md), so a solve
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.evaluation.baselines import L1_3D_HALO, L1_3D_ITERATIONS, l1_wavelet_3d
+from engine.evaluation.baselines import L1_3D_HALO, L1_3D_ITERATIONS, l1_wavelet_3d_slabs
 from engine.runtime.context import DistContext
 
 
@@ -70,10 +70,8 @@ def refine_slab(fit: np.ndarray, read_planes, mask: np.ndarray, x_start: int, nx
     scale: the whole volume's intensity scale (the 3D rule's s).
     progress: a tqdm bar over the iterations (the caller passes it on one rank only).
     """
-    before, after = halo_planes(fit, x_start, nx, halo, ctx)
-    a = x_start - before.shape[0]
-    kspace, maps = read_planes(a, x_start + fit.shape[0] + after.shape[0])
-    refined = l1_wavelet_3d(kspace, maps, mask, factor=cfg.lambda_factor, scale=scale, max_iter=cfg.iterations,
-                            anchor=np.concatenate([before, fit, after]), anchor_weight=cfg.anchor_weight,
-                            progress="refine" if progress else None)
-    return refined[x_start - a : x_start - a + fit.shape[0]]
+    before, after = halo_planes(fit, x_start, nx, halo, ctx)  # the planes l1_wavelet_3d_slabs reads around the slab
+    return l1_wavelet_3d_slabs(read_planes, mask, x_start, x_start + fit.shape[0], nx, scale, halo=halo,
+                               factor=cfg.lambda_factor, max_iter=cfg.iterations,
+                               anchor=np.concatenate([before, fit, after]), anchor_weight=cfg.anchor_weight,
+                               progress="refine" if progress else None)
