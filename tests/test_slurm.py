@@ -5,7 +5,7 @@ slurm-wlm and munge with apt-get when root and missing); without root or package
 skipped with that reason. Selected with `-m slurm` (left out of a plain run: it starts system
 daemons); .ci/run runs it.
 
-Five 2-rank CPU jobs of the same tiny reconstruction run side by side (with the sbatch header's
+Seven 2-rank CPU jobs of the same tiny reconstruction run side by side (with the sbatch header's
 CPU example options):
 - one uninterrupted (the reference volume);
 - one preempted eight times by the test, each at a later step: three times each
@@ -13,18 +13,19 @@ CPU example options):
   shell), then `scancel --batch --signal=TERM` (the batch shell alone) and
   `scancel --full --signal=USR1` (shell and ranks);
 - three with a real three-minute time limit and `--signal=USR1@100`: SLURM itself signals them 50
-  to 80 s into each segment (its timer ticks every 30 s), until they are done; in the first segment
-  the test holds their ranks with SIGSTOP until after that window, so the warning always finds
-  them running, however fast the machine.
-Then two more run with debias on (shorter): one is signalled during debias's holdout fit, before the
-final run starts, and must requeue, resume that fit and end with the other's volume.
+  to 80 s into the segment (its timer ticks every 30 s); the test holds their ranks with SIGSTOP
+  until after that window, so the warning always finds them running, however fast the machine.
+  When the requeued job is released its limit is raised (`scontrol update TimeLimit=`), as a user
+  would, so that it runs to the end: a further segment would only repeat the same preemption;
+- two with debias on (shorter): one is signalled during debias's holdout fit, before the final
+  run starts, and must requeue, resume that fit and end with the other's volume.
 Then a job on a store that does not exist must fail with exit 2, and a job cancelled with a plain
 `scancel` must end cancelled: neither is requeued.
 Every preemption must requeue (the test releases the requeued job from SLURM's ~2 min requeue
 delay with `scontrol update StartTime=now`), every segment must resume from the previous one's
 checkpoint, and every volume must be bit-identical to the reference. Before the fix, when one
 rank exited with 75 first srun killed the other and about half of such preemptions did not
-requeue; the 8 + at least 3 preemptions here would show that with near certainty.
+requeue; the 8 + 3 preemptions here would show that with near certainty.
 """
 from __future__ import annotations
 
@@ -63,20 +64,24 @@ CPU_OPTIONS = ["--nodes=1", f"--ntasks-per-node={CPU_RANKS}", "--gpus-per-task=0
 SIGNAL_PLAN = [(("--signal=USR1",), 0.05), (("--signal=TERM",), 0.15), (("--signal=USR1",), 0.25),
                (("--signal=TERM",), 0.35), (("--signal=USR1",), 0.45), (("--signal=TERM",), 0.55),
                (("--batch", "--signal=TERM"), 0.65), (("--full", "--signal=USR1"), 0.75)]
-STEPS = 800
+STEPS = 400
 # The time-limit jobs run with --time=3 --signal=USR1@100. SLURM's timer ticks every 30 s and
 # sends the warning once the time left is within the asked 100 s plus one tick: 50 to 80 s into
 # a segment (measured with slurm-wlm 22.05); the limit itself is enforced 180 to 210 s in. Their
 # ranks are held with SIGSTOP from their first logged step until LIMIT_HOLD_S into the first
 # segment, so on a machine of any speed the warning comes while they still run (it is delivered
-# on SIGCONT), with over 90 s left to checkpoint before the limit.
+# on SIGCONT), with over 90 s left to checkpoint before the limit. Released from the requeue,
+# their limit becomes RAISED_LIMIT_MIN minutes.
 LIMIT_OPTIONS = ("--time=3", "--signal=USR1@100")
 LIMIT_HOLD_S = 82
+RAISED_LIMIT_MIN = 30
 LIMIT_JOBS = ("limit1", "limit2", "limit3")  # each preempted by SLURM's time limit at least once
 # With debias on (configs/demo3d.yaml's default) a holdout fit runs before the final run; one job is
 # signalled during it, the other runs through (its reference). Shorter: two fits of DEBIAS_STEPS.
 DEBIAS_JOBS = ("debias_reference", "debias_signal")
 DEBIAS_STEPS = 200
+# Every job of the test at once: 7 jobs x 2 CPUs x 1500 MB (the refused and cancelled jobs come after).
+CLUSTER = {"SLURM_LOCALHOST_CPUS": "14", "SLURM_LOCALHOST_MEMORY_MB": "21000"}
 
 
 @dataclass
@@ -103,7 +108,7 @@ def cluster(tmp_path_factory):
         pytest.skip("the localhost SLURM cluster needs Linux")
     folder = tmp_path_factory.mktemp("slurm")
     started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], check=False, capture_output=True,
-                             text=True, timeout=900)
+                             text=True, timeout=900, env={**os.environ, **CLUSTER})
     if started.returncode == CANNOT_RUN_HERE:
         pytest.skip(started.stderr.strip().splitlines()[-1])
     assert started.returncode == 0, f"scripts/slurm_localhost.sh start failed:\n{started.stderr}"
@@ -196,8 +201,8 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 
 class Watcher:
-    """Polls every job, releases a requeued one from SLURM's requeue delay at once, and fails
-    with the jobs' logs as soon as one fails."""
+    """Polls every job, releases a requeued one from SLURM's requeue delay at once, runs the actions
+    whose condition came true (each once), and fails with the jobs' logs as soon as one fails."""
 
     def __init__(self, cluster: Cluster, jobs: dict[str, int], outs: dict[str, Path], hold: tuple = ()):
         self.cluster, self.jobs, self.outs = cluster, jobs, outs
@@ -205,10 +210,10 @@ class Watcher:
         self.released = dict.fromkeys(jobs, 0)
         self.requeue_seen: dict[str, float] = {}
         self.info: dict[str, dict] = {}
+        self.pending: list[tuple] = []  # (condition, action), polled while the test waits for others
 
-    def add(self, name: str, job_id: int) -> None:
-        self.jobs[name] = job_id
-        self.released[name] = 0
+    def once(self, condition, action) -> None:
+        self.pending.append((condition, action))
 
     def poll(self) -> None:
         for name, job_id in self.jobs.items():
@@ -219,7 +224,8 @@ class Watcher:
                 # previous run's credential and refuses a new start then ("Job credential revoked").
                 first_seen = self.requeue_seen.setdefault(name, time.monotonic())
                 if time.monotonic() - first_seen >= RELEASE_AFTER_S:
-                    self.cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                    raise_limit = [f"TimeLimit={RAISED_LIMIT_MIN}"] if name in self.hold else []
+                    self.cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *raise_limit)
                     self.released[name] = restarts
                     del self.requeue_seen[name]
             if self.hold.get(name) and restarts == 0 and info.get("JobState") == "RUNNING":
@@ -227,6 +233,9 @@ class Watcher:
             if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 raise AssertionError(f"job {name} ({job_id}) ended {info['JobState']} ({info.get('Reason')}):\n"
                                      f"{self.log(name)[-4000:]}")
+        for entry in [entry for entry in self.pending if entry[0]()]:
+            self.pending.remove(entry)
+            entry[1]()
 
     def _hold(self, name: str, seconds: int) -> None:
         """SIGSTOP the ranks once they run steps, SIGCONT them LIMIT_HOLD_S into the segment. The
@@ -274,26 +283,26 @@ def test_preempted_jobs_always_requeue_resume_and_match_an_uninterrupted_run(clu
     outs = {name: tmp_path / f"{name}.zarr" for name in (*names, *DEBIAS_JOBS)}
     jobs = {name: submit(cluster, store, outs[name], steps, *(LIMIT_OPTIONS if name in LIMIT_JOBS else ()))
             for name in names}
+    jobs.update({name: submit(cluster, store, outs[name], DEBIAS_STEPS, debias=True) for name in DEBIAS_JOBS})
     watch = Watcher(cluster, jobs, outs, hold=LIMIT_JOBS)
 
-    # The test's own preemptions of one job, each at a later step, alternating the two signals.
+    # A signal during debias's holdout fit, before the final run has a step or a log.csv: the fit
+    # checkpoints in checkpoints/debias, the job requeues and the holdout fit resumes.
+    watch.once(lambda: watch.state("debias_signal") == "RUNNING" and watch.restarts("debias_signal") == 0
+               and "debias holdout fit: step" in watch.log("debias_signal"),
+               lambda: cluster.run("scancel", "--signal=USR1", str(jobs["debias_signal"])))
+    # The test's own preemptions of one job, each at a later step, alternating the two signals; each
+    # once the segment has logged a step past the last checkpoint (log.csv holds every segment's rows).
     for count, (options, fraction) in enumerate(SIGNAL_PLAN, start=1):
-        step = int(fraction * steps)
+        step = max(int(fraction * steps), 1 + max(map(int, re.findall(r"preempted at step (\d+)",
+                                                                      watch.log("signals"))), default=-1))
         watch.until(lambda step=step: watch.state("signals") == "RUNNING"
                     and last_logged_step(outs["signals"]) >= step, 600, f"step {step} of the signals job")
         cluster.run("scancel", *options, str(jobs["signals"]))
         watch.until(lambda count=count: watch.restarts("signals") >= count, 180,
                     f"the requeue after scancel {' '.join(options)} at step {step}")
-    # Then (the node's CPUs are taken until the first jobs end) a signal during debias's holdout fit,
-    # before the final run has a step or a log.csv: the fit checkpoints in checkpoints/debias, the job
-    # requeues and the holdout fit resumes.
-    for name in DEBIAS_JOBS:
-        watch.add(name, submit(cluster, store, outs[name], DEBIAS_STEPS, debias=True))
-    watch.until(lambda: watch.state("debias_signal") == "RUNNING" and "debias holdout fit: step" in
-                watch.log("debias_signal"), 600, "the holdout fit of the debias job")
-    cluster.run("scancel", "--signal=USR1", str(jobs["debias_signal"]))
-    watch.until(lambda: watch.restarts("debias_signal") >= 1, 180, "the requeue after a signal in the holdout fit")
     watch.until(lambda: all(watch.state(name) == "COMPLETED" for name in jobs), 900, "every job to complete")
+    assert not watch.pending, "the debias job's holdout fit ended before the test saw it running to signal it"
 
     # Not requeued: a run that fails (here: refused input, exit 2; there is no new checkpoint), and a
     # cancelled job (plain scancel: its ranks get SIGTERM and checkpoint, but the job must end).

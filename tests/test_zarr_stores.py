@@ -299,3 +299,20 @@ def test_output_refusals(tmp_path, rng):
     with pytest.raises(InputError, match="output volume not found"):
         open_volume(tmp_path / "nothing.zarr")
     assert Path(tmp_path / "precious").is_dir()
+
+
+def test_opening_an_output_volume_does_not_import_torch():
+    """launch/slurm/recon3d.sbatch checks the output's completion marker with open_volume at the end
+    of every job step, within SLURM's KillWait after a cancel: engine.io loads its exports lazily, so
+    this costs a Zarr import, not torch's."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.io.ome_zarr import open_volume; from engine.io import InputError; "
+            "print(sorted(name for name in ('torch', 'engine.io.hybrid_store') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]"
+    import engine.io
+
+    assert set(engine.io.__all__) <= set(dir(engine.io)) and engine.io.open_volume is open_volume

@@ -3,41 +3,36 @@
 Layouts are documented in engine/io/data.py and docs/ARCHITECTURE.md. Every refusal of a file is
 an `InputError` (a ValueError) with a one-line message naming the file, the array and the problem.
 """
-from engine.io.bart import read_bart, read_cfl, write_cfl
-from engine.io.data import MagnitudeVolume, MulticoilData, derive_mask
-from engine.io.errors import InputError
-from engine.io.fastmri import read_fastmri
-from engine.io.hybrid_store import HybridSlab, HybridStore, prepare_hybrid_store, to_hybrid
-from engine.io.matlab import read_mat73
-from engine.io.nifti import read_nifti
-from engine.io.npy import read_npy
-from engine.io.ome_zarr import OutputVolume, VolumeWriter, open_volume
-from engine.io.prepare import prepare_case
-from engine.io.readers import read_input
-from engine.io.skmtea import read_skmtea
-from engine.io.slabs import partition_readout
+# Exports load on first use (PEP 562): `from engine.io.ome_zarr import open_volume` then costs a Zarr
+# import, not torch's (the SLURM script's completion check runs it at the end of every job step).
+_EXPORTS = {
+    "engine.io.bart": ("read_bart", "read_cfl", "write_cfl"),
+    "engine.io.data": ("MagnitudeVolume", "MulticoilData", "derive_mask"),
+    "engine.io.errors": ("InputError",),
+    "engine.io.fastmri": ("read_fastmri",),
+    "engine.io.hybrid_store": ("HybridSlab", "HybridStore", "prepare_hybrid_store", "to_hybrid"),
+    "engine.io.matlab": ("read_mat73",),
+    "engine.io.nifti": ("read_nifti",),
+    "engine.io.npy": ("read_npy",),
+    "engine.io.ome_zarr": ("OutputVolume", "VolumeWriter", "open_volume"),
+    "engine.io.prepare": ("prepare_case",),
+    "engine.io.readers": ("read_input",),
+    "engine.io.skmtea": ("read_skmtea",),
+    "engine.io.slabs": ("partition_readout",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
-__all__ = [
-    "HybridSlab",
-    "HybridStore",
-    "InputError",
-    "MagnitudeVolume",
-    "MulticoilData",
-    "OutputVolume",
-    "VolumeWriter",
-    "derive_mask",
-    "open_volume",
-    "partition_readout",
-    "prepare_case",
-    "prepare_hybrid_store",
-    "read_bart",
-    "read_cfl",
-    "read_fastmri",
-    "read_input",
-    "read_mat73",
-    "read_nifti",
-    "read_npy",
-    "read_skmtea",
-    "to_hybrid",
-    "write_cfl",
-]
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
