@@ -728,6 +728,12 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   (slice seed 1: 4.39 -> 4.11 %, mean 4.10 %). Against the goals (10 % below the best peer): R = 6 met by
   0.01 points, R = 8 met (4.10 against 4.28 %), R = 4 not (3.15 against 2.96 %). The output is no longer
   INFusion's fit alone: part of its lead over the 3D L1-wavelet comes from a 3D L1-wavelet solve.
+  R = 6 at slice seed 1 ran the config in full as a user would (2 ranks, each its slab refined with 8
+  halo planes from the other, 2026-12-03): fit 3.83 -> 3.59 %, so 3.60 / 3.59 % over the two seeds (mean
+  3.60 %, goal 3.61 %: met at both, by 0.01-0.02 points). Its 1.99 s per step is not the config's speed:
+  the 2 cores also ran the test suite and two real-SLURM test runs for about 45 of its 80 min. Its peak
+  RSS, 8.8 GB over both ranks against 5.0 GB for the plain config, is the refinement's (FISTA over each rank's
+  slab, 109 planes and 8 halo planes of 181 x 80 with 16 coils; not reduced yet).
 - At R = 4 the refinement gave a tenth of what it gave on the tuning case. That slab has now mispredicted
   four levers (prior weight 0.5, the prior beyond 0.75 of the Nyquist radius, the DC solve, this one), and
   all four the same way: each moves the output towards the data or the wavelet solution, and each helped
