@@ -224,6 +224,7 @@ class Watcher:
                 # previous run's credential and refuses a new start then ("Job credential revoked").
                 first_seen = self.requeue_seen.setdefault(name, time.monotonic())
                 if time.monotonic() - first_seen >= RELEASE_AFTER_S:
+                    # the held jobs are the time-limit ones: one preemption by the limit is enough
                     raise_limit = [f"TimeLimit={RAISED_LIMIT_MIN}"] if name in self.hold else []
                     self.cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *raise_limit)
                     self.released[name] = restarts

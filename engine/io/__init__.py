@@ -3,6 +3,8 @@
 Layouts are documented in engine/io/data.py and docs/ARCHITECTURE.md. Every refusal of a file is
 an `InputError` (a ValueError) with a one-line message naming the file, the array and the problem.
 """
+import importlib
+
 # Exports load on first use (PEP 562): `from engine.io.ome_zarr import open_volume` then costs a Zarr
 # import, not torch's (the SLURM script's completion check runs it at the end of every job step).
 _EXPORTS = {
@@ -27,8 +29,6 @@ __all__ = [name for names in _EXPORTS.values() for name in names]
 def __getattr__(name: str):
     if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(_MODULE_OF[name]), name)
     globals()[name] = value
     return value

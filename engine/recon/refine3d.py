@@ -2,9 +2,9 @@
 
     v = argmin 1/2 ||M F_yz S v - y||^2 + lamda ||W_xyz v||_1 + anchor_weight / 2 ||v - v_fit||^2
 
-by FISTA from v_fit (engine.evaluation.baselines.l1_wavelet_3d with an anchor, over overlapping slabs; lamda = lambda_factor x the
-volume's intensity scale, the 3D rule's form). This is prior-image compressed sensing with the INR's
-volume as the prior image. Why: at 1 mm the INR's error and the 3D L1-wavelet's are only partly alike
+by FISTA from v_fit (engine.evaluation.baselines.l1_wavelet_3d with an anchor, over overlapping slabs;
+lamda = lambda_factor x the volume's intensity scale, the 3D rule's form). This is prior-image compressed
+sensing with the INR's volume as the prior image. Why: at 1 mm the INR's error and the 3D L1-wavelet's are only partly alike
 (correlation 0.67-0.71 on the tuning and evaluation slabs, benchmarks/results/quality3d.md), so a solve
 that keeps what both agree on lands below either.
 
