@@ -496,6 +496,7 @@ def baseline_job(
 L1_3D_RELATIVE_FACTOR = 0.004
 L1_3D_ITERATIONS = 100
 L1_3D_HALO = 8  # readout planes added on each side of a slab: the db4 support at the finest levels
+L1_3D_CHUNK_BYTES = 48 * 2**20  # coil-expanded temporaries of the SENSE operators per chunk of planes (below)
 
 
 def zero_filled_3d(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -548,13 +549,18 @@ def l1_wavelet_3d(
     if k.ndim != 4 or m.shape != k.shape or w.shape != k.shape[2:]:
         raise ValueError(f"expected kspace and maps (n, C, ky, kz) and mask (ky, kz), got "
                          f"{tuple(k.shape)}, {tuple(m.shape)}, {tuple(w.shape)}")
-    k = k * w
-    adjoint_data = sense.adjoint(k, m, w)
+    # The SENSE model acts on each readout plane alone: applied to a chunk of planes at a time, its
+    # coil-expanded temporaries stay a chunk's size (over a whole 1 mm slab they were ~6x its k-space).
+    # Chunks of ~48 MiB, above glibc's largest mmap threshold (32 MiB): each temporary is returned to the
+    # system when freed (smaller ones were recycled through the heap, and the process kept growing).
+    planes = max(1, L1_3D_CHUNK_BYTES // (k[0].numel() * k.element_size()))
+    chunks = [slice(a, a + planes) for a in range(0, k.shape[0], planes)]
+    adjoint_data = torch.cat([sense.adjoint(k[c], m[c], w) for c in chunks])  # the adjoint masks k
     if lamda is None:
         lamda = factor * (intensity_scale_3d(adjoint_data.numpy()) if scale is None else scale)
 
     def normal(v: torch.Tensor) -> torch.Tensor:
-        return sense.adjoint(sense.forward(v, m, w), m, w)
+        return torch.cat([sense.adjoint(sense.forward(v[c], m[c], w), m[c], w) for c in chunks])
 
     # the anchor's term adds anchor_weight (v - anchor) to the gradient and anchor_weight to its Lipschitz constant
     anchor_volume = torch.zeros_like(adjoint_data) if anchor is None else torch.from_numpy(np.asarray(anchor, np.complex64))
