@@ -3,6 +3,7 @@
     python scripts/make_case_1mm.py magnitude --nifti PATH/colin27_t1_1mm.nii.gz   # -> data/ (once)
     python scripts/make_case_1mm.py store --R 4 --out case_R4.zarr                  # hybrid store
     python scripts/make_case_1mm.py magnitude --part tuning --nifti PATH/colin27_t1_1mm.nii.gz
+    python scripts/make_case_1mm.py magnitude --source mni152 --part tuning --nifti PATH/mni152_2009a_t1_1mm.nii.gz
 
 `magnitude` reads the Colin27 T1 volume at 1 mm (`colin27_t1_1mm.nii.gz`, 181 x 217 x 181, RAS,
 origin (-90, -125, -71) mm; Debian mricron-data packaging, BSD-3-Clause: data/colin27_COPYRIGHT.txt;
@@ -35,6 +36,17 @@ temporal lobes, cerebellum, the base of the frontal lobe), simulated in the same
 217 x 181 field of view, of which the store keeps the 72 central readout planes (x = 72..143; the
 planes of a hybrid store are independent, so a crop is the same problem on fewer planes, at a third of
 the cost). A 1 mm setting may be tuned on it; a slab reaching world z >= 25 mm is refused.
+
+`--source mni152 --part tuning` makes a second tuning case from another head
+(data/mni152_tuning_volume_1mm_72x197x80.npz): MNI152 2009a symmetric (`mni152_2009a_t1_1mm.nii.gz`,
+197 x 233 x 189, origin (-98, -134, -72) mm, a skull-stripped population average, smoother than one
+scan; as packaged in the nilearn wheel, BSD-3: data/mni152_COPYRIGHT.txt), slices k = 97..176 (world
+z 25..104 mm: the slab of the evaluation case, in a head the 3D evaluation never uses, and the part of
+MNI152 the prior never trained on, as it never trained on the evaluation slab), simulated in the same
+way, the store keeping its 72 central readout planes (x = 80..151 of 233). Why a second tuning case:
+Colin27's slab below the evaluation slab lies in the prior's training part, and the levers tuned on it
+moved the evaluation case the other way more than once (benchmarks/results/quality3d.md). An MNI152
+slab reaching below world z = 25 mm is refused.
 """
 
 from __future__ import annotations
@@ -51,10 +63,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 COLIN_FILE = "colin27_t1_1mm.nii.gz"
+MNI_FILE = "mni152_2009a_t1_1mm.nii.gz"
 EVALUATION_MIN_Z_MM = 25.0  # docs/ARCHITECTURE.md "Data split": evaluation is world z >= 25 mm
 SLAB_K = (96, 176)  # world z 25 .. 104 mm in the 1 mm volume (the bundled 3D case's slab)
 TUNING_SLAB_K = (16, 96)  # world z -55 .. 24 mm: the 80 slices below the evaluation slab
 TUNING_X_PLANES = (72, 144)  # the central 72 of the 217 readout planes (as many as the bundled case has)
+MNI_TUNING_SLAB_K = (97, 177)  # MNI152 world z 25 .. 104 mm: the evaluation slab's heights, never trained on
+MNI_TUNING_X_PLANES = (80, 152)  # the central 72 of MNI152's 233 readout (A-P) planes
 SIMULATION = {
     "ncoils": 16,
     "snr": 40.0,  # the bundled cases' SNR
@@ -63,20 +78,30 @@ SIMULATION = {
     "relative_radius": 1.5,
     "object_threshold": 0.05,
 }
-LICENCE = "BSD-3-Clause (Colin27 via Debian mricron-data); see colin27_COPYRIGHT.txt"
-LABEL = "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"
+SOURCES = {  # source -> (its NIfTI, licence, label)
+    "colin27": (COLIN_FILE, "BSD-3-Clause (Colin27 via Debian mricron-data); see colin27_COPYRIGHT.txt",
+                "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"),
+    "mni152": (MNI_FILE, "BSD-3-Clause (MNI152 2009a as packaged in the nilearn wheel); see mni152_COPYRIGHT.txt",
+               "MNI152 2009a T1w population average (skull-stripped, BSD-3), simulated coils and phase"),
+}
 
 
 PARTS = {"evaluation": "eval", "tuning": "tuning"}  # part -> the word in its file name and case id
+# (source, part) -> (slab k, the readout planes its store keeps; None: all)
+SLABS = {("colin27", "evaluation"): (SLAB_K, None), ("colin27", "tuning"): (TUNING_SLAB_K, TUNING_X_PLANES),
+         ("mni152", "tuning"): (MNI_TUNING_SLAB_K, MNI_TUNING_X_PLANES)}
 
 
-def case_file(shape: tuple[int, int, int], folder: Path | None = None, part: str = "evaluation") -> Path:
+def case_file(shape: tuple[int, int, int], folder: Path | None = None, part: str = "evaluation",
+              source: str = "colin27") -> Path:
     """The compact case file; `shape` is the stored (x, y, z) shape, a tuning case's readout planes cropped."""
-    return (folder or REPO / "data") / f"colin27_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}.npz"
+    return (folder or REPO / "data") / f"{source}_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}.npz"
 
 
 DEFAULT_CASE = case_file((217, 181, 80))
 TUNING_CASE = case_file((TUNING_X_PLANES[1] - TUNING_X_PLANES[0], 181, 80), part="tuning")
+MNI_TUNING_CASE = case_file((MNI_TUNING_X_PLANES[1] - MNI_TUNING_X_PLANES[0], 197, 80), part="tuning",
+                            source="mni152")
 
 
 def world_z_mm(affine: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -87,9 +112,11 @@ def world_z_mm(affine: np.ndarray, k: np.ndarray) -> np.ndarray:
     return affine[2, 2] * np.asarray(k, np.float64) + affine[2, 3]
 
 
-def case_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int], part: str = "evaluation") -> np.ndarray:
+def case_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int], part: str = "evaluation",
+              source: str = "colin27") -> np.ndarray:
     """Slices [k0, k1) of `volume` (i, j, k), refused unless every one lies in `part`: an evaluation
-    case at world z >= 25 mm, a tuning case below it."""
+    case at world z >= 25 mm, a Colin27 tuning case below it (Colin27 is the evaluation head), an
+    MNI152 tuning case at world z >= 25 mm too (where the prior never trained)."""
     k0, k1 = slab_k
     if not 0 <= k0 < k1 <= volume.shape[2]:
         raise ValueError(f"slab k {k0}..{k1 - 1} is outside the volume's {volume.shape[2]} slices")
@@ -97,26 +124,32 @@ def case_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int], p
     if part == "evaluation" and z.min() < EVALUATION_MIN_Z_MM:
         raise ValueError(f"slab k {k0}..{k1 - 1} reaches world z = {z.min():g} mm: only the evaluation "
                          f"part (world z >= {EVALUATION_MIN_Z_MM:g} mm) may enter an evaluation case")
-    if part == "tuning" and z.max() >= EVALUATION_MIN_Z_MM:
+    if source == "mni152" and z.min() < EVALUATION_MIN_Z_MM:
+        raise ValueError(f"slab k {k0}..{k1 - 1} reaches world z = {z.min():g} mm: an MNI152 tuning case stays "
+                         f"out of the prior's training part (world z >= {EVALUATION_MIN_Z_MM:g} mm)")
+    if source == "colin27" and part == "tuning" and z.max() >= EVALUATION_MIN_Z_MM:
         raise ValueError(f"slab k {k0}..{k1 - 1} reaches world z = {z.max():g} mm: a tuning case must stay "
                          f"out of the evaluation part (world z >= {EVALUATION_MIN_Z_MM:g} mm)")
     return volume[:, :, k0:k1]
 
 
 def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int] | None = None,
-                   source: str = COLIN_FILE, part: str = "evaluation",
-                   x_planes: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+                   nifti_name: str | None = None, part: str = "evaluation",
+                   x_planes: tuple[int, int] | None = None, source: str = "colin27") -> tuple[np.ndarray, dict]:
     """(uint8 magnitude (x, y, z), parameters) of the case from a RAS 1 mm volume (i: left -> right,
     j: posterior -> anterior, k: inferior -> superior). `x_planes` (a tuning case's) is the range of
     readout planes its store keeps; the magnitude keeps the whole field of view for the simulation."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
-    slab_k = slab_k or (SLAB_K if part == "evaluation" else TUNING_SLAB_K)
+    if (source, part) not in SLABS:
+        raise ValueError(f"no {part} case is made from {source}: one of {sorted(SLABS)}")
+    slab_k = slab_k or SLABS[source, part][0]
+    nifti_name, licence, label = nifti_name or SOURCES[source][0], *SOURCES[source][1:]
     voxel = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
     if not np.allclose(voxel, 1.0, atol=1e-3):
         raise ValueError(f"expected a 1 mm volume, got voxel size {voxel.tolist()} mm")
-    slab = case_slab(np.asarray(volume), affine, slab_k, part)
-    # (Colin y reversed, Colin x, Colin z): anterior first along the readout axis (as the bundled case)
+    slab = case_slab(np.asarray(volume), affine, slab_k, part, source)
+    # (RAS j reversed, i, k): anterior first along the readout axis (as the bundled case)
     magnitude = np.ascontiguousarray(slab[:, ::-1, :].transpose(1, 0, 2))
     magnitude = np.clip(np.round(magnitude), 0, 255).astype(np.uint8)
     shape = list(magnitude.shape)
@@ -124,23 +157,24 @@ def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, in
         if not 0 <= x_planes[0] < x_planes[1] <= shape[0]:
             raise ValueError(f"x_planes {x_planes} is outside the {shape[0]} readout planes")
         shape[0] = x_planes[1] - x_planes[0]
-    case_id = f"colin27_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}_{SIMULATION['ncoils']}coil"
+    case_id = f"{source}_{PARTS[part]}_volume_1mm_{shape[0]}x{shape[1]}x{shape[2]}_{SIMULATION['ncoils']}coil"
     z = world_z_mm(affine, np.array(slab_k) - np.array([0, 1]))
     kept = ("full in-plane field of view" if x_planes is None else
             f"readout planes x = {x_planes[0]}..{x_planes[1] - 1} of {magnitude.shape[0]} kept")
+    head, axis = ("Colin27", "Colin") if source == "colin27" else ("MNI152", "MNI152")
     params = {
         "case_id": case_id,
-        "description": f"{LABEL}: Colin27 {part} slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, {kept}, "
+        "description": f"{label}: {head} {part} slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, {kept}, "
                        f"{SIMULATION['ncoils']} birdcage coils, SNR {SIMULATION['snr']:g}",
-        "source": f"Colin27 {source}",
+        "source": f"{head} {nifti_name}",
         "slab_k": list(slab_k),
         "world_z_mm": [float(z[0]), float(z[1])],
-        "axes": "x = Colin y reversed (anterior->posterior, readout, fully sampled), y = Colin x, "
-                "z = Colin z (inferior->superior); (ky, kz) phase encodes",
+        "axes": f"x = {axis} y reversed (anterior->posterior, readout, fully sampled), y = {axis} x, "
+                f"z = {axis} z (inferior->superior); (ky, kz) phase encodes",
         "readout_axis": "x (anterior-posterior, the longest in-plane axis)",
         "voxel_size_mm": [1.0, 1.0, 1.0],
         "simulation": {**SIMULATION, "seed": _seed(case_id)},
-        "licence": LICENCE,
+        "licence": licence,
         "part": part,
     }
     if x_planes is not None:
@@ -247,15 +281,17 @@ def write_store(case: dict, out: Path, acceleration: float, chunk_x: int = 8, ov
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    mag = sub.add_parser("magnitude", help="the compact case file in data/ from the Colin27 1 mm NIfTI")
-    mag.add_argument("--nifti", type=Path, required=True, help=f"path of {COLIN_FILE}")
+    mag = sub.add_parser("magnitude", help="the compact case file in data/ from a 1 mm NIfTI (Colin27 or MNI152)")
+    mag.add_argument("--nifti", type=Path, required=True, help=f"path of {COLIN_FILE} (or {MNI_FILE})")
+    mag.add_argument("--source", choices=sorted(SOURCES), default="colin27",
+                     help="the head: colin27 (evaluation and tuning cases) or mni152 (a tuning case only)")
     mag.add_argument("--part", choices=sorted(PARTS), default="evaluation",
-                     help="evaluation: the reported case; tuning: the slab below it, central readout planes")
+                     help="evaluation: the reported case; tuning: a slab to tune on, central readout planes")
     mag.add_argument("--out", type=Path, default=None,
-                     help="default data/colin27_<eval|tuning>_volume_1mm_<shape>.npz")
+                     help="default data/<source>_<eval|tuning>_volume_1mm_<shape>.npz")
     st = sub.add_parser("store", help="the hybrid store of the case at one acceleration")
     st.add_argument("--case", type=Path, default=DEFAULT_CASE, help=f"default {DEFAULT_CASE.name}; the tuning "
-                    f"case: data/{TUNING_CASE.name}")
+                    f"cases: data/{TUNING_CASE.name}, data/{MNI_TUNING_CASE.name}")
     st.add_argument("--R", type=float, default=4.0)
     st.add_argument("--chunk-x", type=int, default=8)
     st.add_argument("--out", type=Path, required=True)
@@ -265,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         import nibabel as nib
 
         image = nib.load(args.nifti)
-        x_planes = TUNING_X_PLANES if args.part == "tuning" else None
-        magnitude, params = make_magnitude(np.asarray(image.dataobj), image.affine, source=args.nifti.name,
-                                           part=args.part, x_planes=x_planes)
+        if (args.source, args.part) not in SLABS:
+            parser.error(f"--source {args.source} makes no {args.part} case (choices: {sorted(SLABS)})")
+        x_planes = SLABS[args.source, args.part][1]
+        magnitude, params = make_magnitude(np.asarray(image.dataobj), image.affine, nifti_name=args.nifti.name,
+                                           part=args.part, x_planes=x_planes, source=args.source)
         shape = (x_planes[1] - x_planes[0], *magnitude.shape[1:]) if x_planes else magnitude.shape
-        path = write_case(args.out or case_file(shape, part=args.part), magnitude, params)
+        path = write_case(args.out or case_file(shape, part=args.part, source=args.source), magnitude, params)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), shape {magnitude.shape}, case {params['case_id']}")
     else:
         path = write_store(load_case(args.case), args.out, args.R, args.chunk_x, args.overwrite)

@@ -85,6 +85,20 @@ def test_tuning_part_stays_below_the_evaluation_part_and_keeps_its_planes(make, 
     assert np.array_equal(case["maps"], maps[:, 6:18]) and np.array_equal(case["reference"], reference[6:18])
 
 
+def test_mni152_tuning_case_stays_where_the_prior_never_trained(make):
+    volume, affine = _volume()  # world z = 10 + k mm
+    with pytest.raises(ValueError, match="prior's training part"):
+        make.make_magnitude(volume, affine, slab_k=(14, 30), part="tuning", source="mni152")  # k = 14: 24 mm
+    with pytest.raises(ValueError, match="no evaluation case is made from mni152"):
+        make.make_magnitude(volume, affine, slab_k=(15, 30), source="mni152")
+    magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 30), part="tuning", source="mni152",
+                                            x_planes=(6, 18))
+    assert params["case_id"].startswith("mni152_tuning_volume_1mm_12x20x15") and params["world_z_mm"] == [25.0, 39.0]
+    assert "MNI152" in params["licence"] and params["source"] == "MNI152 mni152_2009a_t1_1mm.nii.gz"
+    # the shipped case file is the one the script names
+    assert make.MNI_TUNING_CASE.name == "mni152_tuning_volume_1mm_72x197x80.npz" and make.MNI_TUNING_CASE.exists()
+
+
 def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quality3d", REPO / "benchmarks" / "quality3d.py")
     quality3d = importlib.util.module_from_spec(spec)
