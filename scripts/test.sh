@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh dev
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 if [ "$#" -eq 0 ]; then ruff check --quiet . ; fi  # lint the whole tree on a full run (pyproject.toml [tool.ruff])
-exec python -m pytest -q --timeout=900 "$@"
+exec python -m pytest -q --timeout=900 --durations=15 "$@"  # the slowest tests listed: the suite aims at ~15 min on 2 cores

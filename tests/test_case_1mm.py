@@ -93,6 +93,7 @@ def test_mni152_tuning_case_stays_where_the_prior_never_trained(make):
         make.make_magnitude(volume, affine, slab_k=(15, 30), source="mni152")
     magnitude, params = make.make_magnitude(volume, affine, slab_k=(15, 30), part="tuning", source="mni152",
                                             x_planes=(6, 18))
+    assert magnitude.shape == (24, 20, 15)  # simulated over the whole field of view
     assert params["case_id"].startswith("mni152_tuning_volume_1mm_12x20x15") and params["world_z_mm"] == [25.0, 39.0]
     assert "MNI152" in params["licence"] and params["source"] == "MNI152 mni152_2009a_t1_1mm.nii.gz"
     # the shipped case file is the one the script names
