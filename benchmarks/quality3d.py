@@ -436,10 +436,13 @@ def setting_without_seed(config_yaml: Path, changes: dict | None = None) -> dict
 
 
 def _selection_summary(record: dict) -> dict:
-    """The label-free choice of a run (engine.recon.selection3d) without its curves: chosen scale, and
-    per candidate its held-out error and (reported only, never used) its NRMSE."""
+    """The label-free choice of a run (engine.recon.selection3d) without its curves: chosen scale (and
+    refinement), and per candidate its held-out error and (reported only, never used) its NRMSE, refined too
+    when the refinement was scored."""
+    keys = ("scale", "validation_error", "nrmse_percent", "seconds")
     return {"chosen_scale": record["chosen"]["scale"],
-            "candidates": [{key: c.get(key) for key in ("scale", "validation_error", "nrmse_percent", "seconds")}
+            **({"chosen_refine": record["chosen"]["refine"]} if "refine" in record["chosen"] else {}),
+            "candidates": [{key: c.get(key) for key in keys} | ({"refined": c["refined"]} if "refined" in c else {})
                            for c in record["candidates"]]}
 
 

@@ -86,6 +86,8 @@ def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_stor
     want = np.sum(holdout * np.abs(predicted - measured) ** 2 * (holdout > 0)) / np.sum(holdout * np.abs(measured) ** 2)
     assert error == pytest.approx(want, rel=1e-4)
     assert abs(changed_error - error) > 0.05
+    # a volume given in the input's units scores as the output it is
+    assert plain.heldout_error(plain.evaluate_slab()) == pytest.approx(error, rel=1e-5)
     with pytest.raises(ValueError, match="holdout"):
         Recon3D(cfg, store, single_process()).heldout_error()
     with pytest.raises(ValueError, match="part of the"):
@@ -109,17 +111,67 @@ def test_selection_runs_every_scale_and_chooses_the_lowest_held_out_error(tiny_s
     assert scaled_config(cfg, 2.0).tv_x_weight == pytest.approx(0.01)
 
 
+REFINE = {"anchor_weight": 0.05, "iterations": 10}
+
+
+def test_the_refinement_of_a_holdout_fit_never_sees_held_out_samples(tiny_store):
+    """refine_fit on a run with a holdout solves from the fit samples only: changing the k-space on the
+    held-out ones leaves the refined volume alone (scales set equal, as above)."""
+    from engine.recon.refine3d import Refine3DConfig, refine_fit
+
+    store = HybridStore(tiny_store)
+    holdout = _holdout(store)
+    cfg = tiny_config(**{k: v for k, v in SELECTION.items() if k != "selection"})
+    plain = Recon3D(cfg, store, single_process(), holdout=holdout)
+    changed = Recon3D(cfg, _ChangedHeldOut(store, holdout), single_process(), holdout=holdout)
+    changed.scale = plain.scale
+    fit = plain.evaluate_slab()
+    refined = refine_fit(plain, fit, Refine3DConfig(**REFINE), single_process())
+    np.testing.assert_array_equal(refine_fit(changed, fit, Refine3DConfig(**REFINE), single_process()), refined)
+    assert not np.allclose(refined, fit)
+
+
+def test_selection_scores_each_candidate_refined_and_chooses_among_all_outputs(tiny_store):
+    cfg = tiny_config(**SELECTION, refine=REFINE)
+    record = select_regularisation(cfg, HybridStore(tiny_store), single_process())
+    options = []
+    for candidate in record["candidates"]:
+        refined = candidate["refined"]
+        assert refined["validation_error"] != candidate["validation_error"] and "nrmse_percent" in refined
+        options += [(candidate["validation_error"], candidate["scale"], False),
+                    (refined["validation_error"], candidate["scale"], True)]
+    error, scale, refine = min(options, key=lambda option: option[0])
+    assert record["chosen"] == {"scale": scale, "refine": refine, "validation_error": error}
+    # choose_refine off: the config's refinement always runs, unscored
+    fixed = {**SELECTION, "selection": {**SELECTION["selection"], "regularisation_scales": [1.0],
+                                        "choose_refine": False}}
+    record = select_regularisation(tiny_config(**fixed, refine=REFINE), HybridStore(tiny_store), single_process())
+    assert record["chosen"]["refine"] is True and "refined" not in record["candidates"][0]
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_the_final_run_refines_only_when_a_refined_candidate_won(tiny_store, tmp_path, monkeypatch, refine):
+    import engine.recon.job3d as run_module
+
+    chosen = {"scale": 1.0, "refine": refine, "validation_error": 0.1}
+    monkeypatch.setattr(run_module, "select_regularisation", lambda *args, **kwargs: {"candidates": [], "chosen": chosen})
+    metrics = run_recon3d(tiny_config(**SELECTION, refine=REFINE), tiny_store, tmp_path / "vol.zarr", single_process())
+    assert ("refine" in metrics) is refine
+    assert ("nrmse_percent_infusion_without_refine" in metrics) is refine
+
+
 def _selection_worker(ctx: DistContext, store: str) -> dict:
-    return select_regularisation(tiny_config(**SELECTION), HybridStore(store), ctx)
+    return select_regularisation(tiny_config(**SELECTION, refine=REFINE), HybridStore(store), ctx)
 
 
 @pytest.mark.slow  # about 15 s on 2 shared cores
 @pytest.mark.dist
 def test_selection_two_ranks_equal_one_process(tiny_store):
-    """The held-out error sums over both ranks' planes: 2 gloo ranks give the curves and the choice
-    of one process (same seeds)."""
+    """The held-out error sums over both ranks' planes: 2 gloo ranks give the curves, the refined
+    candidates' scores (the tiny volume lies within each rank's refinement halo) and the choice of one
+    process (same seeds)."""
     run = launch_local(_selection_worker, 2, args=(str(tiny_store),), timeout_s=240)
-    single = select_regularisation(tiny_config(**SELECTION), HybridStore(tiny_store), single_process())
+    single = select_regularisation(tiny_config(**SELECTION, refine=REFINE), HybridStore(tiny_store), single_process())
     for rank in range(2):
         got = run.results[rank]
         assert got["chosen"]["scale"] == single["chosen"]["scale"]
@@ -127,6 +179,8 @@ def test_selection_two_ranks_equal_one_process(tiny_store):
             for p, q in zip(a["curve"], b["curve"], strict=True):
                 assert p["validation_error"] == pytest.approx(q["validation_error"], rel=1e-4)
                 assert p["nrmse_percent"] == pytest.approx(q["nrmse_percent"], rel=1e-4)
+            for key in ("validation_error", "nrmse_percent"):
+                assert a["refined"][key] == pytest.approx(b["refined"][key], rel=1e-4)
 
 
 def test_run_records_the_choice_refits_with_it_and_resume_reuses_it(tiny_store, tmp_path, monkeypatch):

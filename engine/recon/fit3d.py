@@ -666,24 +666,37 @@ class Recon3D:
         return (planes * self.scale).cpu().numpy().astype(np.complex64)
 
     @torch.no_grad()
-    def heldout_error(self) -> float:
+    def heldout_error(self, volume: np.ndarray | None = None) -> float:
         """sum w |F S x - y|^2 / sum w |y|^2 over the held-out samples (weights w), the output volume's
-        relative error there, summed over every plane of every rank (collective; needs `holdout`)."""
+        relative error there, summed over every plane of every rank (collective; needs `holdout`).
+        volume: this rank's slab in the input's units (as evaluate_slab returns it) to score in place
+        of the INR's output (a refinement of it)."""
         if self.holdout is None:
             raise ValueError("heldout_error needs a Recon3D made with a holdout mask")
         # kernels.sense.dc_loss's mask is 0/1, so the weighted sum is written out here
         sums = torch.zeros(2, dtype=torch.float64)
         with self._output_parameters():
-            with _autocast(self.device, self.bf16):
-                features = self.trunk(self.plane)
+            if volume is None:
+                with _autocast(self.device, self.bf16):
+                    features = self.trunk(self.plane)
             for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
                 local = chunk - self.x_start
                 kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
-                predicted = sense.forward(self._planes(features, chunk), maps)
+                planes = (self._planes(features, chunk) if volume is None
+                          else torch.from_numpy(volume[local.numpy()]).to(self.device) / self.scale)
+                predicted = sense.forward(planes, maps)
                 sums[0] += float((self.holdout * (predicted - kspace).abs().square()).sum())
                 sums[1] += float((self.holdout * kspace.abs().square()).sum())
         error, energy = self.ctx.all_reduce_sum(sums).tolist()
         return error / energy
+
+    def input_planes(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-space of the fitted samples (the held-out ones zeroed) and maps of the input's planes [a, b),
+        in its units, read from the input: the slab solves (3D L1-wavelet, refinement) read a halo of
+        planes beyond this rank's slab."""
+        slab = self.source.read_slab(a, b)
+        mask = self.mask.cpu().numpy()
+        return np.asarray(slab.kspace, np.complex64) * mask, np.asarray(slab.maps, np.complex64)
 
     def maps_support(self) -> np.ndarray | None:
         """(slab, ny, nz) bool: where the coil maps cover the image (the metrics' support), None

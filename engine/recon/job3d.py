@@ -11,7 +11,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from engine.config import config_to_dict
 from engine.recon.config3d import BundledCaseConfig, Recon3DConfig, result_config
 from engine.recon.debias3d import apply_band_gains, estimate_band_gains, gain_map, radial_bands
 from engine.recon.fit3d import NonFiniteStop, Recon3D, StepResult
-from engine.recon.refine3d import refine_slab
+from engine.recon.refine3d import refine_fit
 from engine.recon.selection3d import scaled_config, select_regularisation
 from engine.runtime.checkpoint import CheckpointManager
 from engine.runtime.context import DistContext
@@ -104,30 +104,13 @@ def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> 
     return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
 
 
-def _read_input_planes(recon: Recon3D) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
-    """(a, b) -> masked k-space and maps of the input's planes [a, b): the halo planes of a slab solve."""
-    mask = recon.mask.cpu().numpy()
-
-    def read_planes(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        slab = recon.source.read_slab(a, b)
-        return np.asarray(slab.kspace, np.complex64) * mask, np.asarray(slab.maps, np.complex64)
-
-    return read_planes
-
-
 def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
     """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
     planes read from the input (overlapping slabs) and the volume's global intensity scale."""
     from engine.evaluation.baselines import l1_wavelet_3d_slabs
 
-    return l1_wavelet_3d_slabs(_read_input_planes(recon), recon.mask.cpu().numpy(), recon.x_start, recon.x_stop,
+    return l1_wavelet_3d_slabs(recon.input_planes, recon.mask.cpu().numpy(), recon.x_start, recon.x_stop,
                                recon.nx, recon.scale)
-
-
-def _refine_slab(recon: Recon3D, fit: np.ndarray, cfg: Recon3DConfig, ctx: DistContext) -> np.ndarray:
-    """engine.recon.refine3d on this rank's slab of the fit (collective: the halo's anchor planes)."""
-    return refine_slab(fit, _read_input_planes(recon), recon.mask.cpu().numpy(), recon.x_start, recon.nx,
-                       recon.scale, cfg.refine, ctx, progress=cfg.output.progress and ctx.is_main)
 
 
 def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> tuple | None:
@@ -300,6 +283,8 @@ def run_recon3d(
 
             selection = choose_regularisation(cfg, source, paths, ctx, resume, prior, candidate_checkpoints)
             cfg = scaled_config(cfg, selection["chosen"]["scale"])
+            if not selection["chosen"]["refine"]:
+                cfg = replace(cfg, refine=replace(cfg.refine, anchor_weight=0.0))
         debias = None
         if cfg.debias.enabled:
             checkpoints = FitCheckpoints(paths.checkpoints / "debias", "debias holdout", ctx, flag, resume, overwrite,
@@ -394,7 +379,10 @@ def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: Dist
     a run that already made its choice with the same selection settings, else the candidate runs
     (collective; each checkpointed and preemptible with `candidate_checkpoints(factor)`, whose folders
     are removed once the record is saved there)."""
-    settings = json.loads(json.dumps(config_to_dict(cfg.selection)))  # as it reads back from the file
+    settings = config_to_dict(cfg.selection)
+    if cfg.selection.choose_refine and cfg.refine.anchor_weight > 0:  # the choice depends on the refinement too
+        settings["refine"] = config_to_dict(cfg.refine)
+    settings = json.loads(json.dumps(settings))  # as it reads back from the file
     announce = (f"[recon3d] selection: {len(cfg.selection.regularisation_scales)} candidate runs on "
                 f"{1 - cfg.selection.holdout_fraction:.0%} of the measured samples, then the final run on all")
     record = _saved_or_computed(paths.side / "selection.json", settings, resume, ctx, announce,
@@ -403,7 +391,8 @@ def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: Dist
     if candidate_checkpoints is not None:
         for factor in cfg.selection.regularisation_scales:
             candidate_checkpoints(factor).remove()
-    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g} chosen (held-out error "
+    refined = " and the refinement" if record["chosen"]["refine"] and cfg.refine.anchor_weight > 0 else ""
+    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g}{refined} chosen (held-out error "
                f"{record['chosen']['validation_error']:.5g}); {paths.side / 'selection.json'}")
     return record
 
@@ -469,7 +458,7 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     refine_seconds = None
     if cfg.refine.anchor_weight > 0:
         t0 = time.perf_counter()
-        volume = _refine_slab(recon, fit, cfg, ctx)
+        volume = refine_fit(recon, fit, cfg.refine, ctx, progress=cfg.output.progress and ctx.is_main)
         refine_seconds = time.perf_counter() - t0
     for x0, x1 in recon.output_chunks():
         writer.write_slab(x0, volume[x0 - recon.x_start : x1 - recon.x_start])

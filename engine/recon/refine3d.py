@@ -75,3 +75,10 @@ def refine_slab(fit: np.ndarray, read_planes, mask: np.ndarray, x_start: int, nx
                                factor=cfg.lambda_factor, max_iter=cfg.iterations,
                                anchor=np.concatenate([before, fit, after]), anchor_weight=cfg.anchor_weight,
                                progress="refine" if progress else None)
+
+
+def refine_fit(recon, fit: np.ndarray, cfg: Refine3DConfig, ctx: DistContext, progress: bool = False) -> np.ndarray:
+    """`refine_slab` of this rank's slab of an engine.recon.fit3d.Recon3D's output `fit`, from the samples
+    that run fitted (a run with a holdout: without the held-out ones) and its intensity scale (collective)."""
+    return refine_slab(fit, recon.input_planes, recon.mask.cpu().numpy(), recon.x_start, recon.nx, recon.scale,
+                       cfg, ctx, progress=progress)

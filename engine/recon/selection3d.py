@@ -13,9 +13,14 @@ Procedure (`select_regularisation`, collective: every rank runs the same candida
 2. for each factor in `regularisation_scales`, a full run of the config (all its steps) with
    the regulariser weights (REGULARISER_KEYS) multiplied by the factor, on the fit samples; every
    `validate_every` steps and at the end its output is scored on the held-out samples;
-3. the factor whose run ends with the lowest held-out error wins (the runs keep their full
-   schedule, so the end is what the final run returns);
-4. run_recon3d then reconstructs from all measured samples with the chosen factor (the refit).
+   with `choose_refine` and a refinement in the config (refine.anchor_weight > 0), the run's output is
+   also refined (engine.recon.refine3d, from the same fit samples) and scored;
+3. the factor, and refinement or none, whose output has the lowest held-out error wins (the runs keep
+   their full schedule, so the end is what the final run returns);
+4. run_recon3d then reconstructs from all measured samples with the chosen factor, and refines its
+   output only if a refined candidate won (the refit).
+Why the refinement is chosen per case: at 1 mm it lowered the error by 13 % on one head's slab and raised
+it by 35 % on another's (benchmarks/results/quality3d.md), so no fixed choice suits every case.
 A reference, when the store has one, only adds NRMSE to the curves (benchmarks); it never steers.
 In a job (engine.recon.job3d) each candidate run has its own checkpoints (with its curve) and stops on a
 preemption signal like the final run; their result is saved (selection.json beside the output) before
@@ -51,6 +56,9 @@ class Selection3DConfig:
     """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
     (variable-density masks hold out mostly central samples; the weights make the score estimate
     the error over all of k-space, i.e. the image error); 'uniform': unweighted."""
+    choose_refine: bool = True
+    """with refine.anchor_weight > 0: score each candidate with and without the refinement and refine the
+    final output only if a refined candidate wins (false: the config's refinement always runs)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -85,29 +93,31 @@ def holdout_weights(mask: np.ndarray, holdout: np.ndarray, weighting: str) -> np
     return (weights / weights[holdout > 0].mean()).astype(np.float32)
 
 
-def _reference_sums(recon) -> torch.Tensor | None:
-    """[error, energy] of this rank's output against the reference (for NRMSE), or None."""
+def _reference_sums(recon, volume: np.ndarray | None = None) -> torch.Tensor | None:
+    """[error, energy] of this rank's output (or `volume`, its slab) against the reference (for NRMSE),
+    or None."""
     if recon.reference is None:
         return None
     from engine.recon.job3d import _error_sums
 
-    return torch.tensor(_error_sums(recon.evaluate_slab(), recon.reference, recon.maps_support()),
-                        dtype=torch.float64)
+    volume = recon.evaluate_slab() if volume is None else volume
+    return torch.tensor(_error_sums(volume, recon.reference, recon.maps_support()), dtype=torch.float64)
 
 
-def reference_nrmse_percent(recon) -> float | None:
-    """NRMSE (%) of the whole output against the reference over every rank, or None without one
-    (collective; reported only, never used for a choice)."""
-    sums = _reference_sums(recon)
+def reference_nrmse_percent(recon, volume: np.ndarray | None = None) -> float | None:
+    """NRMSE (%) of the whole output (or of `volume`, this rank's slab of another one) against the
+    reference over every rank, or None without one (collective; reported only, never used for a choice)."""
+    sums = _reference_sums(recon, volume)
     if sums is None:
         return None
     error, energy = recon.ctx.all_reduce_sum(sums).tolist()
     return 100.0 * math.sqrt(error / energy)
 
 
-def _score(recon) -> dict[str, float]:
-    point = {"step": recon.step_index, "validation_error": recon.heldout_error()}
-    nrmse = reference_nrmse_percent(recon)
+def _score(recon, volume: np.ndarray | None = None) -> dict[str, float]:
+    """Held-out error (and NRMSE with a reference) of the run's output or of `volume`, this rank's slab."""
+    point = {"step": recon.step_index, "validation_error": recon.heldout_error(volume)}
+    nrmse = reference_nrmse_percent(recon, volume)
     if nrmse is not None:
         point["nrmse_percent"] = nrmse
     if not math.isfinite(point["validation_error"]):
@@ -124,16 +134,20 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
     Returns the record saved as selection.json and in metrics.json: holdout_fraction, holdout_seed,
     fit_samples, holdout_samples (per plane), candidates [{scale, the REGULARISER_KEYS' weights,
     validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
-    [, nrmse_percent]}], chosen {scale, validation_error}.
+    [, nrmse_percent][, refined {validation_error[, nrmse_percent], seconds}]}],
+    chosen {scale, refine (whether the final output is refined), validation_error}.
     """
     from engine.recon.fit3d import Recon3D
+    from engine.recon.refine3d import refine_fit
     from engine.recon.selection2d import split_holdout
 
     selection = cfg.selection
     mask = np.asarray(source.mask, np.float32)
     fit_mask, holdout = split_holdout(mask, selection.holdout_fraction, selection.holdout_seed)
     weights = holdout_weights(mask, holdout, selection.holdout_weighting)
-    candidates = []
+    refines = cfg.refine.anchor_weight > 0
+    scores_refine = refines and selection.choose_refine
+    candidates, options = [], []  # options: (held-out error, scale, refined) of every scored output
     for factor in selection.regularisation_scales:
         began = time.perf_counter()
         run_cfg = scaled_config(cfg, factor)
@@ -159,12 +173,21 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
                           | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         ctx.print0(f"[recon3d] selection: regularisation x{factor:g}: held-out error "
                    f"{final['validation_error']:.5g}")
+        options.append((final["validation_error"], factor, refines and not scores_refine))
+        if scores_refine:
+            began = time.perf_counter()
+            refined = _score(recon, refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx,
+                                               progress=progress and ctx.is_main))
+            del refined["step"]
+            candidates[-1]["refined"] = refined | {"seconds": time.perf_counter() - began}
+            ctx.print0(f"[recon3d] selection: regularisation x{factor:g} refined: held-out error "
+                       f"{refined['validation_error']:.5g}")
+            options.append((refined["validation_error"], factor, True))
         del recon
-    chosen = min(candidates, key=lambda c: c["validation_error"])  # the first one on a tie
+    error, scale, refine = min(options, key=lambda option: option[0])  # the first one on a tie
     return {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
             "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
-            "candidates": candidates,
-            "chosen": {"scale": chosen["scale"], "validation_error": chosen["validation_error"]}}
+            "candidates": candidates, "chosen": {"scale": scale, "refine": refine, "validation_error": error}}
 
 
 __all__ = ["Selection3DConfig", "holdout_weights", "reference_nrmse_percent", "scaled_config", "select_regularisation"]
