@@ -55,6 +55,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,11 +79,22 @@ SIMULATION = {
     "relative_radius": 1.5,
     "object_threshold": 0.05,
 }
-SOURCES = {  # source -> (its NIfTI, licence, label)
-    "colin27": (COLIN_FILE, "BSD-3-Clause (Colin27 via Debian mricron-data); see colin27_COPYRIGHT.txt",
-                "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase"),
-    "mni152": (MNI_FILE, "BSD-3-Clause (MNI152 2009a as packaged in the nilearn wheel); see mni152_COPYRIGHT.txt",
-               "MNI152 2009a T1w population average (skull-stripped, BSD-3), simulated coils and phase"),
+class Source(NamedTuple):
+    """A head the 1 mm cases are made from."""
+
+    nifti: str  # its file name
+    licence: str
+    label: str  # what the case is, for its description
+    head: str  # its name in the description
+    axis: str  # its name for the NIfTI's axes
+
+
+SOURCES = {
+    "colin27": Source(COLIN_FILE, "BSD-3-Clause (Colin27 via Debian mricron-data); see colin27_COPYRIGHT.txt",
+                      "real anatomy (Colin27 T1w, BSD-3), simulated coils and phase", "Colin27", "Colin"),
+    "mni152": Source(MNI_FILE, "BSD-3-Clause (MNI152 2009a as packaged in the nilearn wheel); see mni152_COPYRIGHT.txt",
+                     "MNI152 2009a T1w population average (skull-stripped, BSD-3), simulated coils and phase",
+                     "MNI152", "MNI152"),
 }
 
 
@@ -133,6 +145,13 @@ def case_slab(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int], p
     return volume[:, :, k0:k1]
 
 
+def slab_of(source: str, part: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """SLABS' entry of a case, or a ValueError naming the cases there are."""
+    if (source, part) not in SLABS:
+        raise ValueError(f"no {part} case is made from {source}: one of {sorted(SLABS)}")
+    return SLABS[source, part]
+
+
 def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, int] | None = None,
                    nifti_name: str | None = None, part: str = "evaluation",
                    x_planes: tuple[int, int] | None = None, source: str = "colin27") -> tuple[np.ndarray, dict]:
@@ -141,10 +160,10 @@ def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, in
     readout planes its store keeps; the magnitude keeps the whole field of view for the simulation."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
-    if (source, part) not in SLABS:
-        raise ValueError(f"no {part} case is made from {source}: one of {sorted(SLABS)}")
-    slab_k = slab_k or SLABS[source, part][0]
-    nifti_name, licence, label = nifti_name or SOURCES[source][0], *SOURCES[source][1:]
+    default_slab_k = slab_of(source, part)[0]  # refuses a case the table does not make
+    slab_k = slab_k or default_slab_k
+    head = SOURCES[source]
+    nifti_name = nifti_name or head.nifti
     voxel = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
     if not np.allclose(voxel, 1.0, atol=1e-3):
         raise ValueError(f"expected a 1 mm volume, got voxel size {voxel.tolist()} mm")
@@ -161,20 +180,19 @@ def make_magnitude(volume: np.ndarray, affine: np.ndarray, slab_k: tuple[int, in
     z = world_z_mm(affine, np.array(slab_k) - np.array([0, 1]))
     kept = ("full in-plane field of view" if x_planes is None else
             f"readout planes x = {x_planes[0]}..{x_planes[1] - 1} of {magnitude.shape[0]} kept")
-    head, axis = ("Colin27", "Colin") if source == "colin27" else ("MNI152", "MNI152")
     params = {
         "case_id": case_id,
-        "description": f"{label}: {head} {part} slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, {kept}, "
+        "description": f"{head.label}: {head.head} {part} slab world z {z[0]:g}..{z[1]:g} mm at 1 mm, {kept}, "
                        f"{SIMULATION['ncoils']} birdcage coils, SNR {SIMULATION['snr']:g}",
-        "source": f"{head} {nifti_name}",
+        "source": f"{head.head} {nifti_name}",
         "slab_k": list(slab_k),
         "world_z_mm": [float(z[0]), float(z[1])],
-        "axes": f"x = {axis} y reversed (anterior->posterior, readout, fully sampled), y = {axis} x, "
-                f"z = {axis} z (inferior->superior); (ky, kz) phase encodes",
+        "axes": f"x = {head.axis} y reversed (anterior->posterior, readout, fully sampled), y = {head.axis} x, "
+                f"z = {head.axis} z (inferior->superior); (ky, kz) phase encodes",
         "readout_axis": "x (anterior-posterior, the longest in-plane axis)",
         "voxel_size_mm": [1.0, 1.0, 1.0],
         "simulation": {**SIMULATION, "seed": _seed(case_id)},
-        "licence": licence,
+        "licence": head.licence,
         "part": part,
     }
     if x_planes is not None:
@@ -300,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "magnitude":
         import nibabel as nib
 
+        try:
+            x_planes = slab_of(args.source, args.part)[1]
+        except ValueError as error:
+            parser.error(str(error))
         image = nib.load(args.nifti)
-        if (args.source, args.part) not in SLABS:
-            parser.error(f"--source {args.source} makes no {args.part} case (choices: {sorted(SLABS)})")
-        x_planes = SLABS[args.source, args.part][1]
         magnitude, params = make_magnitude(np.asarray(image.dataobj), image.affine, nifti_name=args.nifti.name,
                                            part=args.part, x_planes=x_planes, source=args.source)
         shape = (x_planes[1] - x_planes[0], *magnitude.shape[1:]) if x_planes else magnitude.shape
