@@ -371,6 +371,8 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
                          "holdout_fit_seconds": metrics["debias"]["seconds"]}
     if "refine" in metrics:  # the refinement's settings and what the same run's fit gave without it
         row["refine"] = {**metrics["refine"], "without_refine_percent": metrics["nrmse_percent_infusion_without_refine"]}
+    if "blend" in metrics:  # the 3D L1-wavelet's weight in the output and what the run gave without it
+        row["blend"] = {**metrics["blend"], "without_blend_percent": metrics["nrmse_percent_infusion_without_blend"]}
     return row | ({"selection": _selection_summary(metrics["selection"])} if "selection" in metrics else {})
 
 
@@ -437,13 +439,14 @@ def setting_without_seed(config_yaml: Path, changes: dict | None = None) -> dict
 
 def _selection_summary(record: dict) -> dict:
     """The label-free choice of a run (engine.recon.selection3d) without its curves: chosen scale (and
-    refinement), and per candidate its held-out error and (reported only, never used) its NRMSE, refined too
-    when the refinement was scored."""
+    refinement and L1-wavelet blend weight), and per candidate its held-out error and (reported only, never
+    used) its NRMSE, with those of each output it scored (refined, blended)."""
     keys = ("scale", "validation_error", "nrmse_percent", "seconds")
     return {"chosen_scale": record["chosen"]["scale"],
-            **({"chosen_refine": record["chosen"]["refine"]} if "refine" in record["chosen"] else {}),
-            "candidates": [{key: c.get(key) for key in keys} | ({"refined": c["refined"]} if "refined" in c else {})
-                           for c in record["candidates"]]}
+            **{f"chosen_{key}": record["chosen"][key] for key in ("refine", "l1_wavelet_weight") if key in record["chosen"]},
+            "candidates": [{key: c.get(key) for key in keys} | ({"outputs": c["outputs"]} if "outputs" in c else {})
+                           for c in record["candidates"]],
+            **({"l1_wavelet_3d": record["l1_wavelet_3d"]} if "l1_wavelet_3d" in record else {})}
 
 
 # ================================================================================== log and report

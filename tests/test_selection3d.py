@@ -14,7 +14,12 @@ from engine.io.hybrid_store import HybridStore
 from engine.recon.fit3d import Recon3D, Recon3DConfig
 from engine.recon.job3d import run_recon3d
 from engine.recon.selection2d import split_holdout
-from engine.recon.selection3d import holdout_weights, scaled_config, select_regularisation
+from engine.recon.selection3d import (
+    blend_weight,
+    holdout_weights,
+    scaled_config,
+    select_regularisation,
+)
 from engine.runtime.bootstrap import init_distributed
 from engine.runtime.context import DistContext
 from engine.runtime.local_group import launch_local
@@ -87,7 +92,13 @@ def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_stor
     assert error == pytest.approx(want, rel=1e-4)
     assert abs(changed_error - error) > 0.05
     # a volume given in the input's units scores as the output it is
-    assert plain.heldout_error(plain.evaluate_slab()) == pytest.approx(error, rel=1e-5)
+    output = plain.evaluate_slab()
+    assert plain.heldout_error(output) == pytest.approx(error, rel=1e-5)
+    # the Gram matrix scores every blend of the volumes it was given
+    other = np.roll(output, 1, axis=1)
+    gram = plain.heldout_gram([output, other])
+    blend = np.array([0.7, 0.3])
+    assert plain.heldout_error(0.7 * output + 0.3 * other) == pytest.approx(blend @ gram @ blend, rel=1e-5)
     with pytest.raises(ValueError, match="holdout"):
         Recon3D(cfg, store, single_process()).heldout_error()
     with pytest.raises(ValueError, match="part of the"):
@@ -112,6 +123,7 @@ def test_selection_runs_every_scale_and_chooses_the_lowest_held_out_error(tiny_s
 
 
 REFINE = {"anchor_weight": 0.05, "iterations": 10}
+BLEND = {**SELECTION, "selection": {**SELECTION["selection"], "blend_l1_wavelet": True}}
 
 
 def test_the_refinement_of_a_holdout_fit_never_sees_held_out_samples(tiny_store):
@@ -131,47 +143,87 @@ def test_the_refinement_of_a_holdout_fit_never_sees_held_out_samples(tiny_store)
     assert not np.allclose(refined, fit)
 
 
-def test_selection_scores_each_candidate_refined_and_chooses_among_all_outputs(tiny_store):
-    cfg = tiny_config(**SELECTION, refine=REFINE)
-    record = select_regularisation(cfg, HybridStore(tiny_store), single_process())
+def test_selection_scores_every_output_and_chooses_the_lowest_held_out_error(tiny_store):
+    """Each candidate's fit and refinement, each blended with the 3D L1-wavelet of the fit samples at the weight
+    the held-out samples choose; the choice is the lowest held-out error over all of them."""
+    record = select_regularisation(tiny_config(**BLEND, refine=REFINE), HybridStore(tiny_store), single_process())
+    assert record["l1_wavelet_3d"]["validation_error"] > 0 and "nrmse_percent" in record["l1_wavelet_3d"]
     options = []
     for candidate in record["candidates"]:
-        refined = candidate["refined"]
-        assert refined["validation_error"] != candidate["validation_error"] and "nrmse_percent" in refined
-        options += [(candidate["validation_error"], candidate["scale"], False),
-                    (refined["validation_error"], candidate["scale"], True)]
-    error, scale, refine = min(options, key=lambda option: option[0])
-    assert record["chosen"] == {"scale": scale, "refine": refine, "validation_error": error}
-    # choose_refine off: the config's refinement always runs, unscored
+        outputs = candidate["outputs"]
+        assert [o["refine"] for o in outputs] == [False, False, True, True]  # each followed by its blend
+        assert all(o["l1_wavelet_weight"] == 0 for o in outputs[0::2])
+        assert all(0 <= o["l1_wavelet_weight"] <= 1 for o in outputs[1::2])
+        assert outputs[0]["validation_error"] == candidate["validation_error"]
+        assert outputs[2]["validation_error"] != outputs[0]["validation_error"]
+        for plain, blended in zip(outputs[0::2], outputs[1::2]):
+            assert blended["validation_error"] <= plain["validation_error"] * (1 + 1e-9)  # w = 0 is in [0, 1]
+            assert "nrmse_percent" in blended
+        options += [(o["validation_error"], candidate["scale"], o["refine"], o["l1_wavelet_weight"]) for o in outputs]
+    error, scale, refine, weight = min(options, key=lambda option: option[0])
+    assert record["chosen"] == {"scale": scale, "refine": refine, "l1_wavelet_weight": weight, "validation_error": error}
+    # choose_refine off: only the refined output (and its blend) can be chosen
     fixed = {**SELECTION, "selection": {**SELECTION["selection"], "regularisation_scales": [1.0],
                                         "choose_refine": False}}
     record = select_regularisation(tiny_config(**fixed, refine=REFINE), HybridStore(tiny_store), single_process())
-    assert record["chosen"]["refine"] is True and "refined" not in record["candidates"][0]
+    assert [o["refine"] for o in record["candidates"][0]["outputs"]] == [True]
+    assert record["chosen"]["refine"] is True and "l1_wavelet_3d" not in record
 
 
-@pytest.mark.parametrize("refine", [False, True])
-def test_the_final_run_refines_only_when_a_refined_candidate_won(tiny_store, tmp_path, monkeypatch, refine):
+def test_blend_weight_minimises_the_held_out_error_of_the_blend():
+    rng = np.random.default_rng(0)
+    r0, r1 = rng.normal(size=50) + 0.3, rng.normal(size=50) - 0.2  # two volumes' residuals
+    gram = np.array([[r0 @ r0, r0 @ r1], [r1 @ r0, r1 @ r1]])
+    weights = np.linspace(0, 1, 1001)
+    errors = [np.sum(((1 - w) * r0 + w * r1) ** 2) for w in weights]
+    assert blend_weight(gram) == pytest.approx(weights[int(np.argmin(errors))], abs=1e-3)
+    assert blend_weight(np.array([[1.0, 2.0], [2.0, 9.0]])) == 0.0  # the second only hurts: clipped at 0
+    assert blend_weight(np.array([[9.0, 2.0], [2.0, 1.0]])) == 1.0
+    assert blend_weight(np.ones((2, 2))) == 0.0  # equal residuals: keep the first
+
+
+@pytest.mark.parametrize("refine, weight", [(False, 0.0), (True, 0.0), (True, 0.4)])
+def test_the_final_run_writes_the_chosen_output(tiny_store, tmp_path, monkeypatch, refine, weight):
+    """Refined only when a refined output won; blended with the 3D L1-wavelet of all samples at the chosen weight."""
     import engine.recon.job3d as run_module
+    from engine.io.ome_zarr import open_volume
 
-    chosen = {"scale": 1.0, "refine": refine, "validation_error": 0.1}
+    chosen = {"scale": 1.0, "refine": refine, "l1_wavelet_weight": weight, "validation_error": 0.1}
     monkeypatch.setattr(run_module, "select_regularisation", lambda *args, **kwargs: {"candidates": [], "chosen": chosen})
-    metrics = run_recon3d(tiny_config(**SELECTION, refine=REFINE), tiny_store, tmp_path / "vol.zarr", single_process())
+    cfg = tiny_config(**SELECTION, refine=REFINE, checkpoint={"every": 0})
+    metrics = run_recon3d(cfg, tiny_store, tmp_path / "vol.zarr", single_process())
     assert ("refine" in metrics) is refine
     assert ("nrmse_percent_infusion_without_refine" in metrics) is refine
+    assert ("blend" in metrics) is (weight > 0)
+    if weight > 0:
+        assert metrics["blend"]["l1_wavelet_weight"] == weight
+        unblended = (1 - weight) ** -1 * (np.asarray(open_volume(tmp_path / "vol.zarr").complex[...])
+                                          - weight * _l1_wavelet_of_all_samples(tiny_store))
+        written_without = metrics["nrmse_percent_infusion_without_blend"]
+        from engine.recon.selection3d import reference_nrmse_percent
+
+        recon = Recon3D(cfg, HybridStore(tiny_store), single_process())
+        assert reference_nrmse_percent(recon, unblended) == pytest.approx(written_without, rel=1e-4)
+
+
+def _l1_wavelet_of_all_samples(store_path: Path) -> np.ndarray:
+    from engine.recon.refine3d import l1_wavelet_3d_of
+
+    return l1_wavelet_3d_of(Recon3D(tiny_config(prior={"mode": "off"}), HybridStore(store_path), single_process()))
 
 
 def _selection_worker(ctx: DistContext, store: str) -> dict:
-    return select_regularisation(tiny_config(**SELECTION, refine=REFINE), HybridStore(store), ctx)
+    return select_regularisation(tiny_config(**BLEND, refine=REFINE), HybridStore(store), ctx)
 
 
 @pytest.mark.slow  # about 15 s on 2 shared cores
 @pytest.mark.dist
 def test_selection_two_ranks_equal_one_process(tiny_store):
-    """The held-out error sums over both ranks' planes: 2 gloo ranks give the curves, the refined
-    candidates' scores (the tiny volume lies within each rank's refinement halo) and the choice of one
-    process (same seeds)."""
+    """The held-out error sums over both ranks' planes: 2 gloo ranks give the curves, the scores of the
+    refined and blended outputs (the tiny volume lies within each rank's halo of the L1-wavelet solves)
+    and the choice of one process (same seeds)."""
     run = launch_local(_selection_worker, 2, args=(str(tiny_store),), timeout_s=240)
-    single = select_regularisation(tiny_config(**SELECTION, refine=REFINE), HybridStore(tiny_store), single_process())
+    single = select_regularisation(tiny_config(**BLEND, refine=REFINE), HybridStore(tiny_store), single_process())
     for rank in range(2):
         got = run.results[rank]
         assert got["chosen"]["scale"] == single["chosen"]["scale"]
@@ -179,8 +231,9 @@ def test_selection_two_ranks_equal_one_process(tiny_store):
             for p, q in zip(a["curve"], b["curve"], strict=True):
                 assert p["validation_error"] == pytest.approx(q["validation_error"], rel=1e-4)
                 assert p["nrmse_percent"] == pytest.approx(q["nrmse_percent"], rel=1e-4)
-            for key in ("validation_error", "nrmse_percent"):
-                assert a["refined"][key] == pytest.approx(b["refined"][key], rel=1e-4)
+            for p, q in zip(a["outputs"], b["outputs"], strict=True):
+                assert p["validation_error"] == pytest.approx(q["validation_error"], rel=1e-4)
+                assert p["nrmse_percent"] == pytest.approx(q["nrmse_percent"], rel=1e-4)
 
 
 def test_run_records_the_choice_refits_with_it_and_resume_reuses_it(tiny_store, tmp_path, monkeypatch):

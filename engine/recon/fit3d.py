@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -671,24 +672,48 @@ class Recon3D:
         relative error there, summed over every plane of every rank (collective; needs `holdout`).
         volume: this rank's slab in the input's units (as evaluate_slab returns it) to score in place
         of the INR's output (a refinement of it)."""
-        if self.holdout is None:
-            raise ValueError("heldout_error needs a Recon3D made with a holdout mask")
+        if volume is not None:
+            return float(self.heldout_gram([volume])[0, 0])
+        self._needs_holdout()
         # kernels.sense.dc_loss's mask is 0/1, so the weighted sum is written out here
         sums = torch.zeros(2, dtype=torch.float64)
         with self._output_parameters():
-            if volume is None:
-                with _autocast(self.device, self.bf16):
-                    features = self.trunk(self.plane)
+            with _autocast(self.device, self.bf16):
+                features = self.trunk(self.plane)
             for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
                 local = chunk - self.x_start
                 kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
-                planes = (self._planes(features, chunk) if volume is None
-                          else torch.from_numpy(volume[local.numpy()]).to(self.device) / self.scale)
-                predicted = sense.forward(planes, maps)
+                predicted = sense.forward(self._planes(features, chunk), maps)
                 sums[0] += float((self.holdout * (predicted - kspace).abs().square()).sum())
                 sums[1] += float((self.holdout * kspace.abs().square()).sum())
         error, energy = self.ctx.all_reduce_sum(sums).tolist()
         return error / energy
+
+    @torch.no_grad()
+    def heldout_gram(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
+        """G[i, j] = Re sum w conj(r_i) r_j / sum w |y|^2 over the held-out samples (weights w), where
+        r_i = F S v_i - y is the residual of volumes[i] (this rank's slab in the input's units), summed
+        over every plane of every rank (collective; needs `holdout`). G[i, i] is the held-out error of
+        volumes[i]; a blend sum_i a_i v_i with sum_i a_i = 1 has the held-out error a^T G a."""
+        self._needs_holdout()
+        n = len(volumes)
+        sums = torch.zeros(n * n + 1, dtype=torch.float64)
+        for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
+            local = chunk - self.x_start
+            kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
+            residuals = [sense.forward(torch.from_numpy(v[local.numpy()]).to(self.device) / self.scale, maps) - kspace
+                         for v in volumes]
+            for i in range(n):
+                weighted = self.holdout * residuals[i]
+                for j in range(n):
+                    sums[i * n + j] += float((weighted.conj() * residuals[j]).real.sum())
+            sums[-1] += float((self.holdout * kspace.abs().square()).sum())
+        total = self.ctx.all_reduce_sum(sums)
+        return (total[:-1] / total[-1]).reshape(n, n).numpy()
+
+    def _needs_holdout(self) -> None:
+        if self.holdout is None:
+            raise ValueError("the held-out error needs a Recon3D made with a holdout mask")
 
     def input_planes(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """k-space of the fitted samples (the held-out ones zeroed) and maps of the input's planes [a, b),

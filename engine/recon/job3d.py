@@ -22,7 +22,7 @@ from engine.config import config_to_dict
 from engine.recon.config3d import BundledCaseConfig, Recon3DConfig, result_config
 from engine.recon.debias3d import apply_band_gains, estimate_band_gains, gain_map, radial_bands
 from engine.recon.fit3d import NonFiniteStop, Recon3D, StepResult
-from engine.recon.refine3d import refine_fit
+from engine.recon.refine3d import l1_wavelet_3d_of, refine_fit
 from engine.recon.selection3d import scaled_config, select_regularisation
 from engine.runtime.checkpoint import CheckpointManager
 from engine.runtime.context import DistContext
@@ -102,15 +102,6 @@ def _l1_wavelet_slab(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> 
     from engine.evaluation.baselines import l1_wavelet
 
     return np.stack([l1_wavelet(kspace[i], maps[i], mask) for i in range(kspace.shape[0])])
-
-
-def _l1_wavelet_3d_slab(recon: Recon3D) -> np.ndarray:
-    """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab, solved with a halo of neighbouring
-    planes read from the input (overlapping slabs) and the volume's global intensity scale."""
-    from engine.evaluation.baselines import l1_wavelet_3d_slabs
-
-    return l1_wavelet_3d_slabs(recon.input_planes, recon.mask.cpu().numpy(), recon.x_start, recon.x_stop,
-                               recon.nx, recon.scale)
 
 
 def gather_planes(slab: np.ndarray, x_start: int, nx: int, ctx: DistContext) -> tuple | None:
@@ -369,7 +360,8 @@ def run_recon3d(
     return finish_run(cfg, recon, paths, ctx, overwrite or resume, train_seconds, VolumeWriter,
                       {"skipped_steps": skipped_steps, "resumed_from_step": start_step}
                       | ({"selection": selection} if selection is not None else {}),
-                      voxel_size=source.voxel_size_mm, debias=debias)
+                      voxel_size=source.voxel_size_mm, debias=debias,
+                      l1_wavelet_weight=0.0 if selection is None else selection["chosen"]["l1_wavelet_weight"])
 
 
 def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: DistContext, resume: bool,
@@ -435,10 +427,12 @@ def _saved_or_computed(saved: Path, settings: dict, resume: bool, ctx: DistConte
 
 def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistContext, overwrite: bool,
                train_seconds: float, writer_cls, extra_metrics: dict | None = None,
-               voxel_size: tuple[float, float, float] | None = None, debias: dict | None = None) -> dict:
+               voxel_size: tuple[float, float, float] | None = None, debias: dict | None = None,
+               l1_wavelet_weight: float = 0.0) -> dict:
     """Write the volume (each rank its chunks), compute metrics over ranks, montage, marker.
     voxel_size: (x, y, z) mm of the input store, for the OME-Zarr scale (None: not recorded).
-    debias: debias_gains' record, whose gains the written volume carries (recorded in the metrics)."""
+    debias: debias_gains' record, whose gains the written volume carries (recorded in the metrics).
+    l1_wavelet_weight: w of the written (1 - w) x output + w x the 3D L1-wavelet (the selection's blend)."""
     attrs = {"config": config_to_dict(cfg), "input": recon.input_description()}
     writer = writer_cls(paths.volume, (recon.nx, *recon.plane), recon.chunk_x, overwrite=overwrite,
                         rank=0, attrs=attrs, voxel_size=voxel_size) if ctx.is_main else None
@@ -460,6 +454,13 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
         t0 = time.perf_counter()
         volume = refine_fit(recon, fit, cfg.refine, ctx, progress=cfg.output.progress and ctx.is_main)
         refine_seconds = time.perf_counter() - t0
+    l1_wavelet, l1_wavelet_seconds, unblended = None, None, volume
+    if l1_wavelet_weight > 0 or (cfg.baseline.l1_wavelet_3d and recon.reference is not None):
+        t0 = time.perf_counter()
+        l1_wavelet = l1_wavelet_3d_of(recon, progress=cfg.output.progress and ctx.is_main)
+        l1_wavelet_seconds = time.perf_counter() - t0
+    if l1_wavelet_weight > 0:
+        volume = (1 - l1_wavelet_weight) * unblended + l1_wavelet_weight * l1_wavelet
     for x0, x1 in recon.output_chunks():
         writer.write_slab(x0, volume[x0 - recon.x_start : x1 - recon.x_start])
 
@@ -471,6 +472,9 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     if refine_seconds is not None:
         metrics["refine"] = {**config_to_dict(cfg.refine), "seconds_max_rank": float(
             ctx.all_reduce_max(torch.tensor([refine_seconds], dtype=torch.float64)).item())}
+    if l1_wavelet_weight > 0:
+        metrics["blend"] = {"l1_wavelet_weight": l1_wavelet_weight, "seconds_max_rank": float(
+            ctx.all_reduce_max(torch.tensor([l1_wavelet_seconds], dtype=torch.float64)).item())}
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
@@ -481,11 +485,12 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
             candidates["infusion_without_debias"] = np.concatenate(raw_pieces)
         if refine_seconds is not None:  # what the refinement changed
             candidates["infusion_without_refine"] = fit
+        if l1_wavelet_weight > 0:  # what the blend changed
+            candidates["infusion_without_blend"] = unblended
         baseline_seconds = {}
         if cfg.baseline.l1_wavelet_3d:
-            t0 = time.perf_counter()
-            candidates["l1_wavelet_3d"] = _l1_wavelet_3d_slab(recon)
-            baseline_seconds["l1_wavelet_3d"] = time.perf_counter() - t0
+            candidates["l1_wavelet_3d"] = l1_wavelet
+            baseline_seconds["l1_wavelet_3d"] = l1_wavelet_seconds
             images["L1-wavelet 3D"] = candidates["l1_wavelet_3d"]
         if cfg.baseline.l1_wavelet:
             t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Anchored refinement of a 3D output: a 3D L1-wavelet solve that starts at the fit and stays near it.
+"""Anchored refinement of a 3D output: a 3D L1-wavelet solve that starts at the fit and stays near it
+(and the plain 3D L1-wavelet of a run's slab, which the selection blends with the output).
 
     v = argmin 1/2 ||M F_yz S v - y||^2 + lamda ||W_xyz v||_1 + anchor_weight / 2 ||v - v_fit||^2
 
@@ -82,3 +83,10 @@ def refine_fit(recon, fit: np.ndarray, cfg: Refine3DConfig, ctx: DistContext, pr
     that run fitted (a run with a holdout: without the held-out ones) and its intensity scale (collective)."""
     return refine_slab(fit, recon.input_planes, recon.mask.cpu().numpy(), recon.x_start, recon.nx, recon.scale,
                        cfg, ctx, progress=progress)
+
+
+def l1_wavelet_3d_of(recon, progress: bool = False) -> np.ndarray:
+    """engine.evaluation.baselines' 3D L1-wavelet of this rank's slab from the samples the run fits, with a
+    halo of neighbouring planes read from the input (overlapping slabs) and the volume's intensity scale."""
+    return l1_wavelet_3d_slabs(recon.input_planes, recon.mask.cpu().numpy(), recon.x_start, recon.x_stop,
+                               recon.nx, recon.scale, progress="L1-wavelet 3D" if progress else None)

@@ -17,10 +17,15 @@ Procedure (`select_regularisation`, collective: every rank runs the same candida
    also refined (engine.recon.refine3d, from the same fit samples) and scored;
 3. the factor, and refinement or none, whose output has the lowest held-out error wins (the runs keep
    their full schedule, so the end is what the final run returns);
-4. run_recon3d then reconstructs from all measured samples with the chosen factor, and refines its
-   output only if a refined candidate won (the refit).
+   with `blend_l1_wavelet`, each of those outputs is also scored blended with the 3D L1-wavelet solve of
+   the fit samples, (1 - w) x output + w x L1-wavelet, at the w in [0, 1] with the lowest held-out error
+   (closed form from the held-out Gram matrix of the two);
+4. run_recon3d then reconstructs from all measured samples with the chosen factor, refines its output
+   only if a refined output won, and blends it with the 3D L1-wavelet of all samples at the chosen w.
 Why the refinement is chosen per case: at 1 mm it lowered the error by 13 % on one head's slab and raised
-it by 35 % on another's (benchmarks/results/quality3d.md), so no fixed choice suits every case.
+it by 35 % on another's (benchmarks/results/quality3d.md), so no fixed choice suits every case. Why the
+blend: the INR's errors and the 3D L1-wavelet's differ (their complex mean was below either on two 1 mm
+slabs), but not on every head (on a third the INR alone was best), so its weight too is chosen per case.
 A reference, when the store has one, only adds NRMSE to the curves (benchmarks); it never steers.
 In a job (engine.recon.job3d) each candidate run has its own checkpoints (with its curve) and stops on a
 preemption signal like the final run; their result is saved (selection.json beside the output) before
@@ -59,6 +64,10 @@ class Selection3DConfig:
     choose_refine: bool = True
     """with refine.anchor_weight > 0: score each candidate with and without the refinement and refine the
     final output only if a refined candidate wins (false: the config's refinement always runs)."""
+    blend_l1_wavelet: bool = False
+    """also score each output blended with the 3D L1-wavelet solve of the same samples, (1 - w) x output +
+    w x L1-wavelet, at the w in [0, 1] that minimises the held-out error (closed form); the final run
+    writes the chosen blend (w = 0: the output alone). Costs two 3D L1-wavelet solves."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -133,21 +142,19 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
 
     Returns the record saved as selection.json and in metrics.json: holdout_fraction, holdout_seed,
     fit_samples, holdout_samples (per plane), candidates [{scale, the REGULARISER_KEYS' weights,
-    validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}]
-    [, nrmse_percent][, refined {validation_error[, nrmse_percent], seconds}]}],
-    chosen {scale, refine (whether the final output is refined), validation_error}.
+    validation_error, seconds, curve [{step, validation_error[, nrmse_percent]}][, nrmse_percent],
+    outputs [{refine, l1_wavelet_weight, validation_error[, nrmse_percent]}] (every output the final
+    run could write)}], [l1_wavelet_3d {validation_error[, nrmse_percent], seconds} with blend_l1_wavelet,]
+    chosen {scale, refine, l1_wavelet_weight, validation_error} (the final run's output).
     """
     from engine.recon.fit3d import Recon3D
-    from engine.recon.refine3d import refine_fit
     from engine.recon.selection2d import split_holdout
 
     selection = cfg.selection
     mask = np.asarray(source.mask, np.float32)
     fit_mask, holdout = split_holdout(mask, selection.holdout_fraction, selection.holdout_seed)
     weights = holdout_weights(mask, holdout, selection.holdout_weighting)
-    refines = cfg.refine.anchor_weight > 0
-    scores_refine = refines and selection.choose_refine
-    candidates, options = [], []  # options: (held-out error, scale, refined) of every scored output
+    candidates, l1_wavelet = [], None
     for factor in selection.regularisation_scales:
         began = time.perf_counter()
         run_cfg = scaled_config(cfg, factor)
@@ -167,27 +174,70 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
         recon.run_to_end(f"selection x{factor:g}" if progress else None, after_step=after_step)
         curve = state["curve"]
         final = curve[-1]
-        candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
-                           "validation_error": final["validation_error"],
-                           "seconds": state["seconds_before"] + time.perf_counter() - began, "curve": curve}
-                          | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         ctx.print0(f"[recon3d] selection: regularisation x{factor:g}: held-out error "
                    f"{final['validation_error']:.5g}")
-        options.append((final["validation_error"], factor, refines and not scores_refine))
-        if scores_refine:
-            began = time.perf_counter()
-            refined = _score(recon, refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx,
-                                               progress=progress and ctx.is_main))
-            del refined["step"]
-            candidates[-1]["refined"] = refined | {"seconds": time.perf_counter() - began}
-            ctx.print0(f"[recon3d] selection: regularisation x{factor:g} refined: held-out error "
-                       f"{refined['validation_error']:.5g}")
-            options.append((refined["validation_error"], factor, True))
+        if selection.blend_l1_wavelet and l1_wavelet is None:  # from the fit samples, the same for every candidate
+            l1_began = time.perf_counter()
+            from engine.recon.refine3d import l1_wavelet_3d_of
+
+            l1_wavelet = {"volume": l1_wavelet_3d_of(recon, progress and ctx.is_main)}
+            l1_wavelet["record"] = _score(recon, l1_wavelet["volume"]) | {"seconds": time.perf_counter() - l1_began}
+            del l1_wavelet["record"]["step"]
+        outputs = _scored_outputs(recon, cfg, final, None if l1_wavelet is None else l1_wavelet["volume"], progress)
+        candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
+                           "validation_error": final["validation_error"],
+                           "seconds": state["seconds_before"] + time.perf_counter() - began, "curve": curve,
+                           "outputs": outputs}
+                          | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         del recon
-    error, scale, refine = min(options, key=lambda option: option[0])  # the first one on a tie
+    # the first one on a tie: the lowest scale, unrefined, unblended
+    scale, best = min(((c["scale"], o) for c in candidates for o in c["outputs"]),
+                      key=lambda pair: pair[1]["validation_error"])
     return {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
-            "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
-            "candidates": candidates, "chosen": {"scale": scale, "refine": refine, "validation_error": error}}
+            "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()), "candidates": candidates,
+            **({"l1_wavelet_3d": l1_wavelet["record"]} if l1_wavelet is not None else {}),
+            "chosen": {"scale": scale, "refine": best["refine"], "l1_wavelet_weight": best["l1_wavelet_weight"],
+                       "validation_error": best["validation_error"]}}
+
+
+def blend_weight(gram: np.ndarray) -> float:
+    """The weight w in [0, 1] of the second volume in (1 - w) v0 + w v1 that minimises the held-out error
+    (1 - w)^2 G00 + 2 w (1 - w) G01 + w^2 G11 of their 2 x 2 held-out Gram matrix (Recon3D.heldout_gram)."""
+    curvature = gram[0, 0] - 2 * gram[0, 1] + gram[1, 1]  # |r0 - r1|^2 >= 0
+    return float(np.clip((gram[0, 0] - gram[0, 1]) / curvature, 0.0, 1.0)) if curvature > 0 else 0.0
+
+
+def _scored_outputs(recon, cfg, final: dict, l1_wavelet: np.ndarray | None, progress: bool) -> list[dict]:
+    """Every output the final run could write from this candidate's fit, scored on the held-out samples:
+    the fit (unless the config refines and choose_refine is off), its refinement (when the config refines),
+    and with `l1_wavelet` (this rank's slab of the fit samples' 3D L1-wavelet) each of those blended with it
+    at the weight that the held-out samples choose (collective)."""
+    from engine.recon.refine3d import refine_fit
+
+    refines = cfg.refine.anchor_weight > 0
+    volumes = {}  # refine -> this rank's slab
+    if not refines or cfg.selection.choose_refine:
+        volumes[False] = recon.evaluate_slab()
+    if refines:
+        volumes[True] = refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx=recon.ctx,
+                                   progress=progress and recon.ctx.is_main)
+    outputs = []
+    for refine, volume in volumes.items():
+        scored = ({key: final[key] for key in ("validation_error", "nrmse_percent") if key in final} if not refine
+                  else {key: value for key, value in _score(recon, volume).items() if key != "step"})
+        outputs.append({"refine": refine, "l1_wavelet_weight": 0.0, **scored})
+        if l1_wavelet is not None:
+            gram = recon.heldout_gram([volume, l1_wavelet])
+            weight = blend_weight(gram)
+            blended = (1 - weight) * volume + weight * l1_wavelet
+            outputs.append({"refine": refine, "l1_wavelet_weight": weight,
+                            "validation_error": float(np.array([1 - weight, weight]) @ gram @ np.array([1 - weight, weight]))}
+                           | ({"nrmse_percent": reference_nrmse_percent(recon, blended)} if recon.reference is not None else {}))
+    for output in outputs:
+        name = ("refined" if output["refine"] else "fit") + (
+            f" + {output['l1_wavelet_weight']:.2f} x L1-wavelet" if output["l1_wavelet_weight"] > 0 else "")
+        recon.ctx.print0(f"[recon3d] selection:   {name}: held-out error {output['validation_error']:.5g}")
+    return outputs
 
 
 __all__ = ["Selection3DConfig", "holdout_weights", "reference_nrmse_percent", "scaled_config", "select_regularisation"]
