@@ -125,14 +125,16 @@ def row_prior(row: dict) -> str | None:
     return row.get("prior", FIRST_PRIOR)
 
 
-SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False}
+SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False,
+                      "blend_l1_wavelet": False}
 
 
 def selection_variant(keys: dict) -> str:
     """What a fast_auto row's selection did differently from the first one ("" for none): its
     selection keys that differ from SELECTION_DEFAULTS (rows of other methods, and older rows, have none)."""
     names = {"extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
-             "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased"}
+             "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased",
+             "blend_l1_wavelet": lambda value: "blended with the L1-wavelet"}
     return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
@@ -150,20 +152,23 @@ def done_keys(path: Path) -> set[tuple]:
     return keys
 
 
-def planned_selection(method: str) -> dict:
-    """The non-default selection keys a run of `method` would record now (configs/auto2d.yaml)."""
+def planned_selection(method: str, auto_overrides: list[str]) -> dict:
+    """The non-default selection keys a run of `method` would record now (configs/auto2d.yaml with
+    `auto_overrides`)."""
     if method != "fast_auto":
         return {}
     from engine.config import load_config
     from engine.recon.fit2d import Recon2DConfig
 
-    selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], []).selection
+    selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], auto_overrides).selection
     return {key: getattr(selection, key) for key, default in SELECTION_DEFAULTS.items()
             if getattr(selection, key) != default}
 
 
-def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int) -> dict:
-    """One method on one case: {"image", "seconds", "prior_evals", "steps"[, "stopped"]}."""
+def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int,
+               auto_overrides: list[str] = ()) -> dict:
+    """One method on one case: {"image", "seconds", "prior_evals", "steps"[, "stopped"]}; `auto_overrides`
+    (config keys) apply to fast_auto's config."""
     from engine.config import load_config
     from engine.evaluation import baselines
     from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
@@ -171,7 +176,7 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
     if method in ("zero_filled", "l1_wavelet", "l1_wavelet_best"):
         result = baselines.run_baselines(kspace, maps, mask, (method,), reference, support)[method]
         return {"image": result["image"], "seconds": result["seconds"], "prior_evals": 0, "steps": None}
-    overrides = ["progress=false"]
+    overrides = ["progress=false", *(auto_overrides if method == "fast_auto" else ())]
     if method == "reference":
         overrides.append(f"optim.steps={reference_steps}")
     if method in ("fast", "fast_auto", "reference") and kspace.shape[-1] == CROP:
@@ -183,15 +188,15 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
         image, info = reconstruct_2d(kspace, maps, mask, config, reference, support)
         return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
                 "steps": info["steps"], "stopped": info["stopped"], "selection": info["selection"],
-                "unrefit_image": info["unrefit_image"]} | (
-                    {"image_without_debias": info["image_without_debias"]} if "image_without_debias" in info else {})
+                "unrefit_image": info["unrefit_image"]} | {
+                    key: info[key] for key in ("image_without_debias", "image_without_blend") if key in info}
     image, info = reconstruct_2d(kspace, maps, mask, config)
     return {"image": image, "seconds": info["seconds"], "prior_evals": info["prior_evals"],
             "steps": info["steps"], "stopped": info["stopped"]}
 
 
 def run(part: str, methods: list[str], out: Path, reference_steps: int, reference_rows: list[str],
-        cases: list[str] | None, only_rows: list[str] | None = None) -> None:
+        cases: list[str] | None, only_rows: list[str] | None = None, auto_overrides: list[str] = ()) -> None:
     import torch
 
     from engine.evaluation.baselines import espirit_reference
@@ -202,7 +207,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
     done = done_keys(out)
     # what each method's runs load and record: the same for every row of this invocation
     priors = {method: prior_id() if method in PRIOR_METHODS else None for method in methods}
-    variants = {method: planned_selection(method) for method in methods}
+    variants = {method: planned_selection(method, list(auto_overrides)) for method in methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases or PARTS[part]:
         kspace = load_case(case)
@@ -218,12 +223,15 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
-                result = run_method(method, kspace, maps, mask, reference, support, reference_steps)
+                result = run_method(method, kspace, maps, mask, reference, support, reference_steps, auto_overrides)
                 unrefit = result.pop("unrefit_image", None)
                 without_debias = result.pop("image_without_debias", None)
                 if without_debias is not None:  # what the debias gains changed (engine.recon.selection2d)
                     result["without_debias_nrmse_percent"] = all_metrics(without_debias, reference,
                                                                          support)["nrmse_percent"]
+                without_blend = result.pop("image_without_blend", None)
+                if without_blend is not None:  # what the blend with the L1-wavelet changed
+                    result["without_blend_nrmse_percent"] = all_metrics(without_blend, reference, support)["nrmse_percent"]
                 row = {"case": case, "R": acceleration, "seed": seed, "method": method,
                        "size": int(kspace.shape[-1]), **all_metrics(result["image"], reference, support),
                        **{k: v for k, v in result.items() if k != "image"},
@@ -582,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="case:R:seed rows on which the reference mode runs")
     run_parser.add_argument("--rows", nargs="*", default=None, help="only these case:R:seed rows")
     run_parser.add_argument("--runs", type=Path, default=RUNS)
+    run_parser.add_argument("--auto-set", nargs="*", default=[], metavar="KEY=VALUE",
+                            help="config keys for fast_auto's runs, e.g. selection.blend_l1_wavelet=true (a "
+                                 "selection key that differs from SELECTION_DEFAULTS names the rows' variant)")
     bart_parser = sub.add_parser("bart", help="the real undersampled BART brain case: images side by side (PNG)")
     bart_parser.add_argument("--out", type=Path, default=BART_PNG)
     bart_parser.add_argument("--methods", nargs="+", default=["fast"], choices=["inr", "inr_tv", "fast", "fast_auto"])
@@ -595,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         start = time.time()
-        run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases, args.rows)
+        run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases, args.rows,
+            args.auto_set)
         print(f"part {args.part} took {time.time() - start:.0f} s")
     else:
         report(args.runs, args.out, args.timing_runs)

@@ -205,6 +205,40 @@ def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_ga
         SelectionConfig(debias_band_edges=(0.5, 0.5))
 
 
+def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held_out_samples(case):  # noqa: F811
+    """No extra fit: the same candidates and refit as without the blend; the weight minimises the chosen
+    candidate's held-out error blended with the L1-wavelet of the fit samples (checked on a grid), and the
+    returned image is the refit blended at that weight with the L1-wavelet of all samples."""
+    import torch
+
+    from engine.evaluation.baselines import l1_wavelet
+    from engine.physics.sense import forward
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    plain_image, plain = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0]))
+    image, info = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0],
+                                                                      blend_l1_wavelet=True))
+    np.testing.assert_array_equal(info["image_without_blend"], plain_image)
+    blend = info["selection"]["blend"]
+    weight = blend["l1_wavelet_weight"]
+    fit_mask, held = split_holdout(mask, 0.1, 0)
+    candidate, l1_fit = plain["unrefit_image"], l1_wavelet(kspace, maps, fit_mask)
+
+    def held_out_error(w: float) -> float:
+        image = torch.from_numpy(((1 - w) * candidate + w * l1_fit).astype(np.complex64))
+        residual = (forward(image, torch.from_numpy(maps)).numpy() - kspace) * (held > 0)
+        return float(np.sum(np.abs(residual) ** 2) / np.sum(np.abs(kspace * (held > 0)) ** 2))
+
+    assert 0 < weight < 1  # this case wants some of each, so the minimum is not a clipped end
+    grid = np.linspace(0, 1, 201)
+    assert weight == pytest.approx(grid[int(np.argmin([held_out_error(w) for w in grid]))], abs=0.01)
+    assert blend["validation_error"] == pytest.approx(held_out_error(weight), rel=1e-4)
+    assert blend["candidate_validation_error"] == pytest.approx(held_out_error(0.0), rel=1e-4)
+    expected = (1 - weight) * plain_image + weight * l1_wavelet(kspace, maps, mask)
+    np.testing.assert_allclose(image, expected, atol=1e-6 * np.abs(expected).max())
+
+
 def fully_sampled_case(path):
     """A smooth 32 x 32 object with 4 coils, fully sampled, saved as .npy (as in test_recon2d)."""
     y, x = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")

@@ -27,7 +27,11 @@ Procedure (`select_and_reconstruct_2d`):
    case wants, and the held-out error says when it wanted more or less than the list offered;
 5. the lowest score wins (`choose`); with `refit` the chosen settings run again from scratch on
    all measured samples for the chosen number of steps and that image is returned, else the
-   chosen candidate's image (fit without the held-out samples).
+   chosen candidate's image (fit without the held-out samples);
+6. with `blend_l1_wavelet`, the returned image is blended with the L1-wavelet solve of all samples at
+   the weight that minimises the held-out error of the chosen candidate blended with the L1-wavelet of
+   the fit samples (the two methods' errors are partly unalike; how much of each a case wants is
+   measured, not fixed).
 A reference, when given, only adds NRMSE to the validation curves (for benchmarks); it never
 steers a choice. The selection runs are not checkpointed (a resumed job starts them again).
 """
@@ -87,6 +91,10 @@ class SelectionConfig:
     candidate's prediction onto the held-out samples (engine.recon.debias3d; no extra run)."""
     debias_band_edges: tuple[float, ...] = (0.25, 0.5, 0.75)
     """debias: inner edges of the radial bands in |k| over the Nyquist radius (as debias.band_edges in 3D)."""
+    blend_l1_wavelet: bool = False
+    """return (1 - w) x the image + w x the L1-wavelet (engine.evaluation.baselines.l1_wavelet, the rule's
+    lamda) of all samples, w in [0, 1] minimising the held-out error of the chosen candidate blended with the
+    L1-wavelet of the fit samples (closed form; engine.recon.selection3d.blend_weight, as the 3D selection)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -183,6 +191,15 @@ class _Scorer:
             point["nrmse_percent"] = nrmse_percent(image.cpu().numpy(), self.reference, self.support)
         return point
 
+    def gram(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """G[i, j] = Re sum w conj(r_i) r_j / sum w |y|^2 of the images' held-out residuals r_i = F S x_i - y:
+        a blend sum_i a_i x_i with sum_i a_i = 1 scores a^T G a (as engine.recon.fit3d.Recon3D.heldout_gram)."""
+        from engine.physics.sense import forward
+
+        residuals = [forward(image, self.maps) - self.kspace for image in images]
+        return np.array([[float((self.weights * a.conj() * b).real.sum()) / self.energy for b in residuals]
+                         for a in residuals])
+
 
 def _run_candidate(fit, selection: SelectionConfig, scorer: _Scorer) -> dict[str, Any]:
     """Step `fit` with held-out checks until the patience stop or optim.steps (module docstring, 3)."""
@@ -222,7 +239,9 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         selection: {holdout_fraction, holdout_seed, fit_samples, holdout_samples, search,
         warm_start_steps, candidates: [{tv_weight, prior_weight, validation_error, stop_step,
         steps_run, prior_evals, seconds, curve: [{step, validation_error[, nrmse_percent]}]
-        [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit}.
+        [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit
+        [, blend: {l1_wavelet_weight, validation_error (of the candidate's blend), candidate_validation_error,
+        l1_wavelet_validation_error, seconds}]} [, image_without_blend].
     """
     from engine.config import config_to_dict
     from engine.recon.fit2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
@@ -327,6 +346,10 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
                                     selection.debias_band_edges)
         image = torch.from_numpy(corrected[0]).to(image.device)
         record["debias"] = {"gains": gains, "band_edges": list(selection.debias_band_edges)}
+    image_without_blend = None
+    if selection.blend_l1_wavelet:
+        image_without_blend = image
+        image, record["blend"] = _blended(image, unrefit_image, kspace_t, maps_t, mask_np, fit_mask, scorer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {"seconds": time.perf_counter() - start, "steps": chosen["stop_step"], "prior_evals": prior_evals,
@@ -335,7 +358,29 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
             "unrefit_image": unrefit_image.cpu().numpy(), "selection": record}
     if image_without_debias is not None:
         info["image_without_debias"] = image_without_debias.cpu().numpy()
+    if image_without_blend is not None:
+        info["image_without_blend"] = image_without_blend.cpu().numpy()
     return image.cpu().numpy(), info
+
+
+def _blended(image: torch.Tensor, candidate: torch.Tensor, kspace_t: torch.Tensor, maps_t: torch.Tensor,
+             mask: np.ndarray, fit_mask: np.ndarray, scorer: _Scorer) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`image` blended with the L1-wavelet of all samples at the weight the chosen `candidate` (fit without the
+    held-out samples) wants against the L1-wavelet of the fit samples (SelectionConfig.blend_l1_wavelet)."""
+    from engine.evaluation.baselines import l1_wavelet
+    from engine.recon.selection3d import blend_weight
+
+    began = time.perf_counter()
+    kspace, maps = kspace_t.cpu().numpy(), maps_t.cpu().numpy()
+    l1_fit = torch.from_numpy(l1_wavelet(kspace, maps, fit_mask)).to(image.device)
+    gram = scorer.gram([candidate, l1_fit])
+    weight = blend_weight(gram)
+    l1_all = torch.from_numpy(l1_wavelet(kspace, maps, mask)).to(image.device)
+    pair = np.array([1 - weight, weight])
+    return (1 - weight) * image + weight * l1_all, {
+        "l1_wavelet_weight": weight, "validation_error": float(pair @ gram @ pair),
+        "candidate_validation_error": float(gram[0, 0]), "l1_wavelet_validation_error": float(gram[1, 1]),
+        "seconds": time.perf_counter() - began}
 
 
 __all__ = ["SelectionConfig", "candidate_config", "choose", "edge_search", "select_and_reconstruct_2d", "split_holdout"]
