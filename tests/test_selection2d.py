@@ -162,6 +162,15 @@ def test_prior_then_tv_chooses_tv_beside_the_chosen_prior(case):  # noqa: F811
     assert info["selection"]["chosen"]["validation_error"] == min(errors.values())
 
 
+@pytest.fixture(scope="module")
+def plain_selection(case):  # noqa: F811
+    """One TV weight, prior off: the selection without debias or blend (the image, info) on the tiny case."""
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    return reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0]))
+
+
 def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # noqa: F811
     from engine.recon.fit2d import reconstruct_2d
 
@@ -171,7 +180,7 @@ def test_selection_without_refit_returns_the_chosen_candidates_image(case):  # n
     assert np.array_equal(result, info["unrefit_image"]) and "refit_seconds" not in info["selection"]
 
 
-def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_gains(case):  # noqa: F811
+def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_gains(case, plain_selection):  # noqa: F811
     """No extra run: the same candidates and refit as without debias; the returned image is the refit
     with gain_map applied, and the gains are what band_sums says of the chosen candidate's image."""
     import torch
@@ -187,7 +196,7 @@ def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_ga
     from engine.recon.fit2d import reconstruct_2d
 
     kspace, maps, mask, _ = case
-    plain_image, plain = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0]))
+    plain_image, plain = plain_selection
     image, info = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0],
                                                                       debias=True, debias_band_edges=[0.5]))
     np.testing.assert_array_equal(info["image_without_debias"], plain_image)
@@ -205,7 +214,7 @@ def test_debias_scales_the_refits_unmeasured_bands_by_the_candidates_held_out_ga
         SelectionConfig(debias_band_edges=(0.5, 0.5))
 
 
-def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held_out_samples(case):  # noqa: F811
+def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held_out_samples(case, plain_selection):  # noqa: F811
     """No extra fit: the same candidates and refit as without the blend; the weight minimises the chosen
     candidate's held-out error blended with the L1-wavelet of the fit samples (checked on a grid), and the
     returned image is the refit blended at that weight with the L1-wavelet of all samples."""
@@ -216,7 +225,7 @@ def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held
     from engine.recon.fit2d import reconstruct_2d
 
     kspace, maps, mask, _ = case
-    plain_image, plain = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0]))
+    plain_image, plain = plain_selection
     image, info = reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0],
                                                                       blend_l1_wavelet=True))
     np.testing.assert_array_equal(info["image_without_blend"], plain_image)
