@@ -442,7 +442,7 @@ def _selection_summary(record: dict) -> dict:
     refinement and L1-wavelet blend weight), and per candidate its held-out error and (reported only, never
     used) its NRMSE, with those of each output it scored (refined, blended)."""
     keys = ("scale", "validation_error", "nrmse_percent", "seconds")
-    return {"chosen_scale": record["chosen"]["scale"],
+    return {"chosen_scale": record["chosen"]["scale"], "holdout_fraction": record["holdout_fraction"],
             **{f"chosen_{key}": record["chosen"][key] for key in ("refine", "l1_wavelet_weight") if key in record["chosen"]},
             "candidates": [{key: c.get(key) for key in keys} | ({"outputs": c["outputs"]} if "outputs" in c else {})
                            for c in record["candidates"]],
@@ -800,9 +800,38 @@ def _setting(r: dict) -> str:
                     f"{d['iterations']} FISTA iterations; the fit without it {d['without_refine_percent']:.2f} %"
                     + (f"; on the saved fit of row `{d['on_saved_fit_of']['method']}` ({d['on_saved_fit_of']['commit']}),"
                        f" one process, {d['seconds']:.0f} s" if "on_saved_fit_of" in d else "") + ")")
+    if "blend" in r:
+        setting += (f" (blended: {r['blend']['l1_wavelet_weight']:.3f} x the 3D L1-wavelet of all samples; "
+                    f"without it {r['blend']['without_blend_percent']:.2f} %)")
+    if "outputs" in (r.get("selection", {}).get("candidates") or [{}])[0]:
+        setting += f" ({_selection_outputs(r['selection'])})"
     if "bart_scale" in r:
         setting += f" (magnitude scale {r['bart_scale']:.4f})"
     return setting
+
+
+def _selection_outputs(summary: dict) -> str:
+    """What a run's selection scored (held-out error, and NRMSE, reported only, of each output its
+    candidates could write) and chose."""
+    def name(output: dict) -> str:
+        return ("refined" if output["refine"] else "fit") + (
+            f" + {output['l1_wavelet_weight']:.3f} x L1-wavelet" if output["l1_wavelet_weight"] > 0 else "")
+
+    parts = []
+    for candidate in summary["candidates"]:
+        for output in candidate["outputs"]:
+            nrmse = f", {output['nrmse_percent']:.2f} %" if "nrmse_percent" in output else ""
+            se = f" (standard error {output['standard_error']:.5f})" if "standard_error" in output else ""
+            parts.append(f"x{candidate['scale']:g} {name(output)}: {output['validation_error']:.5f}{se}{nrmse}")
+    if "l1_wavelet_3d" in summary:
+        l1 = summary["l1_wavelet_3d"]
+        parts.append(f"the L1-wavelet alone: {l1['validation_error']:.5f}"
+                     + (f", {l1['nrmse_percent']:.2f} %" if "nrmse_percent" in l1 else ""))
+    chosen = {"refine": summary.get("chosen_refine", False), "l1_wavelet_weight": summary.get("chosen_l1_wavelet_weight", 0.0)}
+    kept = f"{100 * (1 - summary['holdout_fraction']):.0f} %" if "holdout_fraction" in summary else "part"
+    return (f"selection on {kept} of the samples, held-out error (standard error of its difference to the "
+            f"lowest; NRMSE, reported only): {'; '.join(parts)}; chosen (the first within one standard error of "
+            f"the lowest): x{summary['chosen_scale']:g} {name(chosen)}")
 
 
 INTRO_TUNING = """## The 1 mm tuning case (`colin27_1mm_tuning`)

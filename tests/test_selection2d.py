@@ -230,7 +230,7 @@ def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held
                                                                       blend_l1_wavelet=True))
     np.testing.assert_array_equal(info["image_without_blend"], plain_image)
     blend = info["selection"]["blend"]
-    weight = blend["l1_wavelet_weight"]
+    weight = blend["best_weight"]
     fit_mask, held = split_holdout(mask, 0.1, 0)
     candidate, l1_fit = plain["unrefit_image"], l1_wavelet(kspace, maps, fit_mask)
 
@@ -244,7 +244,11 @@ def test_blend_mixes_in_the_l1_wavelet_at_the_weight_the_candidate_wants_on_held
     assert weight == pytest.approx(grid[int(np.argmin([held_out_error(w) for w in grid]))], abs=0.01)
     assert blend["validation_error"] == pytest.approx(held_out_error(weight), rel=1e-4)
     assert blend["candidate_validation_error"] == pytest.approx(held_out_error(0.0), rel=1e-4)
-    expected = (1 - weight) * plain_image + weight * l1_wavelet(kspace, maps, mask)
+    # taken only if the gain exceeds its standard error
+    gain = blend["candidate_validation_error"] - blend["validation_error"]
+    assert blend["l1_wavelet_weight"] == (weight if gain > blend["standard_error"] else 0.0)
+    taken = blend["l1_wavelet_weight"]
+    expected = (1 - taken) * plain_image + taken * l1_wavelet(kspace, maps, mask)
     np.testing.assert_allclose(image, expected, atol=1e-6 * np.abs(expected).max())
 
 

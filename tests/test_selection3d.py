@@ -17,6 +17,7 @@ from engine.recon.selection2d import split_holdout
 from engine.recon.selection3d import (
     blend_weight,
     holdout_weights,
+    one_standard_error_choice,
     scaled_config,
     select_regularisation,
 )
@@ -97,6 +98,8 @@ def test_the_fit_never_sees_held_out_samples_and_the_error_scores_them(tiny_stor
     # the Gram matrix scores every blend of the volumes it was given
     other = np.roll(output, 1, axis=1)
     gram = plain.heldout_gram([output, other])
+    assert gram.shape == (2, 2, int((holdout > 0).sum()))  # per held-out location
+    gram = gram.sum(-1)
     blend = np.array([0.7, 0.3])
     assert plain.heldout_error(0.7 * output + 0.3 * other) == pytest.approx(blend @ gram @ blend, rel=1e-5)
     with pytest.raises(ValueError, match="holdout"):
@@ -143,31 +146,59 @@ def test_the_refinement_of_a_holdout_fit_never_sees_held_out_samples(tiny_store)
     assert not np.allclose(refined, fit)
 
 
-def test_selection_scores_every_output_and_chooses_the_lowest_held_out_error(tiny_store):
-    """Each candidate's fit and refinement, each blended with the 3D L1-wavelet of the fit samples at the weight
-    the held-out samples choose; the choice is the lowest held-out error over all of them."""
+def test_selection_scores_every_output_and_takes_the_simplest_within_one_standard_error(tiny_store):
+    """Each candidate's fit and refinement, then each blended with the 3D L1-wavelet of the fit samples at the
+    weight the held-out samples choose; a candidate takes the first output whose held-out error is within one
+    standard error of its lowest, and the lowest of the candidates' outputs wins."""
     record = select_regularisation(tiny_config(**BLEND, refine=REFINE), HybridStore(tiny_store), single_process())
     assert record["l1_wavelet_3d"]["validation_error"] > 0 and "nrmse_percent" in record["l1_wavelet_3d"]
-    options = []
+    taken = []
     for candidate in record["candidates"]:
         outputs = candidate["outputs"]
-        assert [o["refine"] for o in outputs] == [False, False, True, True]  # each followed by its blend
-        assert all(o["l1_wavelet_weight"] == 0 for o in outputs[0::2])
-        assert all(0 <= o["l1_wavelet_weight"] <= 1 for o in outputs[1::2])
-        assert outputs[0]["validation_error"] == candidate["validation_error"]
-        assert outputs[2]["validation_error"] != outputs[0]["validation_error"]
-        for plain, blended in zip(outputs[0::2], outputs[1::2]):
+        assert [(o["refine"], o["l1_wavelet_weight"] > 0 or i >= 2) for i, o in enumerate(outputs)] == [
+            (False, False), (True, False), (False, True), (True, True)]  # the fit, its refinement, their blends
+        assert all(0 <= o["l1_wavelet_weight"] <= 1 and "nrmse_percent" in o for o in outputs)
+        assert outputs[0]["validation_error"] == pytest.approx(candidate["validation_error"], rel=1e-5)
+        assert outputs[1]["validation_error"] != outputs[0]["validation_error"]
+        for plain, blended in zip(outputs[:2], outputs[2:]):
             assert blended["validation_error"] <= plain["validation_error"] * (1 + 1e-9)  # w = 0 is in [0, 1]
-            assert "nrmse_percent" in blended
-        options += [(o["validation_error"], candidate["scale"], o["refine"], o["l1_wavelet_weight"]) for o in outputs]
-    error, scale, refine, weight = min(options, key=lambda option: option[0])
-    assert record["chosen"] == {"scale": scale, "refine": refine, "l1_wavelet_weight": weight, "validation_error": error}
+        lowest = min(o["validation_error"] for o in outputs)
+        assert min(o["standard_error"] for o in outputs) == 0.0  # the lowest against itself
+        first = next(i for i, o in enumerate(outputs) if o["validation_error"] <= lowest + o["standard_error"])
+        assert candidate["chosen_output"] == first
+        taken.append((outputs[first]["validation_error"], candidate["scale"], outputs[first]))
+    error, scale, output = min(taken, key=lambda t: t[0])
+    assert record["chosen"] == {"scale": scale, "refine": output["refine"],
+                                "l1_wavelet_weight": output["l1_wavelet_weight"], "validation_error": error}
     # choose_refine off: only the refined output (and its blend) can be chosen
     fixed = {**SELECTION, "selection": {**SELECTION["selection"], "regularisation_scales": [1.0],
                                         "choose_refine": False}}
     record = select_regularisation(tiny_config(**fixed, refine=REFINE), HybridStore(tiny_store), single_process())
     assert [o["refine"] for o in record["candidates"][0]["outputs"]] == [True]
     assert record["chosen"]["refine"] is True and "l1_wavelet_3d" not in record
+
+
+def test_one_standard_error_choice_takes_a_post_step_only_where_its_gain_stands_clear_of_the_noise():
+    rng = np.random.default_rng(1)
+    locations = 400
+    noise = rng.normal(size=locations) ** 2  # the error every output shares at each held-out location
+
+    def gram(gain_per_location):  # two volumes: the second's error lower by gain_per_location
+        g = np.zeros((2, 2, locations))
+        g[0, 0], g[1, 1] = noise + 1.0, noise + 1.0 - gain_per_location
+        g[0, 1] = g[1, 0] = noise + 1.0 - gain_per_location / 2
+        return g
+
+    options = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    steady = gram(np.full(locations, 0.01))  # a small gain at every location: far beyond its standard error
+    chosen, scores = one_standard_error_choice(steady, options)
+    assert chosen == 1 and scores[0]["standard_error"] == pytest.approx(0.0, abs=1e-9)
+    # the same mean gain, drowned in its spread: +-1 at alternate locations
+    erratic = gram(0.01 + np.where(np.arange(locations) % 2 == 0, 1.0, -1.0))
+    chosen, scores = one_standard_error_choice(erratic, options)
+    assert scores[1]["validation_error"] < scores[0]["validation_error"]  # lower, but by chance
+    assert chosen == 0 and scores[0]["standard_error"] == pytest.approx(np.sqrt(locations) * np.std(
+        erratic[0, 0] - erratic[1, 1]))
 
 
 def test_blend_weight_minimises_the_held_out_error_of_the_blend():

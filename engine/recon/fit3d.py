@@ -673,7 +673,7 @@ class Recon3D:
         volume: this rank's slab in the input's units (as evaluate_slab returns it) to score in place
         of the INR's output (a refinement of it)."""
         if volume is not None:
-            return float(self.heldout_gram([volume])[0, 0])
+            return float(self.heldout_gram([volume])[0, 0].sum())
         self._needs_holdout()
         # kernels.sense.dc_loss's mask is 0/1, so the weighted sum is written out here
         sums = torch.zeros(2, dtype=torch.float64)
@@ -691,13 +691,17 @@ class Recon3D:
 
     @torch.no_grad()
     def heldout_gram(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
-        """G[i, j] = Re sum w conj(r_i) r_j / sum w |y|^2 over the held-out samples (weights w), where
-        r_i = F S v_i - y is the residual of volumes[i] (this rank's slab in the input's units), summed
-        over every plane of every rank (collective; needs `holdout`). G[i, i] is the held-out error of
-        volumes[i]; a blend sum_i a_i v_i with sum_i a_i = 1 has the held-out error a^T G a."""
+        """G[i, j, l] = Re sum w conj(r_i) r_j / sum w |y|^2 at the l-th held-out (ky, kz) location (in
+        the order of the holdout's non-zero entries; weights w), where r_i = F S v_i - y is the residual of
+        volumes[i] (this rank's slab in the input's units), summed over coils and every plane of every
+        rank (collective; needs `holdout`). G.sum(-1)[i, i] is the held-out error of volumes[i]; a blend
+        sum_i a_i v_i with sum_i a_i = 1 has the held-out error a^T G.sum(-1) a. Per location, because
+        the locations are the independent draws whose spread gives a difference its standard error
+        (engine.recon.selection3d.one_standard_error_choice)."""
         self._needs_holdout()
-        n = len(volumes)
-        sums = torch.zeros(n * n + 1, dtype=torch.float64)
+        n, held = len(volumes), self.holdout > 0
+        sums = torch.zeros(n, n, int(held.sum()), dtype=torch.float64)
+        energy = torch.zeros(1, dtype=torch.float64)
         for chunk in torch.arange(self.x_start, self.x_stop).split(self.cfg.dc.chunk):
             local = chunk - self.x_start
             kspace, maps = self.kspace[local].to(self.device), self.maps[local].to(self.device)
@@ -706,10 +710,10 @@ class Recon3D:
             for i in range(n):
                 weighted = self.holdout * residuals[i]
                 for j in range(n):
-                    sums[i * n + j] += float((weighted.conj() * residuals[j]).real.sum())
-            sums[-1] += float((self.holdout * kspace.abs().square()).sum())
-        total = self.ctx.all_reduce_sum(sums)
-        return (total[:-1] / total[-1]).reshape(n, n).numpy()
+                    sums[i, j] += (weighted.conj() * residuals[j]).real.sum(dim=(0, 1))[held].double().cpu()
+            energy += float((self.holdout * kspace.abs().square()).sum())
+        total = self.ctx.all_reduce_sum(torch.cat([sums.flatten(), energy]))
+        return (total[:-1] / total[-1]).reshape(sums.shape).numpy()
 
     def _needs_holdout(self) -> None:
         if self.holdout is None:

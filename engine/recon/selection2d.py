@@ -30,8 +30,8 @@ Procedure (`select_and_reconstruct_2d`):
    chosen candidate's image (fit without the held-out samples);
 6. with `blend_l1_wavelet`, the returned image is blended with the L1-wavelet solve of all samples at
    the weight that minimises the held-out error of the chosen candidate blended with the L1-wavelet of
-   the fit samples (the two methods' errors are partly unalike; how much of each a case wants is
-   measured, not fixed).
+   the fit samples, if that gain exceeds its standard error over the held-out locations (the two
+   methods' errors are partly unalike; how much of each a case wants is measured, not fixed).
 A reference, when given, only adds NRMSE to the validation curves (for benchmarks); it never
 steers a choice. The selection runs are not checkpointed (a resumed job starts them again).
 """
@@ -94,7 +94,8 @@ class SelectionConfig:
     blend_l1_wavelet: bool = False
     """return (1 - w) x the image + w x the L1-wavelet (engine.evaluation.baselines.l1_wavelet, the rule's
     lamda) of all samples, w in [0, 1] minimising the held-out error of the chosen candidate blended with the
-    L1-wavelet of the fit samples (closed form; engine.recon.selection3d.blend_weight, as the 3D selection)."""
+    L1-wavelet of the fit samples (closed form; engine.recon.selection3d.blend_weight, as the 3D selection);
+    w = 0 unless that blend's gain exceeds its standard error (engine.recon.selection3d.one_standard_error_choice)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
@@ -192,13 +193,15 @@ class _Scorer:
         return point
 
     def gram(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """G[i, j] = Re sum w conj(r_i) r_j / sum w |y|^2 of the images' held-out residuals r_i = F S x_i - y:
-        a blend sum_i a_i x_i with sum_i a_i = 1 scores a^T G a (as engine.recon.fit3d.Recon3D.heldout_gram)."""
+        """G[i, j, l] = Re w conj(r_i) r_j / sum w |y|^2 at the l-th held-out location, summed over coils, of
+        the images' residuals r_i = F S x_i - y: a blend sum_i a_i x_i with sum_i a_i = 1 scores
+        a^T G.sum(-1) a (as engine.recon.fit3d.Recon3D.heldout_gram)."""
         from engine.physics.sense import forward
 
+        held = self.weights > 0
         residuals = [forward(image, self.maps) - self.kspace for image in images]
-        return np.array([[float((self.weights * a.conj() * b).real.sum()) / self.energy for b in residuals]
-                         for a in residuals])
+        return np.array([[(self.weights * a.conj() * b).real.sum(0)[held].double().cpu().numpy() / self.energy
+                          for b in residuals] for a in residuals])
 
 
 def _run_candidate(fit, selection: SelectionConfig, scorer: _Scorer) -> dict[str, Any]:
@@ -368,18 +371,22 @@ def _blended(image: torch.Tensor, candidate: torch.Tensor, kspace_t: torch.Tenso
     """`image` blended with the L1-wavelet of all samples at the weight the chosen `candidate` (fit without the
     held-out samples) wants against the L1-wavelet of the fit samples (SelectionConfig.blend_l1_wavelet)."""
     from engine.evaluation.baselines import l1_wavelet
-    from engine.recon.selection3d import blend_weight
+    from engine.recon.selection3d import blend_weight, one_standard_error_choice
 
     began = time.perf_counter()
     kspace, maps = kspace_t.cpu().numpy(), maps_t.cpu().numpy()
     l1_fit = torch.from_numpy(l1_wavelet(kspace, maps, fit_mask)).to(image.device)
     gram = scorer.gram([candidate, l1_fit])
-    weight = blend_weight(gram)
-    l1_all = torch.from_numpy(l1_wavelet(kspace, maps, mask)).to(image.device)
-    pair = np.array([1 - weight, weight])
-    return (1 - weight) * image + weight * l1_all, {
-        "l1_wavelet_weight": weight, "validation_error": float(pair @ gram @ pair),
-        "candidate_validation_error": float(gram[0, 0]), "l1_wavelet_validation_error": float(gram[1, 1]),
+    weight = blend_weight(gram.sum(-1))
+    # the blend only where its gain stands clear of the held-out noise (as the 3D selection's post-steps)
+    taken, scores = one_standard_error_choice(gram, [np.array([1.0, 0.0]), np.array([1 - weight, weight])])
+    chosen_weight = weight if taken == 1 else 0.0
+    l1_all = torch.from_numpy(l1_wavelet(kspace, maps, mask)).to(image.device) if chosen_weight > 0 else 0.0
+    return (1 - chosen_weight) * image + chosen_weight * l1_all, {
+        "l1_wavelet_weight": chosen_weight, "best_weight": weight,
+        "validation_error": scores[1]["validation_error"], "standard_error": max(s["standard_error"] for s in scores),
+        "candidate_validation_error": scores[0]["validation_error"],
+        "l1_wavelet_validation_error": float(gram.sum(-1)[1, 1]),
         "seconds": time.perf_counter() - began}
 
 

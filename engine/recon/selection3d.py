@@ -14,12 +14,15 @@ Procedure (`select_regularisation`, collective: every rank runs the same candida
    the regulariser weights (REGULARISER_KEYS) multiplied by the factor, on the fit samples; every
    `validate_every` steps and at the end its output is scored on the held-out samples;
    with `choose_refine` and a refinement in the config (refine.anchor_weight > 0), the run's output is
-   also refined (engine.recon.refine3d, from the same fit samples) and scored;
-3. the factor, and refinement or none, whose output has the lowest held-out error wins (the runs keep
-   their full schedule, so the end is what the final run returns);
-   with `blend_l1_wavelet`, each of those outputs is also scored blended with the 3D L1-wavelet solve of
-   the fit samples, (1 - w) x output + w x L1-wavelet, at the w in [0, 1] with the lowest held-out error
-   (closed form from the held-out Gram matrix of the two);
+   also refined (engine.recon.refine3d, from the same fit samples) and scored; with `blend_l1_wavelet`,
+   each of those outputs is also scored blended with the 3D L1-wavelet solve of the fit samples,
+   (1 - w) x output + w x L1-wavelet, at the w in [0, 1] with the lowest held-out error (closed form
+   from the held-out Gram matrix of the two);
+3. per candidate, the output taken is the first (the fit first, then its refinement, then the blends)
+   whose held-out error is within one standard error of the candidate's lowest (the standard error of
+   the difference, from its spread over the held-out locations: a post-step must gain more than the
+   held-out noise can fake; `one_standard_error_choice`); across candidates the lowest of those wins
+   (the runs keep their full schedule, so the end is what the final run returns);
 4. run_recon3d then reconstructs from all measured samples with the chosen factor, refines its output
    only if a refined output won, and blends it with the 3D L1-wavelet of all samples at the chosen w.
 Why the refinement is chosen per case: at 1 mm it lowered the error by 13 % on one head's slab and raised
@@ -36,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -183,15 +187,15 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
             l1_wavelet = {"volume": l1_wavelet_3d_of(recon, progress and ctx.is_main)}
             l1_wavelet["record"] = _score(recon, l1_wavelet["volume"]) | {"seconds": time.perf_counter() - l1_began}
             del l1_wavelet["record"]["step"]
-        outputs = _scored_outputs(recon, cfg, final, None if l1_wavelet is None else l1_wavelet["volume"], progress)
+        outputs, chosen = _scored_outputs(recon, cfg, None if l1_wavelet is None else l1_wavelet["volume"], progress)
         candidates.append({"scale": factor, **{key: getattr(run_cfg, key) for key in REGULARISER_KEYS},
                            "validation_error": final["validation_error"],
                            "seconds": state["seconds_before"] + time.perf_counter() - began, "curve": curve,
-                           "outputs": outputs}
+                           "outputs": outputs, "chosen_output": chosen}
                           | ({"nrmse_percent": final["nrmse_percent"]} if "nrmse_percent" in final else {}))
         del recon
-    # the first one on a tie: the lowest scale, unrefined, unblended
-    scale, best = min(((c["scale"], o) for c in candidates for o in c["outputs"]),
+    # each candidate's output as one_standard_error_choice took it; the lowest of those (the first on a tie)
+    scale, best = min(((c["scale"], c["outputs"][c["chosen_output"]]) for c in candidates),
                       key=lambda pair: pair[1]["validation_error"])
     return {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
             "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()), "candidates": candidates,
@@ -202,42 +206,73 @@ def select_regularisation(cfg, source, ctx, prior=None, progress: bool = False, 
 
 def blend_weight(gram: np.ndarray) -> float:
     """The weight w in [0, 1] of the second volume in (1 - w) v0 + w v1 that minimises the held-out error
-    (1 - w)^2 G00 + 2 w (1 - w) G01 + w^2 G11 of their 2 x 2 held-out Gram matrix (Recon3D.heldout_gram)."""
+    (1 - w)^2 G00 + 2 w (1 - w) G01 + w^2 G11 of their 2 x 2 held-out Gram matrix (summed over locations)."""
     curvature = gram[0, 0] - 2 * gram[0, 1] + gram[1, 1]  # |r0 - r1|^2 >= 0
     return float(np.clip((gram[0, 0] - gram[0, 1]) / curvature, 0.0, 1.0)) if curvature > 0 else 0.0
 
 
-def _scored_outputs(recon, cfg, final: dict, l1_wavelet: np.ndarray | None, progress: bool) -> list[dict]:
-    """Every output the final run could write from this candidate's fit, scored on the held-out samples:
-    the fit (unless the config refines and choose_refine is off), its refinement (when the config refines),
-    and with `l1_wavelet` (this rank's slab of the fit samples' 3D L1-wavelet) each of those blended with it
-    at the weight that the held-out samples choose (collective)."""
+def one_standard_error_choice(gram: np.ndarray, options: Sequence[np.ndarray]) -> tuple[int, list[dict[str, float]]]:
+    """The first of `options` (the simplest first) whose held-out error is within one standard error of the
+    lowest, and each option's {validation_error, standard_error}.
+
+    gram: (n, n, L) held-out Gram matrix per held-out location (Recon3D.heldout_gram); options: coefficient
+    vectors over its n volumes (a blend's sum to 1). An option's standard error is that of its difference to
+    the lowest option, from the spread of that difference over the L locations (sqrt(L) x their standard
+    deviation; the locations are independent draws of the measurement noise). Why: the held-out samples
+    carry the noise, so a small gain in held-out error can be chance, and a post-step (refinement, blend) is
+    taken only where its gain stands clear of it: the one-standard-error rule of cross-validation.
+    """
+    per_location = np.array([np.einsum("i,ijl,j->l", a, gram, a) for a in options])
+    totals = per_location.sum(1)
+    best = int(np.argmin(totals))
+    scores = []
+    for index in range(len(options)):
+        difference = per_location[index] - per_location[best]
+        scores.append({"validation_error": float(totals[index]),
+                       "standard_error": float(np.sqrt(difference.size) * difference.std())})
+    chosen = next(i for i, score in enumerate(scores)
+                  if score["validation_error"] <= totals[best] + score["standard_error"])
+    return chosen, scores
+
+
+def _scored_outputs(recon, cfg, l1_wavelet: np.ndarray | None, progress: bool) -> tuple[list[dict], int]:
+    """Every output the final run could write from this candidate's fit, scored on the held-out samples,
+    and the index of the one `one_standard_error_choice` takes: the fit (unless the config refines and
+    choose_refine is off), its refinement (when the config refines), then, with `l1_wavelet` (this rank's
+    slab of the fit samples' 3D L1-wavelet), each of those blended with it at the weight that minimises
+    the held-out error (collective)."""
     from engine.recon.refine3d import refine_fit
 
     refines = cfg.refine.anchor_weight > 0
-    volumes = {}  # refine -> this rank's slab
+    bases = []  # (refine, this rank's slab)
     if not refines or cfg.selection.choose_refine:
-        volumes[False] = recon.evaluate_slab()
+        bases.append((False, recon.evaluate_slab()))
     if refines:
-        volumes[True] = refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx=recon.ctx,
-                                   progress=progress and recon.ctx.is_main)
-    outputs = []
-    for refine, volume in volumes.items():
-        scored = ({key: final[key] for key in ("validation_error", "nrmse_percent") if key in final} if not refine
-                  else {key: value for key, value in _score(recon, volume).items() if key != "step"})
-        outputs.append({"refine": refine, "l1_wavelet_weight": 0.0, **scored})
-        if l1_wavelet is not None:
-            gram = recon.heldout_gram([volume, l1_wavelet])
-            weight = blend_weight(gram)
-            blended = (1 - weight) * volume + weight * l1_wavelet
-            outputs.append({"refine": refine, "l1_wavelet_weight": weight,
-                            "validation_error": float(np.array([1 - weight, weight]) @ gram @ np.array([1 - weight, weight]))}
-                           | ({"nrmse_percent": reference_nrmse_percent(recon, blended)} if recon.reference is not None else {}))
-    for output in outputs:
+        bases.append((True, refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx=recon.ctx,
+                                       progress=progress and recon.ctx.is_main)))
+    volumes = [volume for _, volume in bases] + ([l1_wavelet] if l1_wavelet is not None else [])
+    gram = recon.heldout_gram(volumes)
+    total = gram.sum(-1)
+    n = len(volumes)
+    outputs, options = [], []
+    for index, (refine, _) in enumerate(bases):
+        outputs.append({"refine": refine, "l1_wavelet_weight": 0.0})
+        options.append(np.eye(n)[index])
+    if l1_wavelet is not None:
+        for index, (refine, _) in enumerate(bases):
+            weight = blend_weight(total[np.ix_([index, n - 1], [index, n - 1])])
+            outputs.append({"refine": refine, "l1_wavelet_weight": weight})
+            options.append((1 - weight) * np.eye(n)[index] + weight * np.eye(n)[n - 1])
+    chosen, scores = one_standard_error_choice(gram, options)
+    for output, option, score in zip(outputs, options, scores):
+        output |= score
+        if recon.reference is not None:  # reported only
+            output["nrmse_percent"] = reference_nrmse_percent(recon, sum(c * v for c, v in zip(option, volumes) if c))
         name = ("refined" if output["refine"] else "fit") + (
             f" + {output['l1_wavelet_weight']:.2f} x L1-wavelet" if output["l1_wavelet_weight"] > 0 else "")
-        recon.ctx.print0(f"[recon3d] selection:   {name}: held-out error {output['validation_error']:.5g}")
-    return outputs
+        recon.ctx.print0(f"[recon3d] selection:   {name}: held-out error {output['validation_error']:.5g} "
+                         f"(standard error of its difference to the lowest {output['standard_error']:.2g})")
+    return outputs, chosen
 
 
 __all__ = ["Selection3DConfig", "holdout_weights", "reference_nrmse_percent", "scaled_config", "select_regularisation"]
