@@ -880,6 +880,15 @@ NOTES_MNI = """#### Notes on the MNI152 tuning rows
   moves the two tuning slabs in opposite directions, by far more than the evaluation case's margin to
   its goal at R = 4 (2.96 against 3.15 %): neither slab alone can choose it, and a weight that has to
   suit every head calls for a choice per case from the measured data (as issue 12 asks in 2D).
+- Label-free choice of the post-steps (2026-12-03, as in the notes of Colin27's tuning rows; row `... selection
+  of refinement and blend`). Held-out errors (NRMSE of the 92 % outputs, reported only): fit 0.15692
+  (2.67 %), refined 0.15989 (3.50 %), fit + 0.11 x L1-wavelet 0.15681 (2.70 %), the refinement's blend
+  weight 0, the L1-wavelet alone 0.16403 (4.00 %). The refinement, which costs 35 % here, was left out (3
+  standard errors above the lowest, where on Colin27's tuning slab it was taken); the small blend was taken
+  (the fit lies 1.7 standard errors above it) and costs 1 % in NRMSE: the final run wrote 2.67 % against the
+  fit's 2.63 %. The held-out error tells large differences apart, not a 1 % one. A first version of the
+  choice (the lowest held-out error, no standard error) made the same choices here; on Colin27's tuning
+  slab it would have taken refined + 0.32 x L1-wavelet (3.15 % at 92 %) over the refinement (3.16 %).
 - Several of these runs shared the 2 cores with tests or other work: their seconds are not speed figures.
   The first four rows name commits 71a0637 / ba4c719: the code that makes this case was then in the
   working tree, uncommitted, and was committed unchanged as 056cb21 (no engine change between)."""
@@ -940,7 +949,17 @@ NOTES_TUNING = """#### Notes on the tuning rows
 - Capacity of the shared trunk's hash grid (2026-12-03): a table of 2^18 entries per level instead of
   2^16, so that even the finest levels (294^2 and 362^2 vertices) store every vertex without a hash
   collision: 3.36 %, the same as 2^16. The table is not what limits the fit (the per-plane grids carry the
-  planes' fine detail); not tried on the other cases."""
+  planes' fine detail); not tried on the other cases.
+- Label-free choice of the post-steps (2026-12-03; `selection.enabled=true`, one candidate (x1), 8 % of the
+  measured (ky, kz) samples held out, density-weighted, `selection.blend_l1_wavelet=true`; row `... selection
+  of refinement and blend`): the candidate (the config on 92 % of the samples) scores its fit, its refinement
+  and each blended with the 3D L1-wavelet of the same samples, and takes the first within one standard error
+  of the lowest. Held-out errors (NRMSE of the 92 % outputs, reported only): fit 0.05658 (3.65 %), refined
+  0.05245 (3.16 %), fit + 0.55 x L1-wavelet 0.05174 (3.21 %), refined + 0.32 x L1-wavelet 0.05172 (3.15 %),
+  the L1-wavelet alone 0.05493 (3.38 %): the held-out errors rank the outputs nearly as their NRMSE does;
+  the fit lies two standard errors above the lowest (0.0049 against 0.0024), the refinement within one
+  (0.0007 against 0.0008), so it took the refinement; the final run on all samples wrote 2.90 % (the fit alone 3.36 %, the config's refinement on a
+  saved fit 2.92 %)."""
 
 
 def _case_sections(rows: list[dict], case_name: str, level: str = "##") -> list[str]:
