@@ -383,10 +383,10 @@ def choose_regularisation(cfg: Recon3DConfig, source, paths: RunPaths, ctx: Dist
     if candidate_checkpoints is not None:
         for factor in cfg.selection.regularisation_scales:
             candidate_checkpoints(factor).remove()
-    refined = " and the refinement" if record["chosen"]["refine"] and cfg.refine.anchor_weight > 0 else ""
+    post_steps = " and the refinement" if record["chosen"]["refine"] and cfg.refine.anchor_weight > 0 else ""
     if record["chosen"]["l1_wavelet_weight"] > 0:
-        refined += f", blended with {record['chosen']['l1_wavelet_weight']:.2f} x the 3D L1-wavelet,"
-    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g}{refined} chosen (held-out error "
+        post_steps += f", blended with {record['chosen']['l1_wavelet_weight']:.2f} x the 3D L1-wavelet,"
+    ctx.print0(f"[recon3d] selection: regularisation x{record['chosen']['scale']:g}{post_steps} chosen (held-out error "
                f"{record['chosen']['validation_error']:.5g}); {paths.side / 'selection.json'}")
     return record
 

@@ -243,7 +243,8 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         warm_start_steps, candidates: [{tv_weight, prior_weight, validation_error, stop_step,
         steps_run, prior_evals, seconds, curve: [{step, validation_error[, nrmse_percent]}]
         [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit
-        [, blend: {l1_wavelet_weight, validation_error (of the candidate's blend), candidate_validation_error,
+        [, blend: {l1_wavelet_weight (0 unless taken), best_weight, validation_error (of the candidate's blend
+        at best_weight), standard_error (of its difference to the candidate's), candidate_validation_error,
         l1_wavelet_validation_error, seconds}]} [, image_without_blend].
     """
     from engine.config import config_to_dict

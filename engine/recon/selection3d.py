@@ -244,12 +244,12 @@ def _scored_outputs(recon, cfg, l1_wavelet: np.ndarray | None, progress: bool) -
     from engine.recon.refine3d import refine_fit
 
     refines = cfg.refine.anchor_weight > 0
+    fit = recon.evaluate_slab()
     bases = []  # (refine, this rank's slab)
     if not refines or cfg.selection.choose_refine:
-        bases.append((False, recon.evaluate_slab()))
+        bases.append((False, fit))
     if refines:
-        bases.append((True, refine_fit(recon, recon.evaluate_slab(), cfg.refine, ctx=recon.ctx,
-                                       progress=progress and recon.ctx.is_main)))
+        bases.append((True, refine_fit(recon, fit, cfg.refine, ctx=recon.ctx, progress=progress and recon.ctx.is_main)))
     volumes = [volume for _, volume in bases] + ([l1_wavelet] if l1_wavelet is not None else [])
     gram = recon.heldout_gram(volumes)
     total = gram.sum(-1)
