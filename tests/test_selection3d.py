@@ -155,12 +155,14 @@ def test_selection_scores_every_output_and_takes_the_simplest_within_one_standar
     taken = []
     for candidate in record["candidates"]:
         outputs = candidate["outputs"]
-        assert [(o["refine"], o["l1_wavelet_weight"] > 0 or i >= 2) for i, o in enumerate(outputs)] == [
-            (False, False), (True, False), (False, True), (True, True)]  # the fit, its refinement, their blends
-        assert all(0 <= o["l1_wavelet_weight"] <= 1 and "nrmse_percent" in o for o in outputs)
+        # the fit, its refinement, then their blends (a blend at w = 0 is the output alone, not listed again)
+        assert [(o["refine"], o["l1_wavelet_weight"]) for o in outputs[:2]] == [(False, 0.0), (True, 0.0)]
+        assert [o["refine"] for o in outputs[2:]] == [False, True]  # both blends have w > 0 on this case
+        assert all(0 < o["l1_wavelet_weight"] <= 1 for o in outputs[2:]) and all("nrmse_percent" in o for o in outputs)
         assert outputs[0]["validation_error"] == pytest.approx(candidate["validation_error"], rel=1e-5)
         assert outputs[1]["validation_error"] != outputs[0]["validation_error"]
-        for plain, blended in zip(outputs[:2], outputs[2:]):
+        for blended in outputs[2:]:
+            plain = outputs[int(blended["refine"])]
             assert blended["validation_error"] <= plain["validation_error"] * (1 + 1e-9)  # w = 0 is in [0, 1]
         lowest = min(o["validation_error"] for o in outputs)
         assert min(o["standard_error"] for o in outputs) == 0.0  # the lowest against itself

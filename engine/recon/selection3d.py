@@ -261,6 +261,8 @@ def _scored_outputs(recon, cfg, l1_wavelet: np.ndarray | None, progress: bool) -
     if l1_wavelet is not None:
         for index, (refine, _) in enumerate(bases):
             weight = blend_weight(total[np.ix_([index, n - 1], [index, n - 1])])
+            if weight == 0:  # the output alone, scored above
+                continue
             outputs.append({"refine": refine, "l1_wavelet_weight": weight})
             options.append((1 - weight) * np.eye(n)[index] + weight * np.eye(n)[n - 1])
     chosen, scores = one_standard_error_choice(gram, options)
