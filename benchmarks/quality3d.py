@@ -335,13 +335,16 @@ class PeakMemory:
         return {"peak_rss_mib_all_ranks": round(self.total, 1), "peak_rss_mib_one_rank": round(self.single, 1)}
 
 
-def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> dict:
+def run_infusion(store: Path, config: str, overrides: list[str], label: str, resume: bool = False) -> dict:
+    """resume: continue the run from its checkpoints (written every checkpoint.every steps, and by SIGUSR1 /
+    SIGTERM to its ranks, which then stop) instead of starting over; the row's seconds then sum the
+    segments' training time, its wall_seconds is the last segment's."""
     # RunPaths: the side folder launch/recon3d.py writes beside the volume
     from engine.recon.job3d import RunPaths
 
     out = WORK / "infusion" / f"{label}_{store.stem}.zarr"
     command = ["torchrun", "--standalone", "--nproc-per-node", "2", "launch/recon3d.py", "--config", config,
-               "--input", str(store), "--out", str(out), "--overwrite",
+               "--input", str(store), "--out", str(out), "--resume" if resume else "--overwrite",
                # the run's own slab-wise 3D L1-wavelet is off: the benchmark's whole-volume rows are the peer
                # (about 17 min at 1 mm on 2 cores); `--set baseline.l1_wavelet_3d=true` brings it back
                "--set", "output.progress=false", "baseline.l1_wavelet_3d=false", *overrides]
@@ -359,7 +362,7 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str) -> 
     # with baseline.l1_wavelet_3d=true the run's own 3D L1-wavelet (rule, slabs) is kept beside it
     row = {"nrmse_percent": metrics["nrmse_percent_infusion"], "seconds": metrics["train_seconds"],
            **setting_without_seed(run_dir / "config.yaml"),
-            "wall_seconds": wall, "config": config, "overrides": overrides, "command": shown,
+            "wall_seconds": wall, **({"resumed": True} if resume else {}), "config": config, "overrides": overrides, "command": shown,
             "steps": metrics["steps"], "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1),
             **peak, "volume_zarr": str(out.relative_to(REPO)),
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
@@ -1229,6 +1232,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import add_override_option
 
     add_override_option(inf, "steps=400 tv_weight=0.002")  # the launchers' --set, passed on to launch/recon3d.py
+    inf.add_argument("--resume", action="store_true",
+                     help="continue the run of this label from its checkpoints (a run stopped with SIGUSR1 or "
+                          "SIGTERM to its ranks checkpoints first) instead of starting over")
     mon = sub.add_parser("montage", help="PNG of reference, zero-filled, L1-wavelet, best BART, best INFusion")
     mon.add_argument("--case", choices=CASES, default="colin27_1mm")
     mon.add_argument("--R", type=float, nargs="+", default=[4.0])
@@ -1278,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
         store = case_store(name, acceleration)
         if args.command == "infusion":
             log_row(name, acceleration, f"infusion:{args.label}", run_infusion(store, args.config, args.set,
-                                                                               args.label))
+                                                                               args.label, args.resume))
             continue
         case = load_case(store)
         for method in args.methods:
