@@ -762,7 +762,13 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   (3.49 %). The refinement lies 1.2 standard errors above the lowest (the fit 2.8), so the blend was taken; the final
   run wrote 2.92 % (its fit alone 3.17 %, as the config's earlier run), below the goal of 2.96 %. About half
   of that output is the 3D L1-wavelet solve of the same samples: the two err in different places (notes
-  above), and the held-out samples say by how much to mix them."""
+  above), and the held-out samples say by how much to mix them. R = 6 (2026-12-04): fit 0.01799 (4.07 %),
+  refined 0.01753 (3.81 %), fit + 0.38 x L1-wavelet 0.01758 (3.80 %), refined + 0.03 x L1-wavelet 0.01753
+  (3.81 %, the lowest), the L1-wavelet alone 0.01865 (4.34 %): the refinement lies within a quarter of a
+  standard error of the lowest and was taken, as the config did before; the final run (2 ranks, each its
+  slab refined) wrote 3.61 % (3.6146 against the goal's 3.6131 %: 0.0015 points above it). The same
+  post-step on the same config gave 3.60 % (seed 0, one process, on the saved fit) and 3.59 % (seed 1, 2
+  ranks): at R = 6 the config sits on the goal, within the 0.02 points by which runs differ."""
 
 EXPECTED_1MM = ("zero_filled", "l1_wavelet_3d", "bart_W", "inr_tv_2d_planes", "infusion")
 
