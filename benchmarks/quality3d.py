@@ -335,15 +335,19 @@ class PeakMemory:
         return {"peak_rss_mib_all_ranks": round(self.total, 1), "peak_rss_mib_one_rank": round(self.single, 1)}
 
 
-def run_infusion(store: Path, config: str, overrides: list[str], label: str, resume: bool = False) -> dict:
-    """resume: continue the run from its checkpoints (written every checkpoint.every steps, and by SIGUSR1 /
+def run_infusion(store: Path, config: str, overrides: list[str], label: str, resume: bool = False,
+                 nproc: int = 2) -> dict:
+    """nproc: ranks (2 CPU ranks by default; 1 on a machine with one GPU, where the config's device `auto`
+    takes it). resume: continue the run from its checkpoints (written every checkpoint.every steps, and by SIGUSR1 /
     SIGTERM to its ranks, which then stop) instead of starting over; the row's seconds then sum the
     segments' training time, its wall_seconds is the last segment's."""
     # RunPaths: the side folder launch/recon3d.py writes beside the volume
     from engine.recon.job3d import RunPaths
 
     out = WORK / "infusion" / f"{label}_{store.stem}.zarr"
-    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "launch/recon3d.py", "--config", config,
+    # torchrun, or its module where the environment has no such script on PATH
+    launcher = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    command = [*launcher, "--standalone", "--nproc-per-node", str(nproc), "launch/recon3d.py", "--config", config,
                "--input", str(store), "--out", str(out), "--resume" if resume else "--overwrite",
                # the run's own slab-wise 3D L1-wavelet is off: the benchmark's whole-volume rows are the peer
                # (about 17 min at 1 mm on 2 cores); `--set baseline.l1_wavelet_3d=true` brings it back
@@ -366,7 +370,8 @@ def run_infusion(store: Path, config: str, overrides: list[str], label: str, res
             "steps": metrics["steps"], "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1),
             **peak, "volume_zarr": str(out.relative_to(REPO)),
             "run_l1_wavelet_3d_percent": metrics.get("nrmse_percent_l1_wavelet_3d"),
-            "montage": str(run_dir.relative_to(REPO) / "montage.png")}
+            "montage": str(run_dir.relative_to(REPO) / "montage.png"),
+            **({"peak_gpu_gib_max_rank": metrics["peak_gpu_gib_max_rank"]} if "peak_gpu_gib_max_rank" in metrics else {})}
     if "debias" in metrics:  # the output's gains and what the same run gave without them
         row["debias"] = {"gains": metrics["debias"]["gains"], "band_edges": metrics["debias"]["band_edges"],
                          "without_debias_percent": metrics["nrmse_percent_infusion_without_debias"],
@@ -1245,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="BART runs instead of the default sweep, e.g. T:0.1 T:0.2")
     base.add_argument("--max-seconds", type=float, default=None,
                       help="inr_tv_2d_planes: stop after this long, keep the finished planes, continue on a rerun")
-    inf = sub.add_parser("infusion", help="one INFusion 3D setting on 2 CPU ranks")
+    inf = sub.add_parser("infusion", help="one INFusion 3D setting (2 CPU ranks by default)")
     inf.add_argument("--case", choices=CASES, default="bundled")
     inf.add_argument("--R", type=float, nargs="+", default=[4.0])
     inf.add_argument("--label", required=True)
@@ -1256,6 +1261,9 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("--resume", action="store_true",
                      help="continue the run of this label from its checkpoints (a run stopped with SIGUSR1 or "
                           "SIGTERM to its ranks checkpoints first) instead of starting over")
+    inf.add_argument("--nproc", type=int, default=2,
+                     help="ranks of the run (default 2 CPU ranks; 1 on a one-GPU machine, with the config's "
+                          "slices.per_step doubled for the same draws per step)")
     mon = sub.add_parser("montage", help="PNG of reference, zero-filled, L1-wavelet, best BART, best INFusion")
     mon.add_argument("--case", choices=CASES, default="colin27_1mm")
     mon.add_argument("--R", type=float, nargs="+", default=[4.0])
@@ -1305,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
         store = case_store(name, acceleration)
         if args.command == "infusion":
             log_row(name, acceleration, f"infusion:{args.label}", run_infusion(store, args.config, args.set,
-                                                                               args.label, args.resume))
+                                                                               args.label, args.resume, args.nproc))
             continue
         case = load_case(store)
         for method in args.methods:

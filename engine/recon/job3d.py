@@ -477,6 +477,9 @@ def finish_run(cfg: Recon3DConfig, recon: Recon3D, paths: RunPaths, ctx: DistCon
     if l1_wavelet_weight > 0:
         metrics["blend"] = {"l1_wavelet_weight": l1_wavelet_weight, "seconds_max_rank": float(
             ctx.all_reduce_max(torch.tensor([l1_wavelet_seconds], dtype=torch.float64)).item())}
+    if ctx.device.type == "cuda":  # the whole run's peak (fit, selection, post-steps) on the busiest rank
+        peak = torch.tensor([torch.cuda.max_memory_allocated(ctx.device) / 2**30], dtype=torch.float64)
+        metrics["peak_gpu_gib_max_rank"] = float(ctx.all_reduce_max(peak).item())
     evals = torch.tensor([float(recon.prior_evals)], dtype=torch.float64)
     metrics["prior_evals"] = int(ctx.all_reduce_sum(evals).item())
     images = {"INFusion": volume}
