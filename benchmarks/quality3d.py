@@ -778,7 +778,14 @@ NOTES_1MM = """#### Notes on the 1 mm rows
   (2026-12-04): fit 0.04523 (4.56 %), refined 0.04449 (4.30 %, the lowest), fit + 0.25 x L1-wavelet 0.04476
   (4.37 %), the L1-wavelet alone 0.04892 (5.11 %): the refinement was taken (the fit 3.6 standard errors
   above it); the final run wrote 4.10 % (its fit alone 4.34 %, as the config's earlier run), below the goal
-  of 4.28 %, in 1 h 59 min on the 2 otherwise idle cores (1.04 s per step, 7.6 GB over both ranks)."""
+  of 4.28 %, in 1 h 59 min on the 2 otherwise idle cores (1.04 s per step, 7.6 GB over both ranks).
+- On a GPU (rows `... fit on one GPU`, 2026-12-04, one NVIDIA H200 lent for 15 minutes, torch 2.11, Triton
+  3.6): the config's fit without the selection and its post-steps, as 1 rank with 2 readout shards (the
+  draws of the 2 CPU ranks) under the GPU default bf16 autocast: 2400 steps in 83-92 s (35-38 ms per step,
+  about 27x the 2 CPU ranks), peak GPU memory 1.53 GiB. Its NRMSE, R = 4 / 6 / 8: 3.18 / 3.94 (slice seed
+  1) / 4.41 %, against the CPU fits of the same seeds 3.17 / 3.83 / 4.34 % (float32): bf16 costs 0.01-0.12
+  points here. The selection and its post-steps were not run there: the 3D L1-wavelet solves they add run
+  in sigpy on the host's CPU (about half of a 2 h run on 2 cores), more than the lease held."""
 
 EXPECTED_1MM = ("zero_filled", "l1_wavelet_3d", "bart_W", "inr_tv_2d_planes", "infusion")
 
@@ -805,7 +812,10 @@ def _config_steps(config: str) -> int | None:
 def _setting(r: dict) -> str:
     if r["method"].startswith("infusion"):  # the command is the same but for these
         setting = " ".join([r["config"], *[o for o in r["overrides"] if o != "baseline.l1_wavelet_3d=false"]])
-        if "seconds_per_step" in r:
+        if "peak_gpu_gib_max_rank" in r:  # a GPU run (one rank): its device memory is the one that counts
+            setting += (f" ({r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms per step; peak GPU memory "
+                        f"{r['peak_gpu_gib_max_rank']:.2f} GiB, host RSS {r['peak_rss_mib_all_ranks']:.0f} MiB)")
+        elif "seconds_per_step" in r:
             setting += (f" ({r['steps']} steps, {r['seconds_per_step']:.2f} s per step; peak RSS "
                         f"{r['peak_rss_mib_all_ranks']:.0f} MiB over both ranks, {r['peak_rss_mib_one_rank']:.0f} "
                         "MiB the larger rank)")
@@ -1105,18 +1115,20 @@ def write_scale_section(rows: list[dict]) -> None:
     section = [SCALE_BEGIN, "## The 1 mm case end to end (benchmarks/quality3d.py --case colin27_1mm)", "",
                ("217 x 181 x 80, 16 coils (hybrid k-space + maps: 0.75 GiB complex64), 2 CPU ranks (torchrun, gloo, "
                "1 thread each), K = 16 planes per rank and step, configs/colin27_1mm.yaml with the overrides each "
-               "row's label names. Seconds: the step loop (metrics.json train_seconds; with debias the final run's "
+               "row's label names; the rows on a GPU ran as 1 rank with 2 readout shards (the same draws, K = 16 "
+               "each) and give its peak memory (torch.cuda.max_memory_allocated over the whole run). Seconds: the step loop (metrics.json train_seconds; with debias the final run's "
                "alone) and the whole command (with debias its holdout fit too); peak RSS: sampled every 0.5 s over "
                "the process tree (psutil), both ranks together and the larger one alone, set-up and output "
                "included. Written by `python benchmarks/quality3d.py report` (benchmarks/scale3d.py rewrites "
                "this file without it: rerun the report after it)."), "",
-               ("| R | method | steps | s / step | step loop s | wall s | peak RSS MiB (2 ranks) | peak RSS MiB "
-               "(1 rank) | NRMSE % | machine, date, commit |"), "|---|---|---|---|---|---|---|---|---|---|"]
+               ("| R | method | steps | s / step | step loop s | wall s | peak RSS MiB (all ranks) | peak RSS MiB "
+               "(1 rank) | peak GPU GiB | NRMSE % | machine, date, commit |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        section.append(f"| {r['R']:g} | {r['method']} | {r['steps']} | {r['seconds_per_step']:.2f} | "
+        gpu = f"{r['peak_gpu_gib_max_rank']:.2f}" if "peak_gpu_gib_max_rank" in r else "-"
+        section.append(f"| {r['R']:g} | {r['method']} | {r['steps']} | {r['seconds_per_step']:.3f} | "
                        f"{r['seconds']:.0f} | {r['wall_seconds']:.0f} | {r['peak_rss_mib_all_ranks']:.0f} | "
-                       f"{r['peak_rss_mib_one_rank']:.0f} | {r['nrmse_percent']:.2f} | {r['machine']}, {r['date']}, "
-                       f"{r['commit']} |")
+                       f"{r['peak_rss_mib_one_rank']:.0f} | {gpu} | {r['nrmse_percent']:.2f} | {r['machine']}, "
+                       f"{r['date']}, {r['commit']} |")
     section.append(SCALE_END)
     text = SCALE_REPORT.read_text()
     if SCALE_BEGIN in text and SCALE_END in text:
