@@ -137,9 +137,11 @@ def _csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resume_is_exact(tmp_path, volume_file) -> None:
-    straight = run_training(load_config(PriorTrainConfig, write_config(tmp_path, tiny_config(volume_file, tmp_path / "a"))))
-    cfg_b = tiny_config(volume_file, tmp_path / "b", stop_at_step=2)
+@pytest.mark.parametrize("loader_workers", [0, 2], ids=["one-stream", "workers"])
+def test_resume_is_exact(tmp_path, volume_file, loader_workers) -> None:
+    straight = run_training(load_config(PriorTrainConfig, write_config(
+        tmp_path, tiny_config(volume_file, tmp_path / "a", loader_workers=loader_workers))))
+    cfg_b = tiny_config(volume_file, tmp_path / "b", stop_at_step=2, loader_workers=loader_workers)
     first = run_training(load_config(PriorTrainConfig, write_config(tmp_path, cfg_b)))
     assert first.summary["steps"] == 2
     cfg_b["train"]["stop_at_step"] = 0
@@ -160,6 +162,29 @@ def test_resume_is_exact(tmp_path, volume_file) -> None:
     prior = load_prior(tmp_path / "b" / "prior")
     torch.testing.assert_close(prior.state_dict()["unet.stem.weight"],
                                resumed.ema.state_dict()["unet.stem.weight"], rtol=1e-3, atol=1e-3)
+
+
+def test_worker_batches_do_not_depend_on_the_number_of_workers(volume_file) -> None:
+    """train.loader_workers: step s's batch is drawn from the generator of (seed, rank, s), so 1 or 2
+    worker processes and the training process itself give the same batches; ranks and steps differ."""
+    from engine.prior.loader import StepBatches, step_batches
+    from engine.prior.train import TrainConfig, draw_batch
+
+    sampler = PatchSampler(DataConfig(volumes=[VolumeSource(path=str(volume_file))], patch_size=16,
+                                      zoom_range=(0.8, 1.2)))
+    batches = StepBatches(sampler, 2, seed=0, rank=0, draw=draw_batch)
+    here = [batches[step] for step in range(3, 6)]
+    for workers in (1, 2):
+        drawn = list(step_batches(batches, 3, 6, workers))
+        assert len(drawn) == 3
+        for mine, theirs in zip(drawn, here):
+            for a, b in zip(mine, theirs):
+                assert torch.equal(a, b)
+    assert not torch.equal(here[0][0], here[1][0])  # steps differ
+    other_rank = StepBatches(sampler, 2, seed=0, rank=1, draw=draw_batch)[3]
+    assert not torch.equal(other_rank[0], here[0][0])
+    with pytest.raises(ValueError, match="train.loader_workers must be >= 0"):
+        TrainConfig(loader_workers=-1)
 
 
 def test_init_from_a_prior_folder(tmp_path, volume_file) -> None:

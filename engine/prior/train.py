@@ -29,6 +29,7 @@ from engine.config import build_config, config_to_dict
 from engine.prior.checkpoint import save_prior
 from engine.prior.data import DataConfig, PatchSampler
 from engine.prior.edm import EDMPrior, edm_loss, sample_training_sigma
+from engine.prior.loader import StepBatches, step_batches
 from engine.prior.unet import UNetConfig, count_parameters
 from engine.runtime.bootstrap import init_distributed
 from engine.runtime.checkpoint import atomic_torch_save
@@ -64,6 +65,10 @@ class TrainConfig:
     """'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'."""
     threads: int = 0
     """torch.set_num_threads (0: leave torch's default)."""
+    loader_workers: int = 0
+    """Processes drawing the patches ahead of the GPU (engine/prior/loader.py): each step's batch then
+    comes from a generator of (seed, rank, step), the same for any number of workers; 0 draws them in
+    the training process from one stream per rank (how the shipped prior was trained)."""
     log_every: int = 10
     """Steps per loss.csv row (mean loss over the window and ranks)."""
     checkpoint_every: int = 200
@@ -94,6 +99,10 @@ class TrainConfig:
     optimiser or EMA update) and counted in loss.csv; this many in a row stop the run with
     NonFiniteTraining, the last checkpoint (written from good weights) kept. DDP path only:
     DeepSpeed steps are not checked."""
+
+    def __post_init__(self) -> None:
+        if self.loader_workers < 0:
+            raise ValueError(f"train.loader_workers must be >= 0 (got {self.loader_workers})")
 
 
 @dataclass
@@ -356,6 +365,10 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
 
         bar = tqdm(total=tc.steps, initial=start, desc="prior", dynamic_ncols=True)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    batches = None  # the workers' batches of steps start.. (loader_workers > 0)
+    if tc.loader_workers > 0:
+        batches = step_batches(StepBatches(sampler, tc.batch_size, tc.seed, info.rank, draw_batch), start, tc.steps,
+                               tc.loader_workers)
     t0, window, window_t0, last_loss = time.time(), [], time.time(), float("nan")
     stopped_at = 0  # step at which the wall-time budget ran out (0: not)
     skipped_in_window, bad_in_a_row = 0, 0
@@ -363,7 +376,8 @@ def run_training(cfg: PriorTrainConfig, init_method: str | None = None) -> Train
         lr = learning_rate(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean, sigma, noise = (t.to(info.device) for t in draw_batch(sampler, tc.batch_size, data_gen))
+        batch = next(batches) if batches is not None else draw_batch(sampler, tc.batch_size, data_gen)
+        clean, sigma, noise = (t.to(info.device) for t in batch)
         with autocast:
             loss = edm_loss(net, clean, sigma=sigma, noise=noise, sigma_data=cfg.model.sigma_data)
         bad = False
