@@ -166,9 +166,9 @@ def planned_selection(method: str, auto_overrides: list[str]) -> dict:
 
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int,
-               auto_overrides: list[str] = ()) -> dict:
+               auto_overrides: list[str] = (), prior: Path | None = None) -> dict:
     """One method on one case: {"image", "seconds", "prior_evals", "steps"[, "stopped"]}; `auto_overrides`
-    (config keys) apply to fast_auto's config."""
+    (config keys) apply to fast_auto's config; `prior`: a prior folder instead of the shipped one."""
     from engine.config import load_config
     from engine.evaluation import baselines
     from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
@@ -177,6 +177,8 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
         result = baselines.run_baselines(kspace, maps, mask, (method,), reference, support)[method]
         return {"image": result["image"], "seconds": result["seconds"], "prior_evals": 0, "steps": None}
     overrides = ["progress=false", *(auto_overrides if method == "fast_auto" else ())]
+    if prior is not None and method in PRIOR_METHODS:
+        overrides.append(f"prior.path={prior.resolve()}")
     if method == "reference":
         overrides.append(f"optim.steps={reference_steps}")
     if method in ("fast", "fast_auto", "reference") and kspace.shape[-1] == CROP:
@@ -196,7 +198,8 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
 
 
 def run(part: str, methods: list[str], out: Path, reference_steps: int, reference_rows: list[str],
-        cases: list[str] | None, only_rows: list[str] | None = None, auto_overrides: list[str] = ()) -> None:
+        cases: list[str] | None, only_rows: list[str] | None = None, auto_overrides: list[str] = (),
+        prior: Path | None = None) -> None:
     import torch
 
     from engine.evaluation.baselines import espirit_reference
@@ -206,7 +209,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
     torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
     done = done_keys(out)
     # what each method's runs load and record: the same for every row of this invocation
-    priors = {method: prior_id() if method in PRIOR_METHODS else None for method in methods}
+    priors = {method: prior_id(prior) if method in PRIOR_METHODS else None for method in methods}
     variants = {method: planned_selection(method, list(auto_overrides)) for method in methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases or PARTS[part]:
@@ -223,7 +226,8 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                     continue
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
-                result = run_method(method, kspace, maps, mask, reference, support, reference_steps, auto_overrides)
+                result = run_method(method, kspace, maps, mask, reference, support, reference_steps, auto_overrides,
+                                    prior)
                 unrefit = result.pop("unrefit_image", None)
                 without_debias = result.pop("image_without_debias", None)
                 if without_debias is not None:  # what the debias gains changed (engine.recon.selection2d)
@@ -257,13 +261,14 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
 PRIOR_METHODS = ("fast", "fast_auto", "reference")  # the methods whose configs load the shipped prior
 
 
-def prior_id() -> str:
-    """The shipped prior these runs loaded: the first 12 hex digits of sha256(weights.pt) and its date."""
+def prior_id(folder: Path | None = None) -> str:
+    """The prior these runs loaded (the shipped one by default): the first 12 hex digits of
+    sha256(weights.pt) and its date."""
     import hashlib
 
     from engine.prior.checkpoint import WEIGHTS_FILE, default_prior_path, read_arch
 
-    folder = default_prior_path()
+    folder = folder or default_prior_path()
     digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
     return f"{digest} ({read_arch(folder).get('training', {}).get('date', '?')})"
 
@@ -408,12 +413,17 @@ def summary_section(rows: list[dict]) -> list[str]:
 
 
 def selection_sections(rows: list[dict]) -> list[str]:
-    """A label-free table for each fast_auto label (selection variant) of the newest prior, the
-    label of the newest row first; older priors' rows are columns of the prior section."""
+    """A label-free table for each fast_auto label (selection variant) of the prior with the most such
+    rows (ties: the newest), the label of the newest row first; other priors' rows are columns of the
+    prior section (a candidate prior run on a few rows does not displace the full tables)."""
     autos = [r for r in rows if r["method"].split(" (")[0] == "fast_auto"]
     if not autos:
         return []
-    prior = max(autos, key=lambda r: r["date"]).get("prior")
+    counts = {}
+    for r in autos:
+        count, newest = counts.get(r.get("prior"), (0, ""))
+        counts[r.get("prior")] = (count + 1, max(newest, r["date"]))
+    prior = max(counts, key=lambda key: counts[key])
     labels = sorted({r["method"] for r in autos if r.get("prior") == prior},
                     key=lambda label: max(r["date"] for r in autos if r["method"] == label), reverse=True)
     return [line for label in labels for line in selection_section(rows, label)]
@@ -590,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="case:R:seed rows on which the reference mode runs")
     run_parser.add_argument("--rows", nargs="*", default=None, help="only these case:R:seed rows")
     run_parser.add_argument("--runs", type=Path, default=RUNS)
+    run_parser.add_argument("--prior", type=Path, default=None,
+                            help="a prior folder (weights.pt + arch.json) for the prior methods instead of the "
+                                 "shipped one; its rows are keyed by its weights' hash")
     run_parser.add_argument("--auto-set", nargs="*", default=[], metavar="KEY=VALUE",
                             help="config keys for fast_auto's runs, e.g. selection.blend_l1_wavelet=true (a "
                                  "selection key that differs from SELECTION_DEFAULTS names the rows' variant)")
@@ -607,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         start = time.time()
         run(args.part, args.methods, args.runs, args.reference_steps, args.reference_rows, args.cases, args.rows,
-            args.auto_set)
+            args.auto_set, args.prior)
         print(f"part {args.part} took {time.time() - start:.0f} s")
     else:
         report(args.runs, args.out, args.timing_runs)

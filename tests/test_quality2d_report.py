@@ -69,3 +69,23 @@ def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) ->
     # 2.6 <= 0.9 x min(3.0, 3.2) = 2.70: met; the older version (2.8) is not in that table
     assert "| 4h_GE_256 (256 px) | 4 | 0 | 3.00 | 3.20 | - | 2.60 | 2.70 met |" in text
     assert "goal met on 1 of 1" in text and "| 4 | fast_auto (prior 2026-12-01) | 0 | 2.80 |" in text
+
+
+def test_a_candidate_prior_on_a_few_rows_does_not_displace_the_label_free_tables(tmp_path) -> None:
+    """`run --prior DIR` keys rows by that prior's hash; the label-free tables show the prior with the most
+    fast_auto rows, so a newer candidate run on one row is reported beside them, not instead of them."""
+    q = _quality2d()
+    candidate = "0123456789ab (2026-12-04)"
+    shipped = [_auto_row(2.6) | {"seed": seed} for seed in (0, 1)]
+    newer = _auto_row(2.5) | {"prior": candidate, "date": "2026-12-05T00:00:00"}
+    rows = [_row("inr_tv", 3.0), _row("inr_tv", 3.0, seed=1), _row("l1_wavelet_best", 3.2),
+            _row("l1_wavelet_best", 3.2, seed=1), *shipped, newer]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ("4h_GE_256", 4, 0, "fast_auto", candidate, "") in q.done_keys(runs)
+    out = tmp_path / "report.md"
+    q.report(runs, out, None)
+    text = out.read_text()
+    assert "## Label-free choices (fast_auto (prior 2026-12-01))" in text
+    assert "## Label-free choices (fast_auto (prior 2026-12-04))" not in text
+    assert "| 4 | fast_auto (prior 2026-12-04) | 0 | 2.50 |" in text  # reported, under its own label
