@@ -34,6 +34,8 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     # speed: one row, methods back to back on an otherwise idle machine, into their own file
     python benchmarks/quality2d.py run --part real --cases 4h_GE --rows 4h_GE:6:0 \
         --methods inr_tv fast reference --reference-rows 4h_GE:6:0 --runs benchmarks/results/quality2d_timing.jsonl
+    # a candidate prior's rows, beside the shipped prior's (keyed by its weights' hash)
+    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior benchmarks/results/prior_candidate_h200
     nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
     python benchmarks/quality2d.py report
 """
