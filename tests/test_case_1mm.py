@@ -128,6 +128,10 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
             {"case": "colin27_1mm", "R": 4.0, "method": "infusion:x", "nrmse_percent": 5.0, "seconds": 60.0,
              "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "steps": 10, "seconds_per_step": 6.0,
              "wall_seconds": 70.0, "peak_rss_mib_all_ranks": 3000.0, "peak_rss_mib_one_rank": 1600.0},
+            {"case": "colin27_1mm", "R": 4.0, "method": "infusion:on a GPU", "nrmse_percent": 5.1, "seconds": 1.0,
+             "config": "configs/colin27_1mm.yaml", "overrides": ["steps=10"], "steps": 10, "seconds_per_step": 0.035,
+             "wall_seconds": 9.0, "peak_rss_mib_all_ranks": 2000.0, "peak_rss_mib_one_rank": 2000.0,
+             "peak_gpu_gib_max_rank": 1.53},
             {"case": "colin27_1mm_tuning", "R": 4.0, "method": "l1_wavelet_3d", "nrmse_percent": 7.0,
              "seconds": 3.0, "factor": 0.004, "lamda": 0.01}]
     quality3d.RUNS.write_text("".join(json.dumps({**r, **common}) + "\n" for r in rows))
@@ -148,8 +152,12 @@ def test_quality3d_report_writes_the_1mm_tables(tmp_path, monkeypatch):
             "10.0 % above it.") in report
     assert ("(debias gains 1.000 / 1.250 at band edges 0.5; without them 5.60 %; holdout fit 5.90 % in 8 s)"
             in report)
+    # a GPU row gives its device memory and its step time in ms
+    assert "steps=10 (10 steps, 35 ms per step; peak GPU memory 1.53 GiB, host RSS 2000 MiB)" in report
     scale = quality3d.SCALE_REPORT.read_text()
-    assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.00 |" in scale
+    assert scale.startswith("# scaling") and "| 4 | infusion:x | 10 | 6.000 |" in scale
+    assert "| 4 | infusion:on a GPU | 10 | 0.035 | 1 | 9 | 2000 | 2000 | 1.53 | 5.10 |" in scale
+    assert "| 4 | infusion:x | 10 | 6.000 | 60 | 70 | 3000 | 1600 | - | 5.00 |" in scale
     quality3d.write_report()  # the marked section is replaced, not appended again
     assert quality3d.SCALE_REPORT.read_text().count("infusion:x") == 1
 
