@@ -201,7 +201,7 @@ def run_method(method: str, kspace, maps, mask, reference, support, reference_st
 
 def run(part: str, methods: list[str], out: Path, reference_steps: int, reference_rows: list[str],
         cases: list[str] | None, only_rows: list[str] | None = None, auto_overrides: list[str] = (),
-        prior: Path | None = None) -> None:
+        prior_folder: Path | None = None) -> None:
     import torch
 
     from engine.evaluation.baselines import espirit_reference
@@ -211,7 +211,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
     torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
     done = done_keys(out)
     # what each method's runs load and record: the same for every row of this invocation
-    priors = {method: prior_id(prior) if method in PRIOR_METHODS else None for method in methods}
+    priors = {method: prior_id(prior_folder) if method in PRIOR_METHODS else None for method in methods}
     variants = {method: planned_selection(method, list(auto_overrides)) for method in methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases or PARTS[part]:
@@ -229,7 +229,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
                 if method == "reference" and f"{case}:{acceleration}:{seed}" not in reference_rows:
                     continue
                 result = run_method(method, kspace, maps, mask, reference, support, reference_steps, auto_overrides,
-                                    prior)
+                                    prior_folder)
                 unrefit = result.pop("unrefit_image", None)
                 without_debias = result.pop("image_without_debias", None)
                 if without_debias is not None:  # what the debias gains changed (engine.recon.selection2d)

@@ -89,3 +89,38 @@ def test_a_candidate_prior_on_a_few_rows_does_not_displace_the_label_free_tables
     assert "## Label-free choices (fast_auto (prior 2026-12-01))" in text
     assert "## Label-free choices (fast_auto (prior 2026-12-04))" not in text
     assert "| 4 | fast_auto (prior 2026-12-04) | 0 | 2.50 |" in text  # reported, under its own label
+
+
+def test_run_with_a_candidate_prior_passes_its_folder_and_keys_the_rows_by_it(tmp_path, monkeypatch) -> None:
+    """`run --prior DIR`: each prior method gets the folder (run_method turns it into prior.path=DIR) and
+    its rows record that prior's id; a method without a prior records none."""
+    import hashlib
+
+    import numpy as np
+
+    from engine.evaluation import baselines
+
+    q = _quality2d()
+    folder = tmp_path / "candidate"
+    folder.mkdir()
+    (folder / "weights.pt").write_bytes(b"weights")
+    (folder / "arch.json").write_text(json.dumps({"training": {"date": "2026-12-04"}}))
+    rng = np.random.default_rng(0)
+    kspace = (rng.standard_normal((2, 32, 32)) + 1j * rng.standard_normal((2, 32, 32))).astype(np.complex64)
+    image = np.ones((32, 32), np.complex64)
+    monkeypatch.setattr(q, "load_case", lambda case: kspace)
+    monkeypatch.setattr(baselines, "espirit_reference",
+                        lambda k: (np.ones((2, 32, 32), np.complex64), image, np.ones((32, 32), bool)))
+    received = {}
+
+    def fake_method(method, *args):
+        received[method] = args[-1]
+        return {"image": image, "seconds": 0.0, "prior_evals": 0, "steps": 1}
+
+    monkeypatch.setattr(q, "run_method", fake_method)
+    out = tmp_path / "runs.jsonl"
+    q.run("256", ["fast", "inr_tv"], out, 0, [], ["4h_GE_256"], ["4h_GE_256:4:0"], [], folder)
+    assert received == {"fast": folder, "inr_tv": folder}
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["fast"]["prior"] == f"{hashlib.sha256(b'weights').hexdigest()[:12]} (2026-12-04)"
+    assert "prior" not in rows["inr_tv"]
