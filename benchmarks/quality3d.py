@@ -34,7 +34,8 @@ Methods:
   mask is broadcast along kx. BART's FFT is not orthonormal, so one global least-squares scale
   of its magnitude is fitted to the reference before scoring (reported as `bart_scale`). Only when
   the `bart` binary is on PATH; the benchmark installs nothing. Each row stores its command.
-- infusion:<label>: `torchrun --nproc-per-node 2 launch/recon3d.py --config C --set ...` (2 CPU ranks).
+- infusion:<label>: `torchrun --nproc-per-node 2 launch/recon3d.py --config C --set ...` (2 CPU ranks;
+  `--nproc 1` on a one-GPU machine: the rows labelled `on one GPU`).
 
 Every result is appended to benchmarks/results/quality3d_runs.jsonl (machine, date, commit);
 `report` writes benchmarks/results/quality3d.md from it (the newest row per case, R and method).
@@ -1086,7 +1087,7 @@ def write_report() -> Path:
              "Every fixed setting (lambda rule, configs) was tuned on the bundled case at R = 4; the "
              "`bart_*`, `l1_wavelet_3d_c*` sweeps are oracles (judged against the reference). INFusion rows "
              "ran as `torchrun --standalone --nproc-per-node 2 launch/recon3d.py --config CONFIG --input STORE "
-             "--set OVERRIDES` (the setting column: CONFIG OVERRIDES, CONFIG as of the row's commit; seconds: "
+             "--set OVERRIDES` (those labelled `on one GPU` with --nproc-per-node 1; the setting column: CONFIG OVERRIDES, CONFIG as of the row's commit; seconds: "
              "the step loop); the rows labelled by their settings are the levers tried.")
     lines = ["# 3D quality: INFusion against zero-filled, 3D L1-wavelet, plane-by-plane 2D INR + TV, BART", "",
              intro, ""]
@@ -1280,8 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="continue the run of this label from its checkpoints (a run stopped with SIGUSR1 or "
                           "SIGTERM to its ranks checkpoints first) instead of starting over")
     inf.add_argument("--nproc", type=int, default=2,
-                     help="ranks of the run (default 2 CPU ranks; 1 on a one-GPU machine, with the config's "
-                          "slices.per_step doubled for the same draws per step)")
+                     help="ranks of the run (default 2 CPU ranks; 1 on a one-GPU machine, with "
+                          "slices.num_shards=2 for the draws of the 2 CPU ranks)")
     mon = sub.add_parser("montage", help="PNG of reference, zero-filled, L1-wavelet, best BART, best INFusion")
     mon.add_argument("--case", choices=CASES, default="colin27_1mm")
     mon.add_argument("--R", type=float, nargs="+", default=[4.0])
