@@ -37,6 +37,7 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     # a candidate prior's rows, beside the shipped prior's (keyed by its weights' hash)
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior benchmarks/results/prior_candidate_h200
     nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
+    python benchmarks/quality2d.py noise-floor      # what each 256 px reference's own noise lets no method beat
     python benchmarks/quality2d.py report
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ DATA = Path(os.environ.get("INFUSION_SHARED_DATA", REPO.parent / "shared" / "dat
 RUNS = REPO / "benchmarks" / "results" / "quality2d_runs.jsonl"
 TIMING_RUNS = REPO / "benchmarks" / "results" / "quality2d_timing.jsonl"  # `run --runs` of the speed rows
 REPORT = REPO / "benchmarks" / "results" / "quality2d.md"
+NOISE_FLOOR = REPO / "benchmarks" / "results" / "quality2d_noise_floor.json"  # `noise-floor` subcommand
 ACCELERATIONS = (4, 6, 8)
 SEEDS = (0, 1)
 CROP = 128
@@ -351,6 +353,74 @@ def bart_brain(out_png: Path = BART_PNG, methods: tuple[str, ...] = ("fast",)) -
     return summary
 
 
+NOISE_CORNER_RADIUS = 1.25  # k-space beyond this radius (1 = the edge's midpoint) is taken as noise only
+
+
+def reference_noise_floor(kspace: np.ndarray, maps: np.ndarray, reference: np.ndarray, support: np.ndarray,
+                          mask: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """(k-space noise std per real component, NRMSE % floor) of a fully sampled case scored on `mask`.
+
+    The reference is combined from noisy samples; a reconstruction can reproduce the noise of the samples it
+    measured but not of the ones it did not, so even the noise-free object plus the measured noise scores
+    this NRMSE against the reference. The noise is taken as white with the std of the k-space corners
+    (beyond NOISE_CORNER_RADIUS, where a slice holds almost no signal: an upper bound if it holds some), and
+    the floor is the NRMSE of the reference with a seeded draw of it on the unmeasured samples removed.
+    """
+    from engine.evaluation.baselines import zero_filled
+    from engine.evaluation.metrics import nrmse_percent
+
+    _, ny, nx = kspace.shape
+    ky, kx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    corners = kspace[:, np.hypot(ky, kx) > NOISE_CORNER_RADIUS]
+    sigma = float(np.sqrt(np.mean(np.abs(corners) ** 2) / 2))
+    rng = np.random.default_rng(seed)
+    noise = sigma * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))
+    unmeasured = zero_filled((noise * (1 - mask)).astype(np.complex64), maps)
+    return sigma, nrmse_percent(reference - unmeasured, reference, support)
+
+
+def noise_floor(cases: tuple[str, ...], out: Path = NOISE_FLOOR) -> dict:
+    """reference_noise_floor of every case, R and mask seed of the 256 px part, into `out` (JSON)."""
+    from engine.evaluation.baselines import espirit_reference
+    from engine.physics.masks import poisson_disc_mask
+
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+              "corner_radius": NOISE_CORNER_RADIUS, "cases": {}}
+    for case in cases:
+        kspace = load_case(case)
+        maps, reference, support = espirit_reference(kspace)
+        floors = {}
+        for acceleration in ACCELERATIONS:
+            for seed in SEEDS:
+                mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)
+                sigma, floors[f"{acceleration}:{seed}"] = reference_noise_floor(kspace, maps, reference, support,
+                                                                                mask, seed)
+        result["cases"][case] = {"sigma_over_max": sigma / float(np.abs(kspace).max()), "floor_percent": floors}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def noise_floor_section(path: Path) -> list[str]:
+    """The `noise-floor` subcommand's table: what no reconstruction can score below against each reference."""
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text())
+    lines = ["## Noise in the references: the NRMSE floor", "",
+             (f"`python benchmarks/quality2d.py noise-floor`, {info['date']}, {info['machine']}. The references are "
+              "combined from noisy fully sampled k-space; a reconstruction can reproduce the noise of the samples "
+              "it measured but not of the unmeasured ones, so even the noise-free object (plus the measured noise) "
+              "scores the floor below. Noise: white, with the std of the k-space corners beyond radius "
+              f"{info['corner_radius']} (1 = an edge's midpoint); NRMSE % of the reference with one draw of it on the "
+              "unmeasured samples removed, mean over mask seeds."), "",
+             "| case | corner noise std / max abs(k) | floor R = " + " | R = ".join(map(str, ACCELERATIONS)) + " |",
+             "|---|---|" + "---|" * len(ACCELERATIONS)]
+    for case, entry in info["cases"].items():
+        floors = [np.mean([v for k, v in entry["floor_percent"].items() if k.startswith(f"{a}:")]) for a in ACCELERATIONS]
+        lines.append(f"| {case} | {entry['sigma_over_max']:.1e} | " + " | ".join(f"{f:.2f}" for f in floors) + " |")
+    return lines + [""]
+
+
 def machine() -> str:
     import torch
 
@@ -581,6 +651,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         lines.append("")
     lines += speed_section(timing)
     lines += bart_section(BART_PNG.with_suffix(".json"))
+    lines += noise_floor_section(NOISE_FLOOR if out == REPORT else out.with_name(NOISE_FLOOR.name))
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
@@ -611,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     bart_parser = sub.add_parser("bart", help="the real undersampled BART brain case: images side by side (PNG)")
     bart_parser.add_argument("--out", type=Path, default=BART_PNG)
     bart_parser.add_argument("--methods", nargs="+", default=["fast"], choices=["inr", "inr_tv", "fast", "fast_auto"])
+    sub.add_parser("noise-floor", help="the NRMSE floor the noise of each 256 px reference sets (JSON beside the report)")
     report_parser = sub.add_parser("report", help="write the markdown table from the runs file")
     report_parser.add_argument("--runs", type=Path, default=RUNS)
     report_parser.add_argument("--out", type=Path, default=REPORT)
@@ -618,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bart":
         bart_brain(args.out, tuple(args.methods))
+        return 0
+    if args.command == "noise-floor":
+        noise_floor(PARTS["256"])
         return 0
     if args.command == "run":
         start = time.time()

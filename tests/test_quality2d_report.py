@@ -124,3 +124,33 @@ def test_run_with_a_candidate_prior_passes_its_folder_and_keys_the_rows_by_it(tm
     rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["fast"]["prior"] == f"{hashlib.sha256(b'weights').hexdigest()[:12]} (2026-12-04)"
     assert "prior" not in rows["inr_tv"]
+
+
+def test_noise_floor_matches_the_noise_free_object_with_its_measured_noise() -> None:
+    """reference_noise_floor's estimate (noise std from the k-space corners, a fresh draw) against the
+    NRMSE the noise-free object plus the noise actually measured scores against the noisy reference."""
+    import numpy as np
+
+    from engine.evaluation.baselines import espirit_reference, zero_filled
+    from engine.evaluation.metrics import nrmse_percent
+    from engine.physics.masks import poisson_disc_mask
+
+    q = _quality2d()
+    n, sigma = 96, 0.02
+    y, x = np.mgrid[:n, :n] - n / 2
+    image = np.exp(-(x ** 2 + y ** 2) / (2 * 12.0 ** 2)) + 0.5 * np.exp(-((x - 10) ** 2 + y ** 2) / (2 * 5.0 ** 2))
+    coils = np.stack([np.exp(-((x - c) ** 2 + y ** 2) / (2 * 60.0 ** 2)) for c in (-30, 30)])
+    clean = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coils * image), norm="ortho"), axes=(-2, -1))
+    rng = np.random.default_rng(1)
+    noise = sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
+    kspace = (clean + noise).astype(np.complex64)
+    maps, reference, support = espirit_reference(kspace)
+    mask = poisson_disc_mask((n, n), 4, calib=(0, 0), seed=0)
+    measured_noise_only = zero_filled((clean + noise * mask).astype(np.complex64), maps)
+    direct = nrmse_percent(measured_noise_only, reference, support)
+    estimated_sigma, floor = q.reference_noise_floor(kspace, maps, reference, support, mask, seed=3)
+    assert abs(estimated_sigma / sigma - 1) < 0.1
+    assert direct > 1.0 and abs(floor / direct - 1) < 0.1
+    # without noise there is no floor
+    _, floor_clean = q.reference_noise_floor(clean.astype(np.complex64), maps, reference, support, mask)
+    assert floor_clean < 0.05 * floor
