@@ -8,7 +8,8 @@
 # (train.loader_workers), which the candidate's stage, bound by one sampler process, did not have.
 # A second call on the same machine resumes (runs/prior_gpu_session/checkpoint). OUT_DIR gets the new prior
 # folder (prior/: weights.pt + arch.json), loss.csv, config.yaml, samples.png and train.log. Evaluate it on
-# the CPU afterwards (engine.prior.evaluate --compare, as the candidate's evaluation.md says) and with `benchmarks/quality2d.py run --part 256 --methods fast_auto --prior DIR`.
+# the CPU afterwards (engine.prior.evaluate --compare, as the candidate's evaluation.md says) and with
+# `benchmarks/quality2d.py run --part 256 --methods fast_auto --prior DIR`.
 set -o pipefail
 out="${1:?usage: bash benchmarks/gpu_prior_session.sh OUT_DIR [INIT_FROM]}"
 init="${2:-benchmarks/results/prior_candidate_h200}"
