@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_prior_session.sh OUT_DIR [INIT_FROM]      (MINUTES=7 by default)
 # INIT_FROM: a prior folder (default: the candidate of benchmarks/results/prior_candidate_h200). The training
 # volumes of configs/prior_train.yaml must be in data/volumes (ignored by git; that file says where they come
-# from). Batch 32 and lr 5e-4 as the candidate's stage; patches drawn by all but 2 CPU cores
-# (train.loader_workers), which the candidate's stage, bound by one sampler process, did not have.
+# from; the trainer names a missing one at start-up, in train.log, whose tail this prints). Batch 32 and
+# lr 5e-4 as the candidate's stage; patches drawn by all but 2 CPU cores (train.loader_workers), which the
+# candidate's stage, bound by one sampler process, did not have.
 # A second call on the same machine resumes (runs/prior_gpu_session/checkpoint). OUT_DIR gets the new prior
 # folder (prior/: weights.pt + arch.json), loss.csv, config.yaml, samples.png and train.log. Evaluate it on
 # the CPU afterwards (engine.prior.evaluate --compare, as the candidate's evaluation.md says) and with
@@ -15,9 +16,6 @@ out="${1:?usage: bash benchmarks/gpu_prior_session.sh OUT_DIR [INIT_FROM]}"
 init="${2:-benchmarks/results/prior_candidate_h200}"
 python=${PYTHON:-python3}
 mkdir -p "$out"
-for volume in colin27_t1_1mm colin27_t1_0p5mm mni152_2009a_t1_1mm; do
-  [ -f "data/volumes/$volume.nii.gz" ] || { echo "missing data/volumes/$volume.nii.gz (configs/prior_train.yaml)"; exit 2; }
-done
 workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 export PYTHONUNBUFFERED=1
 minutes=${MINUTES:-7}

@@ -356,27 +356,33 @@ def bart_brain(out_png: Path = BART_PNG, methods: tuple[str, ...] = ("fast",)) -
 NOISE_CORNER_RADIUS = 1.25  # k-space beyond this radius (1 = the edge's midpoint) is taken as noise only
 
 
-def reference_noise_floor(kspace: np.ndarray, maps: np.ndarray, reference: np.ndarray, support: np.ndarray,
-                          mask: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """(k-space noise std per real component, NRMSE % floor) of a fully sampled case scored on `mask`.
+def kspace_noise_std(kspace: np.ndarray) -> float:
+    """Std per real component of the white noise in fully sampled k-space `(C, ny, nx)`, from its corners
+    (beyond NOISE_CORNER_RADIUS, where a slice holds almost no signal: an upper bound if it holds some)."""
+    _, ny, nx = kspace.shape
+    ky, kx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    corners = kspace[:, np.hypot(ky, kx) > NOISE_CORNER_RADIUS]
+    return float(np.sqrt(np.mean(np.abs(corners) ** 2) / 2))
+
+
+def reference_noise_floor(sigma: float, maps: np.ndarray, reference: np.ndarray, support: np.ndarray,
+                          mask: np.ndarray, seed: int = 0) -> float:
+    """NRMSE % floor of a fully sampled case whose k-space holds white noise of std `sigma` (per real
+    component, kspace_noise_std), scored on `mask`.
 
     The reference is combined from noisy samples; a reconstruction can reproduce the noise of the samples it
     measured but not of the ones it did not, so even the noise-free object plus the measured noise scores
-    this NRMSE against the reference. The noise is taken as white with the std of the k-space corners
-    (beyond NOISE_CORNER_RADIUS, where a slice holds almost no signal: an upper bound if it holds some), and
-    the floor is the NRMSE of the reference with a seeded draw of it on the unmeasured samples removed.
+    this NRMSE against the reference: that of the reference with a seeded draw of the noise on the
+    unmeasured samples removed.
     """
     from engine.evaluation.baselines import zero_filled
     from engine.evaluation.metrics import nrmse_percent
 
-    _, ny, nx = kspace.shape
-    ky, kx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
-    corners = kspace[:, np.hypot(ky, kx) > NOISE_CORNER_RADIUS]
-    sigma = float(np.sqrt(np.mean(np.abs(corners) ** 2) / 2))
     rng = np.random.default_rng(seed)
-    noise = sigma * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))
+    shape = (maps.shape[0], *mask.shape)
+    noise = sigma * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
     unmeasured = zero_filled((noise * (1 - mask)).astype(np.complex64), maps)
-    return sigma, nrmse_percent(reference - unmeasured, reference, support)
+    return nrmse_percent(reference - unmeasured, reference, support)
 
 
 def noise_floor(cases: tuple[str, ...], out: Path = NOISE_FLOOR) -> dict:
@@ -389,12 +395,11 @@ def noise_floor(cases: tuple[str, ...], out: Path = NOISE_FLOOR) -> dict:
     for case in cases:
         kspace = load_case(case)
         maps, reference, support = espirit_reference(kspace)
-        floors = {}
+        sigma, floors = kspace_noise_std(kspace), {}
         for acceleration in ACCELERATIONS:
             for seed in SEEDS:
                 mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)
-                sigma, floors[f"{acceleration}:{seed}"] = reference_noise_floor(kspace, maps, reference, support,
-                                                                                mask, seed)
+                floors[f"{acceleration}:{seed}"] = reference_noise_floor(sigma, maps, reference, support, mask, seed)
         result["cases"][case] = {"sigma_over_max": sigma / float(np.abs(kspace).max()), "floor_percent": floors}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
@@ -651,7 +656,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         lines.append("")
     lines += speed_section(timing)
     lines += bart_section(BART_PNG.with_suffix(".json"))
-    lines += noise_floor_section(NOISE_FLOOR if out == REPORT else out.with_name(NOISE_FLOOR.name))
+    lines += noise_floor_section(out.with_name(NOISE_FLOOR.name))  # NOISE_FLOOR beside REPORT
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"

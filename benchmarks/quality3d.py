@@ -617,10 +617,10 @@ NOTES = """## Notes (what the rows say)
   against `demo3d, shipped prior (control ...)`, the same config, commit and slice seed 0, run back to back:
   R = 4 / 6 / 8 5.14 / 6.95 / 9.36 % against 5.42 / 7.25 / 9.70 % (3.5-5 % lower; the controls reproduce
   the earlier rows of this config to the last digit); slice seed 1 at R = 4 / 8: 5.17 / 9.49 % against the
-  config's 5.46 / 9.83 %. The prior is the lever here, but this case is
-  Colin27's evaluation part, the subject whose other slices (world z < 15 mm) the prior trains on: on the
-  12 real 2D brain rows of other subjects and scanners the same candidate moved fast_auto by -0.041 to
-  +0.002 points (benchmarks/results/quality2d.md). It becomes the shipped prior once the 3D configs' rows (the 1 mm ones
+  config's 5.46 / 9.83 %. The prior is the lever here, but this case is Colin27's evaluation part, the
+  subject whose other slices (world z < 15 mm) the prior trains on: on the 12 real 2D brain rows of other
+  subjects and scanners the same candidate moved fast_auto by -0.041 to +0.002 points
+  (benchmarks/results/quality2d.md). It becomes the shipped prior once the 3D configs' rows (the 1 mm ones
   take 1.5-2 h per R here) are rerun with it.
 """
 
