@@ -10,7 +10,10 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - real: 4h_GE and 4h_mpr (real 4-coil brain slices), 4h_Ph (real resolution phantom, own rows);
 - sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
   axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
-- 256: 4h_GE, 4h_mpr and 4h_Ph at full 256 x 256 (all R and seeds).
+- 256: 4h_GE, 4h_mpr and 4h_Ph at full 256 x 256 (all R and seeds);
+- tune: a case for choosing fast_auto's lists, never reported against the goal: dipy's real T1w coronal
+  slice (evaluation-only, engine/assets/prior/SPLIT.md; magnitude, BSD-3) at 256 px with 4 simulated
+  coils, smooth phase and SNR 50 (engine.physics.simulate).
 Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
@@ -74,6 +77,7 @@ PARTS = {
     "real": ("4h_GE", "4h_mpr", "4h_Ph"),
     "sim": ("bundled_colin27_z45", "mni152_axial"),
     "256": ("4h_GE_256", "4h_mpr_256", "4h_Ph_256"),
+    "tune": ("dipy_coronal_256",),
 }
 NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 MNI_SLICE = 110  # axial voxel index of the 1 mm MNI152 volume (z = 38 mm: its evaluation part, engine.prior.data.trained_near)
@@ -115,6 +119,12 @@ def load_case(name: str) -> np.ndarray:
         magnitude[top:top + plane.shape[0], left:left + plane.shape[1]] = plane / plane.max()
         kspace = simulate_multicoil(magnitude, ncoils=4, snr=50.0, seed=0).kspace
         return centre_crop(kspace.astype(np.complex64), CROP)
+    if name == "dipy_coronal_256":
+        from engine.physics.simulate import simulate_multicoil
+
+        magnitude = np.load(DATA / "volumes" / "dipy_t1_coronal_slice.npy").astype(np.float64)
+        kspace = simulate_multicoil(magnitude / magnitude.max(), ncoils=4, snr=50.0, seed=0).kspace
+        return kspace.astype(np.complex64)
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -130,7 +140,7 @@ def row_prior(row: dict) -> str | None:
 
 
 SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False,
-                      "blend_l1_wavelet": False}
+                      "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1]}
 
 
 def selection_variant(keys: dict) -> str:
@@ -138,7 +148,8 @@ def selection_variant(keys: dict) -> str:
     selection keys that differ from SELECTION_DEFAULTS (rows of other methods, and older rows, have none)."""
     names = {"extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
              "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased",
-             "blend_l1_wavelet": lambda value: "blended with the L1-wavelet"}
+             "blend_l1_wavelet": lambda value: "blended with the L1-wavelet",
+             "prior_weights": lambda value: "prior weights " + " / ".join(f"{w:g}" for w in value)}
     return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
@@ -165,8 +176,9 @@ def planned_selection(method: str, auto_overrides: list[str]) -> dict:
     from engine.recon.fit2d import Recon2DConfig
 
     selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], auto_overrides).selection
-    return {key: getattr(selection, key) for key, default in SELECTION_DEFAULTS.items()
-            if getattr(selection, key) != default}
+    values = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in ((key, getattr(selection, key)) for key in SELECTION_DEFAULTS)}
+    return {key: value for key, value in values.items() if value != SELECTION_DEFAULTS[key]}
 
 
 def run_method(method: str, kspace, maps, mask, reference, support, reference_steps: int,

@@ -62,6 +62,10 @@ def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) ->
     assert ("4h_GE_256", 4, 0, "fast_auto", later, "edges extended") in done
     assert q.selection_variant({"search": "prior_then_tv"}) == "prior then tv"
     assert q.selection_variant({"holdout_weighting": "density", "extend_edges": 2}) == "edges extended, density-weighted"
+    # a prior-weight list other than the first one's is a version of its own, whatever its config spelling
+    assert q.selection_variant({"prior_weights": [0.0, 0.05, 0.1]}) == ""
+    assert q.selection_variant({"prior_weights": [0.0, 0.05, 0.1, 0.2]}) == "prior weights 0 / 0.05 / 0.1 / 0.2"
+    assert q.planned_selection("fast_auto", ["selection.prior_weights=[0.0, 0.1, 0.2]"])["prior_weights"] == [0.0, 0.1, 0.2]
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()
