@@ -37,6 +37,9 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     # speed: one row, methods back to back on an otherwise idle machine, into their own file
     python benchmarks/quality2d.py run --part real --cases 4h_GE --rows 4h_GE:6:0 \
         --methods inr_tv fast reference --reference-rows 4h_GE:6:0 --runs benchmarks/results/quality2d_timing.jsonl
+    # the tuning case: which prior-weight list fast_auto should have (its own table; not one of the goal's rows)
+    nice -n 5 python benchmarks/quality2d.py run --part tune --rows dipy_coronal_256:4:0 dipy_coronal_256:6:0 \
+        dipy_coronal_256:8:0 --methods inr_tv l1_wavelet_best fast_auto --auto-set "selection.prior_weights=[0.0,0.05,0.1,0.2,0.4]"
     # a candidate prior's rows, beside the shipped prior's (keyed by its weights' hash)
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior benchmarks/results/prior_candidate_h200
     nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
