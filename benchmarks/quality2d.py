@@ -504,10 +504,11 @@ def summary_section(rows: list[dict]) -> list[str]:
     return lines + ["", f"Cases: {', '.join(cases)}; only (case, R, seed) rows where every listed method ran.", ""]
 
 
-def selection_sections(rows: list[dict]) -> list[str]:
-    """A label-free table for each fast_auto label (selection variant) of the prior with the most such
-    rows (ties: the newest), the label of the newest row first; other priors' rows are columns of the
-    prior section (a candidate prior run on a few rows does not displace the full tables)."""
+def selection_sections(rows: list[dict], shipped: str | None = None) -> list[str]:
+    """A label-free table for each fast_auto label (selection variant) of the shipped prior (`shipped`,
+    its prior_id) if it has such rows, else of the prior with the most (ties: the newest), the label of
+    the newest row first; other priors' rows are columns of the prior section (a candidate prior run on
+    a few rows does not displace the full tables)."""
     autos = [r for r in rows if r["method"].split(" (")[0] == "fast_auto"]
     if not autos:
         return []
@@ -515,7 +516,7 @@ def selection_sections(rows: list[dict]) -> list[str]:
     for r in autos:
         count, newest = counts.get(r.get("prior"), (0, ""))
         counts[r.get("prior")] = (count + 1, max(newest, r["date"]))
-    prior = max(counts, key=lambda key: counts[key])
+    prior = shipped if shipped in counts else max(counts, key=lambda key: counts[key])
     labels = sorted({r["method"] for r in autos if r.get("prior") == prior},
                     key=lambda label: max(r["date"] for r in autos if r["method"] == label), reverse=True)
     return [line for label in labels for line in selection_section(rows, label)]
@@ -650,7 +651,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
         "",
     ]
     lines += summary_section(rows)
-    lines += selection_sections(rows)
+    lines += selection_sections(rows, prior_id())
     lines += prior_section(rows)
     for case, size in cases:
         lines += [f"## {case} ({size} x {size})", "",

@@ -92,6 +92,10 @@ def test_a_candidate_prior_on_a_few_rows_does_not_displace_the_label_free_tables
     text = out.read_text()
     assert "## Label-free choices (fast_auto (prior 2026-12-01))" in text
     assert "## Label-free choices (fast_auto (prior 2026-12-04))" not in text
+    # once the candidate is the shipped prior, its rows make the tables, however few
+    shipped_now = "\n".join(q.selection_sections([{**r, "method": q.method_label(r)} for r in rows], candidate))
+    assert "## Label-free choices (fast_auto (prior 2026-12-04))" in shipped_now
+    assert "## Label-free choices (fast_auto (prior 2026-12-01))" not in shipped_now
     assert "| 4 | fast_auto (prior 2026-12-04) | 0 | 2.50 |" in text  # reported, under its own label
 
 
