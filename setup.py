@@ -22,7 +22,7 @@ setup(
     packages=find_namespace_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch"],
                                      exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"engine.assets.prior": ["*"]},
+    package_data={"engine.assets.prior": ["*"], "engine.assets.prior_stage2": ["*"]},
     license_files=["LICENSE"],
     # the launch/ scripts as commands (python launch/<name>.py works the same without installing)
     entry_points={"console_scripts": [

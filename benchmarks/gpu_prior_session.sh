@@ -2,18 +2,18 @@
 # Train a 2D prior on for a wall-time budget on a one-GPU machine, in one call (issue 12's lever: the
 # 256 px rows of benchmarks/results/quality2d.md are limited by the prior), from the repository root:
 #   bash benchmarks/gpu_prior_session.sh OUT_DIR [INIT_FROM]      (MINUTES=7 by default)
-# INIT_FROM: a prior folder (default: the candidate of benchmarks/results/prior_candidate_h200). The training
+# INIT_FROM: a prior folder (default: the shipped prior, engine/assets/prior). The training
 # volumes of configs/prior_train.yaml must be in data/volumes (ignored by git; that file says where they come
 # from; the trainer names a missing one at start-up, in train.log, whose tail this prints). Batch 32 and
-# lr 5e-4 as the candidate's stage; patches drawn by all but 2 CPU cores (train.loader_workers), which the
-# candidate's stage, bound by one sampler process, did not have.
+# lr 5e-4 as the shipped prior's stage 3; patches drawn by all but 2 CPU cores (train.loader_workers), which
+# that stage, bound by one sampler process, did not have.
 # A second call on the same machine resumes (runs/prior_gpu_session/checkpoint). OUT_DIR gets the new prior
 # folder (prior/: weights.pt + arch.json), loss.csv, config.yaml, samples.png and train.log. Evaluate it on
-# the CPU afterwards (engine.prior.evaluate --compare, as the candidate's evaluation.md says) and with
+# the CPU afterwards (engine.prior.evaluate --compare, as benchmarks/results/prior_eval.md says) and with
 # `benchmarks/quality2d.py run --part 256 --methods fast_auto --prior DIR`.
 set -o pipefail
 out="${1:?usage: bash benchmarks/gpu_prior_session.sh OUT_DIR [INIT_FROM]}"
-init="${2:-benchmarks/results/prior_candidate_h200}"
+init="${2:-engine/assets/prior}"
 python=${PYTHON:-python3}
 mkdir -p "$out"
 workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))

@@ -41,7 +41,7 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     nice -n 5 python benchmarks/quality2d.py run --part tune --rows dipy_coronal_256:4:0 dipy_coronal_256:6:0 \
         dipy_coronal_256:8:0 --methods inr_tv l1_wavelet_best fast_auto --auto-set "selection.prior_weights=[0.0,0.05,0.1,0.2,0.4]"
     # a candidate prior's rows, beside the shipped prior's (keyed by its weights' hash)
-    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior benchmarks/results/prior_candidate_h200
+    nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior CANDIDATE_DIR
     nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
     python benchmarks/quality2d.py noise-floor      # what each 256 px reference's own noise lets no method beat
     python benchmarks/quality2d.py report
@@ -598,7 +598,7 @@ def prior_section(rows: list[dict]) -> list[str]:
     if not later:
         return []
     nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
-    lines = ["## fast with the new prior (engine/assets/prior, benchmarks/results/prior_eval.md) vs the first prior, NRMSE %", "",
+    lines = ["## fast with the later priors vs the first prior (engine/assets/prior: the shipped one; SPLIT.md there), NRMSE %", "",
              "| case | R | seed | INR + TV | fast, first prior (2026-11-26) | " + " | ".join(later) + " |",
              "|---|---|---|---|---|" + "---|" * len(later)]
     keys = sorted({k[:4] for k in nrmse if k[4] in later}, key=lambda k: (k[1], k[0], k[3], k[2]))

@@ -612,16 +612,18 @@ NOTES = """## Notes (what the rows say)
   wavelet lambda moves with R (0.02 at R = 4, larger at R = 6); BART rows use its default 30
   iterations. The engine's 3D L1-wavelet (db4, cycle spinning, 100 FISTA iterations, one lambda
   rule for all R) is the strongest peer here.
-- The prior candidate trained on a GPU (2026-12-04, benchmarks/results/prior_candidate_h200: the shipped
-  prior trained on for 1404 steps at batch 32 on one H200; not shipped), rows `demo3d, prior candidate ...`
-  against `demo3d, shipped prior (control ...)`, the same config, commit and slice seed 0, run back to back:
+- The prior of stage 3 (shipped since 2026-12-04, engine/assets/prior: the previous prior trained on for
+  1404 steps at batch 32 on one H200), rows `demo3d, prior candidate ...`: run before it was shipped, with
+  `prior.path` at its folder of then (benchmarks/results/prior_candidate_h200, the same weights, sha256
+  72fde8f58991), against `demo3d, shipped prior (control ...)` (the previous prior, stages 1-2, now
+  engine/assets/prior_stage2), the same config, commit and slice seed 0, run back to back:
   R = 4 / 6 / 8 5.14 / 6.95 / 9.36 % against 5.42 / 7.25 / 9.70 % (3.5-5 % lower; the controls reproduce
   the earlier rows of this config to the last digit); slice seed 1 at R = 4 / 8: 5.17 / 9.49 % against the
   config's 5.46 / 9.83 %. The prior is the lever here, but this case is Colin27's evaluation part, the
   subject whose other slices (world z < 15 mm) the prior trains on: on the 12 real 2D brain rows of other
-  subjects and scanners the same candidate moved fast_auto by -0.041 to +0.002 points
-  (benchmarks/results/quality2d.md). It becomes the shipped prior once the 3D configs' rows (the 1 mm ones
-  take 1.5-2 h per R here) are rerun with it.
+  subjects and scanners the same prior moved fast_auto by -0.041 to +0.002 points
+  (benchmarks/results/quality2d.md). The 1 mm rows below were measured with the previous prior, which
+  configs/colin27_1mm.yaml names until they are rerun (1.5-2 h per R here).
 """
 
 

@@ -128,6 +128,14 @@ def test_shipped_configs_load():
     for key in ("tv_weight", "wavelet_weight", "tv_x_weight"):
         assert getattr(colin27_1mm, key) == pytest.approx(0.25 * getattr(demo3d, key)), key
     assert fullres3d.steps > 0 and fullres3d.grad_sync in ("allreduce", "ddp", "deepspeed")
+    # a config that names a prior folder (the 1 mm one keeps the prior its rows were measured with)
+    # names one of the tree's, which loads
+    from engine.prior import load_prior
+
+    named = [c.prior.path for c in (demo3d, fullres3d, colin27_1mm) if c.prior.path]
+    named += [c.prior.path for c in (load_config(Recon2DConfig, root / name) for name in two_d) if c.prior.path]
+    for path in named:
+        assert load_prior(root.parent / path) is not None, path
     assert load_config(PriorTrainConfig, root / "prior_train.yaml").train.steps > 0
     for name in ("deepspeed_zero1.json", "deepspeed_zero2.json"):
         stage = json.loads((root / name).read_text())["zero_optimization"]["stage"]

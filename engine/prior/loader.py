@@ -1,7 +1,7 @@
 """Training batches drawn ahead in worker processes (`train.loader_workers` > 0).
 
 The patch sampler is CPU work, one patch at a time; on a GPU it bounds the trainer (about 230 patches
-per second in one process on an H200 machine: benchmarks/results/prior_candidate_h200). With workers,
+per second in one process on an H200 machine: the shipped prior's stage 3, engine/assets/prior). With workers,
 the batch of step s on rank r comes from its own generator seeded by (seed, rank, s): the batches do
 not depend on how many workers draw them, and a resumed run draws exactly the batches that an
 uninterrupted one would have (no stream state to save). `loader_workers: 0` keeps the single stream
