@@ -11,7 +11,7 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - sim: the bundled example (Colin27 evaluation part, z = 45 mm, 8 simulated coils) and an MNI152
   axial slice with 4 simulated coils (engine.physics.simulate, SNR 50);
 - 256: 4h_GE, 4h_mpr and 4h_Ph at full 256 x 256 (all R and seeds);
-- tune: a case for choosing fast_auto's lists, never reported against the goal: dipy's real T1w coronal
+- tune: a case for choosing fast_auto's lists (not one of the goal's rows): dipy's real T1w coronal
   slice (evaluation-only, engine/assets/prior/SPLIT.md; magnitude, BSD-3) at 256 px with 4 simulated
   coils, smooth phase and SNR 50 (engine.physics.simulate).
 Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
