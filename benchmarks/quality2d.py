@@ -93,6 +93,14 @@ def centre_crop(kspace: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(kspace[:, top:top + size, left:left + size])
 
 
+def simulated_kspace(magnitude: np.ndarray) -> np.ndarray:
+    """The simulated cases' k-space `(4, ny, nx)` complex64 of a magnitude image: 4 coils, smooth phase,
+    SNR 50, seed 0 (engine.physics.simulate)."""
+    from engine.physics.simulate import simulate_multicoil
+
+    return simulate_multicoil(magnitude, ncoils=4, snr=50.0, seed=0).kspace.astype(np.complex64)
+
+
 def load_case(name: str) -> np.ndarray:
     """Fully sampled k-space `(C, ny, nx)` complex64 of a benchmark case."""
     if name.startswith("4h_"):
@@ -106,7 +114,6 @@ def load_case(name: str) -> np.ndarray:
     if name == "mni152_axial":
         import nibabel as nib
 
-        from engine.physics.simulate import simulate_multicoil
         from engine.prior.checkpoint import default_prior_path, read_arch
         from engine.prior.data import trained_near
 
@@ -120,14 +127,10 @@ def load_case(name: str) -> np.ndarray:
         magnitude = np.zeros((256, 256))
         top, left = (256 - plane.shape[0]) // 2, (256 - plane.shape[1]) // 2
         magnitude[top:top + plane.shape[0], left:left + plane.shape[1]] = plane / plane.max()
-        kspace = simulate_multicoil(magnitude, ncoils=4, snr=50.0, seed=0).kspace
-        return centre_crop(kspace.astype(np.complex64), CROP)
+        return centre_crop(simulated_kspace(magnitude), CROP)
     if name == "dipy_coronal_256":
-        from engine.physics.simulate import simulate_multicoil
-
         magnitude = np.load(DATA / "volumes" / "dipy_t1_coronal_slice.npy").astype(np.float64)
-        kspace = simulate_multicoil(magnitude / magnitude.max(), ncoils=4, snr=50.0, seed=0).kspace
-        return kspace.astype(np.complex64)
+        return simulated_kspace(magnitude / magnitude.max())
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -179,8 +182,9 @@ def planned_selection(method: str, auto_overrides: list[str]) -> dict:
     from engine.recon.fit2d import Recon2DConfig
 
     selection = load_config(Recon2DConfig, REPO / "configs" / CONFIGS[method], auto_overrides).selection
-    values = {key: list(value) if isinstance(value, tuple) else value
-              for key, value in ((key, getattr(selection, key)) for key in SELECTION_DEFAULTS)}
+    values = {key: getattr(selection, key) for key in SELECTION_DEFAULTS}
+    values = {key: list(value) if isinstance(value, tuple) else value  # rows hold JSON lists
+              for key, value in values.items()}
     return {key: value for key, value in values.items() if value != SELECTION_DEFAULTS[key]}
 
 

@@ -118,8 +118,8 @@ def test_shipped_configs_load():
     three_d = ["demo3d.yaml", "fullres3d.yaml", "colin27_1mm.yaml"]
     prior = ["prior_train.yaml"]
     assert sorted(p.name for p in root.glob("*.yaml")) == sorted(two_d + three_d + prior)
-    for name in two_d:
-        assert load_config(Recon2DConfig, root / name).optim.steps > 0
+    configs_2d = [load_config(Recon2DConfig, root / name) for name in two_d]
+    assert all(config.optim.steps > 0 for config in configs_2d)
     assert load_config(Recon2DConfig, root / "reference2d.yaml").prior.mode == "reference"
     assert load_config(Recon2DConfig, root / "auto2d.yaml").selection.enabled
     demo3d, fullres3d, colin27_1mm = (load_config(Recon3DConfig, root / name) for name in three_d)
@@ -132,8 +132,8 @@ def test_shipped_configs_load():
     # names one of the tree's, which loads
     from engine.prior import load_prior
 
-    named = [c.prior.path for c in (demo3d, fullres3d, colin27_1mm) if c.prior.path]
-    named += [c.prior.path for c in (load_config(Recon2DConfig, root / name) for name in two_d) if c.prior.path]
+    named = [c.prior.path for c in (*configs_2d, demo3d, fullres3d, colin27_1mm) if c.prior.path]
+    assert named  # colin27_1mm's
     for path in named:
         assert load_prior(root.parent / path) is not None, path
     assert load_config(PriorTrainConfig, root / "prior_train.yaml").train.steps > 0
