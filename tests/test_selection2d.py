@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.recon.selection2d import SelectionConfig, choose, edge_search, split_holdout
 from tests.test_recon2d import TinyDenoiser, case, small_config  # noqa: F401 (case is a fixture)
@@ -144,6 +145,63 @@ def test_selection_extends_the_prior_list_upwards_on_the_same_tv(case):  # noqa:
     assert len(tv_stage) == 3 and {c["tv_weight"] for c in candidates if c["prior_weight"] > 0} == {tv_best}
     at_tv = {c["prior_weight"]: c["validation_error"] for c in candidates if c["tv_weight"] == tv_best}
     assert (0.2 in at_tv) == (at_tv[0.1] < at_tv[0.0])
+
+
+class _PerLocationScorer:
+    """A held-out scorer whose per-location errors are set per image (engine.recon.selection2d._Scorer.gram)."""
+
+    def __init__(self, errors: dict[float, np.ndarray]):
+        self.errors = errors
+
+    def gram(self, images):
+        keys = [round(float(image.real.flatten()[0]), 6) for image in images]
+        gram = np.zeros((len(keys), len(keys), len(self.errors[keys[0]])))
+        for index, key in enumerate(keys):
+            gram[index, index] = self.errors[key]
+        return gram
+
+
+def test_a_stronger_prior_is_taken_only_while_its_held_out_gain_exceeds_one_standard_error():
+    from engine.recon.selection2d import _stronger_prior
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 2.0, 400)
+    # 0.2: lower at every location (clear gain); 0.4: lower in total, but by less than its spread
+    errors = {0.1: base, 0.2: 0.9 * base, 0.4: 0.9 * base - 0.001 + np.resize([0.2, -0.2], 400)}
+    candidates = [{"tv_weight": 1e-3, "prior_weight": 0.1, "validation_error": base.sum()}]
+    images = [torch.full((2, 2), 0.1, dtype=torch.complex64)]
+
+    def run(tv_weight, prior_weight):
+        candidates.append({"tv_weight": tv_weight, "prior_weight": prior_weight,
+                           "validation_error": errors[prior_weight].sum()})
+        images.append(torch.full((2, 2), prior_weight, dtype=torch.complex64))
+
+    chosen, tried = _stronger_prior(candidates[0], [0.2, 0.4, 0.8], run, candidates, images,
+                                    _PerLocationScorer(errors))
+    assert chosen["prior_weight"] == 0.2 and errors[0.4].sum() < errors[0.2].sum()
+    assert [(t["prior_weight"], t["taken"]) for t in tried] == [(0.2, True), (0.4, False)]  # 0.8 never run
+    assert len(candidates) == 3 and tried[1]["standard_error"] > errors[0.2].sum() - errors[0.4].sum()
+
+
+def test_stronger_prior_weights_run_only_when_the_lists_top_wins(case):  # noqa: F811
+    from engine.recon.fit2d import reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    config = selection_config(tv_weights=[1e-4], prior_weights=[0.0, 0.1], refit=False,
+                              stronger_prior_weights=[0.2])
+    _, info = reconstruct_2d(kspace, maps, mask, config, prior=TinyDenoiser())
+    record = info["selection"]
+    at_list = {c["prior_weight"]: c["validation_error"] for c in record["candidates"][:2]}
+    top_won = at_list[0.1] < at_list[0.0]
+    assert ("stronger_prior" in record) == top_won == (len(record["candidates"]) == 3)
+    if top_won:
+        taken = record["stronger_prior"][0]["taken"]
+        assert record["chosen"]["prior_weight"] == (0.2 if taken else 0.1)
+    for bad in ([0.1], [0.3, 0.2]):
+        with pytest.raises(ValueError, match="stronger_prior_weights"):
+            selection_config(prior_weights=[0.0, 0.1], stronger_prior_weights=bad)
+    with pytest.raises(ValueError, match="stronger_prior_weights"):
+        selection_config(search="grid", stronger_prior_weights=[0.2])
 
 
 def test_prior_then_tv_chooses_tv_beside_the_chosen_prior(case):  # noqa: F811

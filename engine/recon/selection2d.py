@@ -25,7 +25,10 @@ Procedure (`select_and_reconstruct_2d`):
    one of its ends grows a geometric step beyond that end (TV both ways, the prior upwards; at most
    `extend_edges` steps per end, `edge_search`): a list cannot know how much regularisation a
    case wants, and the held-out error says when it wanted more or less than the list offered;
-5. the lowest score wins (`choose`); with `refit` the chosen settings run again from scratch on
+5. the lowest score wins (`choose`); with `stronger_prior_weights`, when that is the list's largest prior
+   weight, the weights above it are tried in order at the chosen TV weight, each taken only while its
+   held-out gain exceeds one standard error over the held-out locations (a stronger prior helped some real
+   slices and cost others by less than the held-out noise); with `refit` the chosen settings run again from scratch on
    all measured samples for the chosen number of steps and that image is returned, else the
    chosen candidate's image (fit without the held-out samples);
 6. with `blend_l1_wavelet`, the returned image is blended with the L1-wavelet solve of all samples at
@@ -86,6 +89,11 @@ class SelectionConfig:
     extend_edges: int = 0
     """tv_then_prior and prior_then_tv: when a list's best value is at its end, try up to this many
     geometric steps beyond it (the step: the ratio of the two values at that end; 0: the lists as given)."""
+    stronger_prior_weights: tuple[float, ...] = ()
+    """prior weights above the list, tried in order when the chosen prior weight is the list's largest
+    (tv_then_prior and prior_then_tv, at the chosen TV weight); each is taken only while its held-out gain
+    over the weight taken so far exceeds one standard error (engine.recon.selection3d.one_standard_error_choice):
+    a stronger prior helps some slices and costs others by less than the held-out noise can resolve."""
     debias: bool = False
     """scale the returned image's unmeasured k-space, per radial band, by the gain that maps the chosen
     candidate's prediction onto the held-out samples (engine.recon.debias3d; no extra run)."""
@@ -108,6 +116,12 @@ class SelectionConfig:
             raise ValueError("selection.validate_every and patience must be >= 1, warm_start_steps >= 0")
         if self.extend_edges < 0 or (self.extend_edges and self.search == "grid"):
             raise ValueError("selection.extend_edges must be >= 0, and 0 with search 'grid'")
+        stronger = list(self.stronger_prior_weights)
+        if stronger and (self.search == "grid" or stronger != sorted(set(stronger))
+                         or stronger[0] <= max(self.prior_weights)):
+            raise ValueError("selection.stronger_prior_weights must increase, start above the largest of "
+                             f"selection.prior_weights ({max(self.prior_weights)}) and not be used with search "
+                             f"'grid', got {stronger}")
         from engine.recon.debias3d import check_band_edges
 
         check_band_edges(self.debias_band_edges, "selection.debias_band_edges")
@@ -317,6 +331,9 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         edge_search(lambda weight: run(tv_chosen, weight), [first_prior, *prior_weights],
                     selection.extend_edges if prior_on else 0, downwards=False)
     chosen = choose(candidates)
+    stronger = []
+    if prior_on and selection.stronger_prior_weights and chosen["prior_weight"] == max(prior_weights):
+        chosen, stronger = _stronger_prior(chosen, selection.stronger_prior_weights, run, candidates, images, scorer)
     unrefit_image = images[candidates.index(chosen)]
     record = {"holdout_fraction": selection.holdout_fraction, "holdout_seed": selection.holdout_seed,
               "fit_samples": int(fit_mask.sum()), "holdout_samples": int(holdout.sum()),
@@ -327,6 +344,8 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
               "chosen": {key: chosen[key] for key in ("tv_weight", "prior_weight", "validation_error")}
               | {"steps": chosen["stop_step"]},
               "refit": selection.refit}
+    if stronger:
+        record["stronger_prior"] = stronger
     prior_evals = sum(c["prior_evals"] for c in candidates)
     skipped = sum(c["skipped_steps"] for c in candidates)
     history: list[dict[str, Any]] = []
@@ -365,6 +384,27 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     if image_without_blend is not None:
         info["image_without_blend"] = image_without_blend.cpu().numpy()
     return image.cpu().numpy(), info
+
+
+def _stronger_prior(chosen: dict[str, Any], weights: Sequence[float], run: Callable[[float, float], float],
+                    candidates: list[dict[str, Any]], images: list[torch.Tensor], scorer: _Scorer
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """SelectionConfig.stronger_prior_weights: the candidate taken and, per weight tried, {prior_weight, taken,
+    validation_error, standard_error (of its difference to the lower of the two)}."""
+    from engine.recon.selection3d import one_standard_error_choice
+
+    tried = []
+    for weight in weights:
+        run(chosen["tv_weight"], weight)
+        stronger = next(c for c in candidates if (c["tv_weight"], c["prior_weight"]) == (chosen["tv_weight"], weight))
+        gram = scorer.gram([images[candidates.index(chosen)], images[candidates.index(stronger)]])
+        taken, scores = one_standard_error_choice(gram, [np.array([1.0, 0.0]), np.array([0.0, 1.0])])
+        tried.append({"prior_weight": weight, "taken": taken == 1, "validation_error": scores[1]["validation_error"],
+                      "standard_error": max(score["standard_error"] for score in scores)})
+        if taken == 0:
+            break
+        chosen = stronger
+    return chosen, tried
 
 
 def _blended(image: torch.Tensor, candidate: torch.Tensor, kspace_t: torch.Tensor, maps_t: torch.Tensor,
