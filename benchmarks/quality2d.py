@@ -44,6 +44,8 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior CANDIDATE_DIR
     nice -n 5 python benchmarks/quality2d.py bart   # the real undersampled BART brain: bart_brain.png + .json
     python benchmarks/quality2d.py noise-floor      # what each 256 px reference's own noise lets no method beat
+    # what a perfect label-free choice of fast_auto's settings could reach on the rows furthest from the goal
+    nice -n 5 python benchmarks/quality2d.py settings-bound --rows 4h_mpr_256:4:1 4h_mpr_256:4:0
     python benchmarks/quality2d.py report
 """
 from __future__ import annotations
@@ -67,6 +69,13 @@ RUNS = REPO / "benchmarks" / "results" / "quality2d_runs.jsonl"
 TIMING_RUNS = REPO / "benchmarks" / "results" / "quality2d_timing.jsonl"  # `run --runs` of the speed rows
 REPORT = REPO / "benchmarks" / "results" / "quality2d.md"
 NOISE_FLOOR = REPO / "benchmarks" / "results" / "quality2d_noise_floor.json"  # `noise-floor` subcommand
+SETTINGS_BOUND = REPO / "benchmarks" / "results" / "quality2d_settings_bound.json"  # `settings-bound` subcommand
+# the settings-bound grid: around fast_auto's lists and past their tops; the prior's noise levels as
+# (t_high_start, t_high_end): the config's and a stronger pair
+BOUND_TV = (5e-4, 1e-3, 2e-3)
+BOUND_PRIOR = (0.1, 0.2, 0.4)
+BOUND_NOISE = ((0.02, 0.01), (0.05, 0.02))
+BOUND_STOPS = (325, 400, 500)
 ACCELERATIONS = (4, 6, 8)
 SEEDS = (0, 1)
 CROP = 128
@@ -146,7 +155,7 @@ def row_prior(row: dict) -> str | None:
 
 
 SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False,
-                      "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1]}
+                      "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1], "stronger_prior_weights": []}
 
 
 def selection_variant(keys: dict) -> str:
@@ -155,7 +164,9 @@ def selection_variant(keys: dict) -> str:
     names = {"extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
              "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased",
              "blend_l1_wavelet": lambda value: "blended with the L1-wavelet",
-             "prior_weights": lambda value: "prior weights " + " / ".join(f"{w:g}" for w in value)}
+             "prior_weights": lambda value: "prior weights " + " / ".join(f"{w:g}" for w in value),
+             "stronger_prior_weights": lambda value: "stronger prior " + " / ".join(f"{w:g}" for w in value)
+             + " if clear of the held-out noise"}
     return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
@@ -445,6 +456,91 @@ def noise_floor_section(path: Path) -> list[str]:
     return lines + [""]
 
 
+def settings_bound(rows: list[str], out: Path = SETTINGS_BOUND) -> dict:
+    """fast_auto's fit on all samples (configs/auto2d.yaml's prior term) at every TV weight x prior weight x noise
+    levels x stop of the BOUND_ grid, scored against the reference, into `out` (JSON, rewritten after each fit).
+
+    The lowest is what a perfect label-free choice over these settings could reach: when it misses a row's goal,
+    no choice of them meets it."""
+    import dataclasses
+    import itertools
+
+    import torch
+
+    from engine.config import load_config
+    from engine.evaluation.baselines import espirit_reference
+    from engine.evaluation.metrics import nrmse_percent
+    from engine.physics.masks import poisson_disc_mask
+    from engine.recon.fit2d import INRFit2D, Recon2DConfig, _as_tensor, load_prior_for
+    from engine.recon.selection2d import candidate_config
+
+    torch.set_num_threads(int(os.environ.get("INFUSION_THREADS", "2")))
+    config = load_config(Recon2DConfig, REPO / "configs" / CONFIGS["fast_auto"], ["progress=false"])
+    device = torch.device("cpu")
+    prior = load_prior_for(config.prior, device)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+              "prior": prior_id(), "rows": {}}
+    for row in rows:
+        case, acceleration, seed = row.split(":")
+        kspace = load_case(case)
+        maps, reference, support = espirit_reference(kspace)
+        mask = poisson_disc_mask(kspace.shape[1:], int(acceleration), calib=(0, 0), seed=int(seed))
+        tensors = (_as_tensor(kspace, "kspace", True, device), _as_tensor(maps, "maps", True, device),
+                   _as_tensor(mask, "mask", False, device))
+        fits = result["rows"].setdefault(row, [])
+        for tv_weight, prior_weight, (t_high_start, t_high_end) in itertools.product(BOUND_TV, BOUND_PRIOR, BOUND_NOISE):
+            fit_config = candidate_config(config, tv_weight, prior_weight)
+            fit_config = dataclasses.replace(fit_config, prior=dataclasses.replace(
+                fit_config.prior, t_high_start=t_high_start, t_high_end=t_high_end))
+            fit = INRFit2D(*tensors, fit_config, device, prior, None, None)
+            entry = {"tv_weight": tv_weight, "prior_weight": prior_weight, "t_high": [t_high_start, t_high_end],
+                     "nrmse_percent": {}}
+            while fit.next_step < BOUND_STOPS[-1] and fit.stopped is None:
+                fit.step()
+                if fit.next_step in BOUND_STOPS:
+                    entry["nrmse_percent"][str(fit.next_step)] = nrmse_percent(
+                        fit.final_image().cpu().numpy(), reference, support)
+            fits.append(entry)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"{row} TV {tv_weight:g} prior {prior_weight:g} t_high {t_high_start:g}->{t_high_end:g}: "
+                  + " / ".join(f"{v:.3f}" for v in entry["nrmse_percent"].values()) + " %", flush=True)
+    print(f"wrote {out}")
+    return result
+
+
+def settings_bound_section(path: Path, rows: list[dict]) -> list[str]:
+    """The `settings-bound` subcommand's table beside each row's goal and fast_auto (the shipped prior's)."""
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text())
+    shipped = selection_variant(planned_selection("fast_auto", []))  # configs/auto2d.yaml's rows
+    lines = ["## The best settings by the reference: what a perfect label-free choice could reach", "",
+             (f"`python benchmarks/quality2d.py settings-bound`, {info['date']}, {info['machine']}, prior {info['prior']}. "
+              "fast_auto's fit on all measured samples at every TV weight " + " / ".join(f"{v:g}" for v in BOUND_TV)
+              + " x prior weight " + " / ".join(f"{v:g}" for v in BOUND_PRIOR) + " x prior noise levels t_high "
+              + " / ".join(f"{a:g} -> {b:g}" for a, b in BOUND_NOISE) + " x stop " + " / ".join(map(str, BOUND_STOPS))
+              + f" ({len(BOUND_TV) * len(BOUND_PRIOR) * len(BOUND_NOISE) * len(BOUND_STOPS)} in all), scored "
+              "against the reference: a choice no label-free rule can beat over these settings."), "",
+             ("| case | R | seed | goal | fast_auto (refit) | best of the grid | its TV / prior / t_high / stop "
+              "| best at the config's noise levels |"), "|---|---|---|---|---|---|---|---|"]
+    for row, fits in info["rows"].items():
+        case, acceleration, seed = row.split(":")
+        scores = {(f["tv_weight"], f["prior_weight"], tuple(f["t_high"]), int(stop)): value
+                  for f in fits for stop, value in f["nrmse_percent"].items()}
+        best = min(scores, key=scores.get)
+        at_config = min(value for key, value in scores.items() if key[2] == BOUND_NOISE[0])
+        peers = {r["method"]: r["nrmse_percent"] for r in rows if (r["case"], str(r["R"]), str(r["seed"]))
+                 == (case, acceleration, seed) and r["method"] in ("inr_tv", "l1_wavelet_best")}
+        goal = f"{0.9 * min(peers.values()):.3f}" if len(peers) == 2 else "-"
+        auto = [r["nrmse_percent"] for r in rows if (r["case"], str(r["R"]), str(r["seed"]), r["method"])
+                == (case, acceleration, seed, "fast_auto") and r.get("prior") == info["prior"]
+                and selection_variant(r) == shipped]
+        lines.append(f"| {case} | {acceleration} | {seed} | {goal} | {f'{auto[-1]:.3f}' if auto else '-'} | "
+                     f"{scores[best]:.3f} | {best[0]:g} / {best[1]:g} / {best[2][0]:g} -> {best[2][1]:g} / {best[3]} | "
+                     f"{at_config:.3f} |")
+    return lines + [""]
+
+
 def machine() -> str:
     import torch
 
@@ -677,6 +773,7 @@ def report(runs: Path, out: Path, timing_runs: Path | None = None) -> None:
     lines += speed_section(timing)
     lines += bart_section(BART_PNG.with_suffix(".json"))
     lines += noise_floor_section(out.with_name(NOISE_FLOOR.name))  # NOISE_FLOOR beside REPORT
+    lines += settings_bound_section(out.with_name(SETTINGS_BOUND.name), read_rows(runs))
     # hand-written notes (experiments, conclusions) below the marker survive a regeneration
     previous = out.read_text() if out.exists() else ""
     notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else NOTES_MARKER + "\n"
@@ -708,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
     bart_parser.add_argument("--out", type=Path, default=BART_PNG)
     bart_parser.add_argument("--methods", nargs="+", default=["fast"], choices=["inr", "inr_tv", "fast", "fast_auto"])
     sub.add_parser("noise-floor", help="the NRMSE floor the noise of each 256 px reference sets (JSON beside the report)")
+    bound_parser = sub.add_parser("settings-bound", help="the best of a grid of fast_auto's settings by the reference, "
+                                  "per row (JSON beside the report): what a perfect label-free choice could reach")
+    bound_parser.add_argument("--rows", nargs="+", required=True, help="case:R:seed rows, e.g. 4h_mpr_256:4:1")
     report_parser = sub.add_parser("report", help="write the markdown table from the runs file")
     report_parser.add_argument("--runs", type=Path, default=RUNS)
     report_parser.add_argument("--out", type=Path, default=REPORT)
@@ -718,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "noise-floor":
         noise_floor(PARTS["256"])
+        return 0
+    if args.command == "settings-bound":
+        settings_bound(args.rows)
         return 0
     if args.command == "run":
         start = time.time()

@@ -163,3 +163,21 @@ def test_noise_floor_matches_the_noise_free_object_with_its_measured_noise() -> 
     # without noise there is no floor
     floor_clean = q.reference_noise_floor(q.kspace_noise_std(clean), maps, reference, support, mask)
     assert floor_clean < 0.05 * floor
+
+
+def test_settings_bound_section_takes_the_best_setting_and_the_rows_goal(tmp_path) -> None:
+    """The settings-bound table: the lowest NRMSE over every setting and stop, the best at the config's noise
+    levels, and the goal from the same row's INR + TV and oracle L1-wavelet (10 % below the better)."""
+    q = _quality2d()
+    prior = "abcdef123456 (2026-12-04)"
+    fits = [{"tv_weight": 1e-3, "prior_weight": 0.1, "t_high": [0.02, 0.01], "nrmse_percent": {"325": 3.0, "500": 2.9}},
+            {"tv_weight": 2e-3, "prior_weight": 0.2, "t_high": [0.05, 0.02], "nrmse_percent": {"325": 2.8, "500": 2.85}}]
+    path = tmp_path / "bound.json"
+    path.write_text(json.dumps({"date": "d", "machine": "m", "prior": prior, "rows": {"4h_GE_256:4:0": fits}}))
+    shipped = {"holdout_weighting": "density"}  # configs/auto2d.yaml's selection variant
+    rows = [_row("inr_tv", 3.5), _row("l1_wavelet_best", 3.2), _row("fast_auto", 3.1, prior=prior, **shipped),
+            _row("fast_auto", 2.0, prior=prior, stronger_prior_weights=[0.2], **shipped),
+            _row("fast_auto", 2.1, prior=prior), _row("inr_tv", 1.0, seed=1)]
+    lines = q.settings_bound_section(path, rows)
+    assert "| 4h_GE_256 | 4 | 0 | 2.880 | 3.100 | 2.800 | 0.002 / 0.2 / 0.05 -> 0.02 / 325 | 2.900 |" in lines
+    assert q.settings_bound_section(tmp_path / "missing.json", rows) == []
