@@ -76,6 +76,8 @@ BOUND_TV = (5e-4, 1e-3, 2e-3)
 BOUND_PRIOR = (0.1, 0.2, 0.4)
 BOUND_NOISE = ((0.02, 0.01), (0.05, 0.02))
 BOUND_STOPS = (325, 400, 500)
+BOUND_GRID = {"tv_weight": list(BOUND_TV), "prior_weight": list(BOUND_PRIOR), "t_high": [list(n) for n in BOUND_NOISE],
+              "stops": list(BOUND_STOPS)}  # recorded: rows of another grid are not mixed in
 ACCELERATIONS = (4, 6, 8)
 SEEDS = (0, 1)
 CROP = 128
@@ -478,16 +480,21 @@ def settings_bound(rows: list[str], out: Path = SETTINGS_BOUND) -> dict:
     config = load_config(Recon2DConfig, REPO / "configs" / CONFIGS["fast_auto"], ["progress=false"])
     device = torch.device("cpu")
     prior = load_prior_for(config.prior, device)
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-              "prior": prior_id(), "rows": {}}
+    result = {"machine": machine(), "prior": prior_id(), "rows": {}, "dates": {}}
+    if out.is_file():  # other rows of the same prior and grid stay; rows run again are replaced
+        previous = json.loads(out.read_text())
+        if (previous.get("prior"), previous.get("grid")) == (result["prior"], BOUND_GRID):
+            result["rows"], result["dates"] = previous["rows"], previous["dates"]
+    result["grid"] = BOUND_GRID
     for row in rows:
+        result["dates"][row] = datetime.datetime.now().isoformat(timespec="seconds")
         case, acceleration, seed = row.split(":")
         kspace = load_case(case)
         maps, reference, support = espirit_reference(kspace)
         mask = poisson_disc_mask(kspace.shape[1:], int(acceleration), calib=(0, 0), seed=int(seed))
         tensors = (_as_tensor(kspace, "kspace", True, device), _as_tensor(maps, "maps", True, device),
                    _as_tensor(mask, "mask", False, device))
-        fits = result["rows"].setdefault(row, [])
+        fits = result["rows"][row] = []
         for tv_weight, prior_weight, (t_high_start, t_high_end) in itertools.product(BOUND_TV, BOUND_PRIOR, BOUND_NOISE):
             fit_config = candidate_config(config, tv_weight, prior_weight)
             fit_config = dataclasses.replace(fit_config, prior=dataclasses.replace(
@@ -515,7 +522,8 @@ def settings_bound_section(path: Path, rows: list[dict]) -> list[str]:
     info = json.loads(path.read_text())
     shipped = selection_variant(planned_selection("fast_auto", []))  # configs/auto2d.yaml's rows
     lines = ["## The best settings by the reference: what a perfect label-free choice could reach", "",
-             (f"`python benchmarks/quality2d.py settings-bound`, {info['date']}, {info['machine']}, prior {info['prior']}. "
+             (f"`python benchmarks/quality2d.py settings-bound`, {min(info['dates'].values())} to "
+              f"{max(info['dates'].values())}, {info['machine']}, prior {info['prior']}. "
               "fast_auto's fit on all measured samples at every TV weight " + " / ".join(f"{v:g}" for v in BOUND_TV)
               + " x prior weight " + " / ".join(f"{v:g}" for v in BOUND_PRIOR) + " x prior noise levels t_high "
               + " / ".join(f"{a:g} -> {b:g}" for a, b in BOUND_NOISE) + " x stop " + " / ".join(map(str, BOUND_STOPS))
