@@ -173,12 +173,15 @@ def test_settings_bound_section_takes_the_best_setting_and_the_rows_goal(tmp_pat
     fits = [{"tv_weight": 1e-3, "prior_weight": 0.1, "t_high": [0.02, 0.01], "nrmse_percent": {"325": 3.0, "500": 2.9}},
             {"tv_weight": 2e-3, "prior_weight": 0.2, "t_high": [0.05, 0.02], "nrmse_percent": {"325": 2.8, "500": 2.85}}]
     path = tmp_path / "bound.json"
+    grid = {"tv_weight": [1e-3, 2e-3], "prior_weight": [0.1, 0.2], "t_high": [[0.02, 0.01], [0.05, 0.02]],
+            "stops": [325, 500]}
     path.write_text(json.dumps({"machine": "m", "prior": prior, "rows": {"4h_GE_256:4:0": fits},
-                                "dates": {"4h_GE_256:4:0": "d"}}))
+                                "dates": {"4h_GE_256:4:0": "d"}, "grid": grid}))
     shipped = {"holdout_weighting": "density"}  # configs/auto2d.yaml's selection variant
     rows = [_row("inr_tv", 3.5), _row("l1_wavelet_best", 3.2), _row("fast_auto", 3.1, prior=prior, **shipped),
             _row("fast_auto", 2.0, prior=prior, stronger_prior_weights=[0.2], **shipped),
             _row("fast_auto", 2.1, prior=prior), _row("inr_tv", 1.0, seed=1)]
     lines = q.settings_bound_section(path, rows)
     assert "| 4h_GE_256 | 4 | 0 | 2.880 | 3.100 | 2.800 | 0.002 / 0.2 / 0.05 -> 0.02 / 325 | 2.900 |" in lines
+    assert any("(16 in all)" in line for line in lines)  # the grid described is the file's
     assert q.settings_bound_section(tmp_path / "missing.json", rows) == []
