@@ -157,7 +157,8 @@ def row_prior(row: dict) -> str | None:
 
 
 SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False,
-                      "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1], "stronger_prior_weights": []}
+                      "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1], "stronger_prior_weights": [],
+                      "refit_steps": "chosen"}
 
 
 def selection_variant(keys: dict) -> str:
@@ -168,7 +169,8 @@ def selection_variant(keys: dict) -> str:
              "blend_l1_wavelet": lambda value: "blended with the L1-wavelet",
              "prior_weights": lambda value: "prior weights " + " / ".join(f"{w:g}" for w in value),
              "stronger_prior_weights": lambda value: "stronger prior " + " / ".join(f"{w:g}" for w in value)
-             + " if clear of the held-out noise"}
+             + " if clear of the held-out noise",
+             "refit_steps": lambda value: "refit for all steps"}
     return ", ".join(names[key](keys[key]) for key, default in SELECTION_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
@@ -645,19 +647,24 @@ def selection_section(rows: list[dict], label: str) -> list[str]:
     auto = [r for r in rows if r["method"] == label]
     fast_label = method_label({"method": "fast", "prior": auto[0].get("prior")})
     variant = selection_variant(auto[0])
+    # rows whose refit ran past the chosen steps (refit_steps: all) show the refit's NRMSE there too
+    refit_curves = any(r["selection"].get("refit_steps_run", 0) > r["selection"]["chosen"]["steps"]
+                       and "refit_curve" in r["selection"] for r in auto)
     nrmse = {(r["case"], r["size"], r["R"], r["seed"], r["method"]): r["nrmse_percent"] for r in rows}
     lines = [f"## Label-free choices ({label}): per slice, R and mask seed, NRMSE %", "",
              "configs/auto2d.yaml" + (f" with the selection variant: {variant}." if variant else "."), "",
              ("Chosen on 8 % held-out measured samples (no reference); `candidate` is the chosen candidate's "
               "image (fit without the held-out samples), `refit` the same settings rerun on all samples "
-              "(what fast_auto returns). Oracle: the candidate of the same runs with the lowest NRMSE at its "
+              "(what fast_auto returns" + ("; `refit at the chosen steps`: the same refit at the held-out stop"
+                                          if refit_curves else "") + "). Oracle: the candidate of the same runs with the lowest NRMSE at its "
               "own held-out stop (`any stop`: at any check). Within 2 %: chosen candidate <= 1.02 x oracle "
               f"(both fit without the held-out samples). `fast` is {fast_label}."), "",
              ("Goal (issue 12): fast_auto (refit) at least 10 % below the better of INR + TV and the oracle "
               "L1-wavelet (`l1_wavelet_best`) of the same row."), "",
              ("| case | R | seed | INR + TV | L1 oracle | fast | fast_auto (refit) | goal | candidate | "
-              "chosen TV / prior / steps | oracle of the list | oracle any stop | within 2 % | selection s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "chosen TV / prior / steps | oracle of the list | oracle any stop | within 2 % | selection s |"
+              + (" refit at the chosen steps |" if refit_curves else "")),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if refit_curves else "")]
     met = 0
     within, total = 0, 0
     for r in sorted(auto, key=lambda r: (r["size"], r["case"], r["seed"], r["R"])):
@@ -675,6 +682,8 @@ def selection_section(rows: list[dict], label: str) -> list[str]:
             value = nrmse.get((*key, method))
             return "-" if value is None else f"{value:.2f}"
 
+        at_chosen = next((f"{p['nrmse_percent']:.2f}" for p in selection.get("refit_curve", [])
+                          if p["step"] == chosen["steps"]), "-")
         goal = goal_percent([nrmse[(*key, m)] for m in GOAL_PEERS if (*key, m) in nrmse])
         met += goal is not None and r["nrmse_percent"] <= goal
         goal_shown = "-" if goal is None else f"{goal:.2f} {'met' if r['nrmse_percent'] <= goal else 'not met'}"
@@ -683,7 +692,7 @@ def selection_section(rows: list[dict], label: str) -> list[str]:
                      f"{picked['nrmse_percent']:.2f} | {chosen['tv_weight']:g} / "
                      f"{chosen['prior_weight']:g} / {chosen['steps']} | {oracle['nrmse_percent']:.2f} "
                      f"({oracle['tv_weight']:g} / {oracle['prior_weight']:g} / {oracle['stop_step']}) | "
-                     f"{any_stop:.2f} | {'yes' if ok else 'no'} | {r['seconds']:.0f} |")
+                     f"{any_stop:.2f} | {'yes' if ok else 'no'} | {r['seconds']:.0f} |" + (f" {at_chosen} |" if refit_curves else ""))
     lines += ["", f"Chosen within 2 % of the oracle on {within} of {total} rows; goal met on {met} of {total}.", ""]
     spread = []
     for method in ("inr_tv", fast_label, label):

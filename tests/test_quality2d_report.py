@@ -177,11 +177,28 @@ def test_settings_bound_section_takes_the_best_setting_and_the_rows_goal(tmp_pat
             "stops": [325, 500]}
     path.write_text(json.dumps({"machine": "m", "prior": prior, "rows": {"4h_GE_256:4:0": fits},
                                 "dates": {"4h_GE_256:4:0": "d"}, "grid": grid}))
-    shipped = {"holdout_weighting": "density"}  # configs/auto2d.yaml's selection variant
+    shipped = {"holdout_weighting": "density", "refit_steps": "all"}  # configs/auto2d.yaml's selection variant
+    assert q.planned_selection("fast_auto", []) == shipped
     rows = [_row("inr_tv", 3.5), _row("l1_wavelet_best", 3.2), _row("fast_auto", 3.1, prior=prior, **shipped),
             _row("fast_auto", 2.0, prior=prior, stronger_prior_weights=[0.2], **shipped),
-            _row("fast_auto", 2.1, prior=prior), _row("inr_tv", 1.0, seed=1)]
+            _row("fast_auto", 2.1, prior=prior, holdout_weighting="density"), _row("inr_tv", 1.0, seed=1)]
     lines = q.settings_bound_section(path, rows)
     assert "| 4h_GE_256 | 4 | 0 | 2.880 | 3.100 | 2.800 | 0.002 / 0.2 / 0.05 -> 0.02 / 325 | 2.900 |" in lines
     assert any("(16 in all)" in line for line in lines)  # the grid described is the file's
     assert q.settings_bound_section(tmp_path / "missing.json", rows) == []
+
+
+def test_a_refit_run_past_the_chosen_steps_shows_its_nrmse_there(tmp_path) -> None:
+    """refit_steps 'all': the label-free table adds the refit's NRMSE at the chosen (held-out) steps, from its curve."""
+    q = _quality2d()
+    auto = _auto_row(2.5)
+    auto["selection"] |= {"refit_steps_run": 20, "refit_curve": [{"step": 10, "nrmse_percent": 2.7},
+                                                                  {"step": 20, "nrmse_percent": 2.5}]}
+    auto["refit_steps"] = "all"
+    lines = q.selection_section([_row("inr_tv", 3.0), _row("l1_wavelet_best", 3.2), auto], "fast_auto")
+    assert lines[0].startswith("## Label-free choices (fast_auto)") and "refit for all steps" in lines[2]
+    assert any(line.endswith("| refit at the chosen steps |") for line in lines)
+    assert any(line.startswith("| 4h_GE_256 (256 px) | 4 | 0 | 3.00 | 3.20 | - | 2.50 | 2.70 met |")
+               and line.endswith("| 1 | 2.70 |") for line in lines)
+    # rows that stopped the refit at the chosen steps keep the table as it was
+    assert not any("refit at the chosen steps" in line for line in q.selection_section([_auto_row(2.5)], "fast_auto"))

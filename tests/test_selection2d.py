@@ -124,6 +124,10 @@ def test_selection_end_to_end(case, monkeypatch):  # noqa: F811
         # patience: no more than 2 checks after the minimum once past min_steps
         assert candidate["steps_run"] <= max(candidate["stop_step"] + 20, 40)
     assert record["candidates"][2]["prior_weight"] == 0.1 and record["candidates"][2]["prior_evals"] > 0
+    # the refit's NRMSE on the check grid (a reference was given), ending at the returned image's
+    assert [p["step"] for p in record["refit_curve"]] == list(range(10, record["refit_steps_run"] + 1, 10))
+    from engine.evaluation.metrics import nrmse_percent
+    assert record["refit_curve"][-1]["nrmse_percent"] == pytest.approx(nrmse_percent(result, image, None), rel=1e-5)
     assert info["steps"] == record["chosen"]["steps"] and result.shape == mask.shape
     assert info["unrefit_image"].shape == mask.shape and not np.array_equal(info["unrefit_image"], result)
     json.dumps(record)  # plain values only
@@ -373,3 +377,25 @@ def test_launcher_turns_the_selection_on_with_set(tmp_path, capsys):
     assert code == 0 and "chosen on held-out k-space" in capsys.readouterr().out
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]["infusion"]
     assert len(written["selection"]["candidates"]) == 2
+
+
+
+def test_refit_for_all_steps_runs_optim_steps_after_the_same_choice(case):  # noqa: F811
+    """refit_steps 'all': the candidates and the choice are those of 'chosen'; only the refit runs on, to optim.steps."""
+    from engine.config import load_config
+    from engine.recon.fit2d import Recon2DConfig, reconstruct_2d
+
+    kspace, maps, mask, _ = case
+    rng = np.random.default_rng(1)  # noise, so that the held-out error turns up before optim.steps (80)
+    noise = rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)
+    kspace = (kspace + 0.3 * np.abs(kspace).std() * noise * mask).astype(np.complex64)
+    runs = {steps: reconstruct_2d(kspace, maps, mask, selection_config(tv_weights=[1e-4], prior_weights=[0.0],
+                                                                       refit_steps=steps))
+            for steps in ("chosen", "all")}
+    (chosen_image, chosen), (image, info) = runs["chosen"], runs["all"]
+    assert chosen["steps"] == chosen["selection"]["refit_steps_run"] == chosen["selection"]["chosen"]["steps"] < 80
+    np.testing.assert_array_equal(info["unrefit_image"], chosen["unrefit_image"])
+    assert info["selection"]["chosen"] == chosen["selection"]["chosen"]
+    assert info["steps"] == info["selection"]["refit_steps_run"] == 80 and not np.array_equal(image, chosen_image)
+    with pytest.raises(ValueError, match="refit_steps"):
+        load_config(Recon2DConfig, None, ["selection.refit_steps=longest"])

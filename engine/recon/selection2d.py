@@ -29,7 +29,8 @@ Procedure (`select_and_reconstruct_2d`):
    weight, the weights above it are tried in order at the chosen TV weight, each taken only while its
    held-out gain exceeds one standard error over the held-out locations (a stronger prior helped some real
    slices and cost others by less than the held-out noise); with `refit` the chosen settings run again from scratch on
-   all measured samples for the chosen number of steps and that image is returned, else the
+   all measured samples for the chosen number of steps (`refit_steps`: or for optim.steps) and that image is
+   returned, else the
    chosen candidate's image (fit without the held-out samples);
 6. with `blend_l1_wavelet`, the returned image is blended with the L1-wavelet solve of all samples at
    the weight that minimises the held-out error of the chosen candidate blended with the L1-wavelet of
@@ -81,6 +82,10 @@ class SelectionConfig:
     """never stop a candidate before this step (counted from 0, warm start included)."""
     refit: bool = True
     """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
+    refit_steps: Literal["chosen", "all"] = "chosen"
+    """how long the refit runs: 'chosen', the chosen candidate's held-out stop; 'all', optim.steps. The held-out
+    samples lie among the measured ones, so their error stops falling while the prior and TV still improve the
+    unmeasured k-space, where most of the image's error lies: the held-out stop is early for the refit."""
     holdout_weighting: Literal["uniform", "density"] = "uniform"
     """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
     (engine.recon.selection3d.holdout_weights): a variable-density mask holds out mostly central
@@ -257,11 +262,13 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         warm_start_steps, candidates: [{tv_weight, prior_weight, validation_error, stop_step,
         steps_run, prior_evals, seconds, curve: [{step, validation_error[, nrmse_percent]}]
         [, nrmse_percent]}], chosen: {tv_weight, prior_weight, steps, validation_error}, refit
-        [, blend: {l1_wavelet_weight (0 unless taken), best_weight, validation_error (of the candidate's blend
-        at best_weight), standard_error (of its difference to the candidate's), candidate_validation_error,
+        [, refit_steps_run] [, refit_curve: [{step, nrmse_percent}] (with a reference)] [, blend:
+        {l1_wavelet_weight (0 unless taken), best_weight, validation_error (of the candidate's blend at
+        best_weight), standard_error (of its difference to the candidate's), candidate_validation_error,
         l1_wavelet_validation_error, seconds}]} [, image_without_blend].
     """
     from engine.config import config_to_dict
+    from engine.evaluation.metrics import nrmse_percent
     from engine.recon.fit2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
 
     selection = config.selection
@@ -349,14 +356,22 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
     prior_evals = sum(c["prior_evals"] for c in candidates)
     skipped = sum(c["skipped_steps"] for c in candidates)
     history: list[dict[str, Any]] = []
-    image, scale = unrefit_image, None
+    image, scale, steps = unrefit_image, None, chosen["stop_step"]
     if selection.refit:
         began = time.perf_counter()
         mask_t = _as_tensor(mask_np, "mask", False, device)
         refit = INRFit2D(kspace_t, maps_t, mask_t, candidate_config(config, chosen["tv_weight"], chosen["prior_weight"]),
                          device, prior, reference, support)
-        while refit.next_step < chosen["stop_step"] and refit.stopped is None:
+        refit_stop = chosen["stop_step"] if selection.refit_steps == "chosen" else config.optim.steps
+        curve = []  # with a reference (benchmarks): the refit's NRMSE on the held-out check grid
+        while refit.next_step < refit_stop and refit.stopped is None:
             refit.step()
+            if reference is not None and refit.next_step % selection.validate_every == 0:
+                curve.append({"step": refit.next_step, "nrmse_percent": nrmse_percent(
+                    refit.final_image().cpu().numpy(), reference, support)})
+        if curve:
+            record["refit_curve"] = curve
+        steps = record["refit_steps_run"] = refit.next_step
         image, history, prior_evals = refit.final_image(), refit.history, prior_evals + refit.prior_evals
         scale, skipped = refit.scale, skipped + refit.guard.total
         record["refit_seconds"] = time.perf_counter() - began
@@ -375,7 +390,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         image, record["blend"] = _blended(image, unrefit_image, kspace_t, maps_t, mask_np, fit_mask, scorer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    info = {"seconds": time.perf_counter() - start, "steps": chosen["stop_step"], "prior_evals": prior_evals,
+    info = {"seconds": time.perf_counter() - start, "steps": steps, "prior_evals": prior_evals,
             "scale": scale, "stopped": "selection", "skipped_steps": skipped, "last_change": float("nan"),
             "history": history, "resumed_from": None, "config": config_to_dict(config),
             "unrefit_image": unrefit_image.cpu().numpy(), "selection": record}
