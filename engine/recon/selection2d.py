@@ -29,9 +29,8 @@ Procedure (`select_and_reconstruct_2d`):
    weight, the weights above it are tried in order at the chosen TV weight, each taken only while its
    held-out gain exceeds one standard error over the held-out locations (a stronger prior helped some real
    slices and cost others by less than the held-out noise); with `refit` the chosen settings run again from scratch on
-   all measured samples for the chosen number of steps (`refit_steps`: or for optim.steps) and that image is
-   returned, else the
-   chosen candidate's image (fit without the held-out samples);
+   all measured samples, for the chosen number of steps or (`refit_steps: all`) for optim.steps, and that image
+   is returned, else the chosen candidate's image (fit without the held-out samples);
 6. with `blend_l1_wavelet`, the returned image is blended with the L1-wavelet solve of all samples at
    the weight that minimises the held-out error of the chosen candidate blended with the L1-wavelet of
    the fit samples, if that gain exceeds its standard error over the held-out locations (the two
