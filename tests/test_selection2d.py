@@ -379,7 +379,6 @@ def test_launcher_turns_the_selection_on_with_set(tmp_path, capsys):
     assert len(written["selection"]["candidates"]) == 2
 
 
-
 def test_refit_for_all_steps_runs_optim_steps_after_the_same_choice(case):  # noqa: F811
     """refit_steps 'all': the candidates and the choice are those of 'chosen'; only the refit runs on, to optim.steps."""
     from engine.config import load_config

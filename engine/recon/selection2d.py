@@ -205,9 +205,9 @@ class _Scorer:
         error = residual / self.energy
         point = {"step": step, "validation_error": error if np.isfinite(error) else float("inf")}
         if self.reference is not None:
-            from engine.evaluation.metrics import nrmse_percent
+            from engine.recon.fit2d import _nrmse
 
-            point["nrmse_percent"] = nrmse_percent(image.cpu().numpy(), self.reference, self.support)
+            point["nrmse_percent"] = _nrmse(image, self.reference, self.support)
         return point
 
     def gram(self, images: Sequence[torch.Tensor]) -> np.ndarray:
@@ -267,8 +267,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         l1_wavelet_validation_error, seconds}]} [, image_without_blend].
     """
     from engine.config import config_to_dict
-    from engine.evaluation.metrics import nrmse_percent
-    from engine.recon.fit2d import INRFit2D, _as_tensor, load_prior_for, resolve_device
+    from engine.recon.fit2d import INRFit2D, _as_tensor, _nrmse, load_prior_for, resolve_device
 
     selection = config.selection
     start = time.perf_counter()
@@ -366,8 +365,7 @@ def select_and_reconstruct_2d(kspace: Any, maps: Any, mask: Any, config, referen
         while refit.next_step < refit_stop and refit.stopped is None:
             refit.step()
             if reference is not None and refit.next_step % selection.validate_every == 0:
-                curve.append({"step": refit.next_step, "nrmse_percent": nrmse_percent(
-                    refit.final_image().cpu().numpy(), reference, support)})
+                curve.append({"step": refit.next_step, "nrmse_percent": _nrmse(refit.final_image(), reference, support)})
         if curve:
             record["refit_curve"] = curve
         steps = record["refit_steps_run"] = refit.next_step
