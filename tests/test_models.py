@@ -17,6 +17,7 @@ from engine.models import (
     coordinate_grid,
 )
 from engine.models.encodings import _HASH_PRIMES
+from engine.models.inr import build_encoding, resolve_encoding
 
 SMALL_HASH = EncodingConfig(kind="hashgrid", levels=4, features_per_level=2, log2_table_size=8,
                             min_res=4, max_res=32)
@@ -136,3 +137,18 @@ def test_bad_coordinates_are_rejected():
         model(torch.rand(5, 3))
     with pytest.raises(ValueError, match="in_dim 2 or 3"):
         HashGridEncoding(1)
+
+
+def test_automatic_hash_grid_sizes_follow_the_image():
+    """max_res 0 -> twice the larger side; log2_table_size 0 -> 2 table entries per pixel (128 px: 2^15,
+    256 px: 2^17); explicit values stay; an unresolved automatic size is refused."""
+    auto = INRConfig(encoding=EncodingConfig(kind="hashgrid", log2_table_size=0, max_res=0))
+    assert (resolve_encoding(auto, (128, 128)).encoding.log2_table_size, resolve_encoding(auto, (128, 128)).encoding.max_res) == (15, 256)
+    assert resolve_encoding(auto, (256, 256)).encoding.log2_table_size == 17
+    assert resolve_encoding(auto, (100, 60)).encoding.log2_table_size == 14  # 2 x 6000 -> 2^14
+    fixed = INRConfig(encoding=EncodingConfig(kind="hashgrid", log2_table_size=12, max_res=64))
+    assert resolve_encoding(fixed, (256, 256)) == fixed
+    with pytest.raises(ValueError, match="log2_table_size 0"):
+        build_encoding(EncodingConfig(kind="hashgrid", log2_table_size=0, max_res=64), 2)
+    model = INR2D(resolve_encoding(auto, (256, 256)))
+    assert model.encoding.table_size == 2 ** 17

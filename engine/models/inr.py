@@ -38,7 +38,8 @@ class EncodingConfig:
     features_per_level: int = 2
     """hashgrid: features stored per table entry."""
     log2_table_size: int = 16
-    """hashgrid: log2 of the table size T per level."""
+    """hashgrid: log2 of the table size T per level; 0 = the smallest T with 2 entries per pixel of the image
+    (resolved by the recon loop), so that the finest levels collide as often at any image size."""
     min_res: int = 16
     """hashgrid: coarsest grid resolution."""
     max_res: int = 512
@@ -63,12 +64,18 @@ class INRConfig:
 
 
 def resolve_encoding(config: INRConfig, grid_shape: Sequence[int]) -> INRConfig:
-    """`config` with an automatic hash-grid max_res (0) replaced by 2 x max(grid_shape)."""
+    """`config` with an automatic hash-grid max_res (0) replaced by 2 x max(grid_shape) and an automatic
+    log2_table_size (0) by ceil(log2(2 x the grid's pixel count))."""
     import dataclasses
+    import math
 
-    if config.encoding.kind != "hashgrid" or config.encoding.max_res > 0:
+    encoding = config.encoding
+    if encoding.kind != "hashgrid":
         return config
-    encoding = dataclasses.replace(config.encoding, max_res=max(config.encoding.min_res, 2 * max(grid_shape)))
+    if encoding.max_res <= 0:
+        encoding = dataclasses.replace(encoding, max_res=max(encoding.min_res, 2 * max(grid_shape)))
+    if encoding.log2_table_size <= 0:
+        encoding = dataclasses.replace(encoding, log2_table_size=math.ceil(math.log2(2 * math.prod(grid_shape))))
     return dataclasses.replace(config, encoding=encoding)
 
 
@@ -79,6 +86,8 @@ def build_encoding(config: EncodingConfig, in_dim: int) -> nn.Module:
     if config.kind == "hashgrid":
         if config.max_res <= 0:
             raise ValueError("hash-grid max_res 0 (automatic) must be resolved with resolve_encoding first")
+        if config.log2_table_size <= 0:
+            raise ValueError("hash-grid log2_table_size 0 (automatic) must be resolved with resolve_encoding first")
         return HashGridEncoding(in_dim, levels=config.levels, features_per_level=config.features_per_level,
                                 log2_table_size=config.log2_table_size, min_res=config.min_res,
                                 max_res=config.max_res, seed=config.seed)
