@@ -60,12 +60,12 @@ def test_selection_versions_are_kept_apart_and_the_newest_is_judged(tmp_path) ->
     later = "abcdef123456 (2026-12-01)"
     assert ("4h_GE_256", 4, 0, "fast_auto", later, "") in done
     assert ("4h_GE_256", 4, 0, "fast_auto", later, "edges extended") in done
-    assert q.selection_variant({"search": "prior_then_tv"}) == "prior then tv"
-    assert q.selection_variant({"holdout_weighting": "density", "extend_edges": 2}) == "edges extended, density-weighted"
+    assert q.run_variant({"search": "prior_then_tv"}) == "prior then tv"
+    assert q.run_variant({"holdout_weighting": "density", "extend_edges": 2}) == "edges extended, density-weighted"
     # a prior-weight list other than the first one's is a version of its own, whatever its config spelling
-    assert q.selection_variant({"prior_weights": [0.0, 0.05, 0.1]}) == ""
-    assert q.selection_variant({"prior_weights": [0.0, 0.05, 0.1, 0.2]}) == "prior weights 0 / 0.05 / 0.1 / 0.2"
-    assert q.planned_selection("fast_auto", ["selection.prior_weights=[0.0, 0.1, 0.2]"])["prior_weights"] == [0.0, 0.1, 0.2]
+    assert q.run_variant({"prior_weights": [0.0, 0.05, 0.1]}) == ""
+    assert q.run_variant({"prior_weights": [0.0, 0.05, 0.1, 0.2]}) == "prior weights 0 / 0.05 / 0.1 / 0.2"
+    assert q.planned_variant("fast_auto", ["selection.prior_weights=[0.0, 0.1, 0.2]"])["prior_weights"] == [0.0, 0.1, 0.2]
     out = tmp_path / "report.md"
     q.report(runs, out, None)
     text = out.read_text()
@@ -177,14 +177,14 @@ def test_settings_bound_section_takes_the_best_setting_and_the_rows_goal(tmp_pat
             "stops": [325, 500]}
     path.write_text(json.dumps({"machine": "m", "prior": prior, "rows": {"4h_GE_256:4:0": fits},
                                 "dates": {"4h_GE_256:4:0": "d"}, "grid": grid}))
-    shipped = {"holdout_weighting": "density", "refit_steps": "all"}  # configs/auto2d.yaml's selection variant
-    assert q.planned_selection("fast_auto", []) == shipped
+    shipped = {"log2_table_size": 0, "holdout_weighting": "density", "refit_steps": "all"}  # configs/auto2d.yaml's variant
+    assert q.planned_variant("fast_auto", []) == shipped
     rows = [_row("inr_tv", 3.5), _row("l1_wavelet_best", 3.2), _row("fast_auto", 3.1, prior=prior, **shipped),
             _row("fast_auto", 2.0, prior=prior, stronger_prior_weights=[0.2], **shipped),
             _row("fast_auto", 2.1, prior=prior, holdout_weighting="density"), _row("inr_tv", 1.0, seed=1)]
     lines = q.settings_bound_section(path, rows)
     assert "| 4h_GE_256 | 4 | 0 | 2.880 | 3.100 | 2.800 | 0.002 / 0.2 / 0.05 -> 0.02 / 325 | 2.900 |" in lines
-    assert any("(16 in all)" in line for line in lines)  # the grid described is the file's
+    assert any("(16 in all; hash table 2^15)" in line for line in lines)  # the grid and INR described are the file's
     assert q.settings_bound_section(tmp_path / "missing.json", rows) == []
 
 
@@ -202,3 +202,45 @@ def test_a_refit_run_past_the_chosen_steps_shows_its_nrmse_there(tmp_path) -> No
                and line.endswith("| 1 | 2.70 |") for line in lines)
     # rows that stopped the refit at the chosen steps keep the table as it was
     assert not any("refit at the chosen steps" in line for line in q.selection_section([_auto_row(2.5)], "fast_auto"))
+
+
+def test_the_hash_table_size_names_a_variant_and_the_goal_takes_the_shipped_inr_tv(tmp_path) -> None:
+    """`run --set` reaches every method with a config (`--auto-set` fast_auto only); a hash-table size other
+    than the first rows' is a variant of its own; the label-free table's goal takes the shipped INR + TV config,
+    and shows the other INR + TV runs beside it and in a strict count."""
+    q = _quality2d()
+    table = ["model.encoding.log2_table_size=0"]
+    assert q.method_overrides("inr_tv", table, ["selection.debias=true"]) == table
+    assert q.method_overrides("fast_auto", table, ["selection.debias=true"]) == [*table, "selection.debias=true"]
+    assert q.method_overrides("l1_wavelet_best", table, []) == []
+    assert q.planned_variant("inr_tv", table) == {"log2_table_size": 0} and q.planned_variant("inr_tv", []) == {}
+    assert q.run_variant({"log2_table_size": 17}) == "hash table 2^17"
+    assert q.run_variant({"log2_table_size": 15}) == ""
+    runs = tmp_path / "runs.jsonl"
+    rows = [_row("inr_tv", 3.0), _row("inr_tv", 3.1, log2_table_size=0), _row("l1_wavelet_best", 3.2), _auto_row(2.65)]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ("4h_GE_256", 4, 0, "inr_tv", None, "hash table 2 per pixel") in q.done_keys(runs)
+    labelled = [{**r, "method": q.method_label(r)} for r in rows]
+    lines = q.selection_section(labelled, "fast_auto (prior 2026-12-01)")
+    assert "| INR + TV | inr_tv (hash table 2 per pixel) | L1 oracle |" in lines[8]
+    assert any(line.startswith("| 4h_GE_256 (256 px) | 4 | 0 | 3.00 | 3.10 | 3.20 | - | 2.65 | 2.70 met |") for line in lines)
+    labelled[0]["nrmse_percent"] = 3.5  # the shipped config's INR + TV sets the goal (0.9 x 3.2), the other one the strict goal
+    lines = q.selection_section(labelled, "fast_auto (prior 2026-12-01)")
+    assert any(line.startswith("| 4h_GE_256 (256 px) | 4 | 0 | 3.50 | 3.10 | 3.20 | - | 2.65 | 2.88 met |") for line in lines)
+    assert any("goal met on 1 of 1; against the better of every INR + TV shown and the L1 oracle, on 1 of 1." in line
+               for line in lines)
+    labelled[3]["nrmse_percent"] = 2.85  # above 0.9 x 3.1 = 2.79: met for the shipped peers only
+    assert any("goal met on 1 of 1; against the better of every INR + TV shown and the L1 oracle, on 0 of 1." in line
+               for line in q.selection_section(labelled, "fast_auto (prior 2026-12-01)"))
+
+
+def test_the_configured_variant_leads_the_label_free_tables() -> None:
+    """The table of configs/auto2d.yaml's variant comes first, even when a variant that was tried and not
+    adopted ran later."""
+    q = _quality2d()
+    shipped = {**_auto_row(2.7), **q.planned_variant("fast_auto", [])}
+    tried = {**_auto_row(2.6), "debias": True, "date": "2026-12-09T00:00:00"}
+    rows = [_row("inr_tv", 3.0), _row("l1_wavelet_best", 3.2), shipped, tried]
+    titles = [line for line in q.selection_sections([{**r, "method": q.method_label(r)} for r in rows])
+              if line.startswith("## Label-free choices")]
+    assert len(titles) == 2 and "debiased" not in titles[0] and "debiased" in titles[1]
