@@ -753,7 +753,7 @@ def selection_section(rows: list[dict], label: str) -> list[str]:
 
 def method_label(row: dict) -> str:
     """Method label of a row: the method, with the prior's date when it is not the first prior and
-    the selection variant of fast_auto rows (sections compare like with like)."""
+    the run variant (run_variant: INR settings, and the selection of fast_auto rows; sections compare like with like)."""
     prior, notes = row_prior(row), []
     if prior is not None and prior != FIRST_PRIOR:
         notes.append(f"prior {prior.split('(')[-1].rstrip(')')}")
