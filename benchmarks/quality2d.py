@@ -168,12 +168,18 @@ INR_DEFAULTS = {"log2_table_size": 15}
 SELECTION_DEFAULTS = {"extend_edges": 0, "search": "tv_then_prior", "holdout_weighting": "uniform", "debias": False,
                       "blend_l1_wavelet": False, "prior_weights": [0.0, 0.05, 0.1], "stronger_prior_weights": [],
                       "refit_steps": "chosen"}
+VARIANT_DEFAULTS = {**INR_DEFAULTS, **SELECTION_DEFAULTS}
+
+
+def table_label(log2_table_size: int) -> str:
+    """How a report names an INR hash-table size (0: sized with the image)."""
+    return "hash table 2 per pixel" if log2_table_size <= 0 else f"hash table 2^{log2_table_size}"
 
 
 def run_variant(keys: dict) -> str:
     """What a row's run did differently from the first ones ("" for none): its INR keys that differ from
     INR_DEFAULTS and (fast_auto) its selection keys that differ from SELECTION_DEFAULTS (older rows have none)."""
-    names = {"log2_table_size": lambda value: "hash table 2 per pixel" if value <= 0 else f"hash table 2^{value}",
+    names = {"log2_table_size": table_label,
              "extend_edges": lambda value: "edges extended", "search": lambda value: value.replace("_", " "),
              "holdout_weighting": lambda value: f"{value}-weighted", "debias": lambda value: "debiased",
              "blend_l1_wavelet": lambda value: "blended with the L1-wavelet",
@@ -181,13 +187,13 @@ def run_variant(keys: dict) -> str:
              "stronger_prior_weights": lambda value: "stronger prior " + " / ".join(f"{w:g}" for w in value)
              + " if clear of the held-out noise",
              "refit_steps": lambda value: "refit for all steps"}
-    return ", ".join(names[key](keys[key]) for key, default in {**INR_DEFAULTS, **SELECTION_DEFAULTS}.items()
+    return ", ".join(names[key](keys[key]) for key, default in VARIANT_DEFAULTS.items()
                      if keys.get(key, default) != default)
 
 
 def done_keys(path: Path) -> set[tuple]:
-    """(case, R, seed, method, prior, selection variant) of the rows already run (prior None for
-    methods without one; the variant "" but for fast_auto's rows)."""
+    """(case, R, seed, method, prior, run variant) of the rows already run (prior None for methods
+    without one; the variant "" for rows run as their configs ship)."""
     if not path.exists():
         return set()
     keys = set()
@@ -212,8 +218,7 @@ def planned_variant(method: str, overrides: list[str]) -> dict:
         values |= {key: getattr(config.selection, key) for key in SELECTION_DEFAULTS}
     values = {key: list(value) if isinstance(value, tuple) else value  # rows hold JSON lists
               for key, value in values.items()}
-    defaults = {**INR_DEFAULTS, **SELECTION_DEFAULTS}
-    return {key: value for key, value in values.items() if value != defaults[key]}
+    return {key: value for key, value in values.items() if value != VARIANT_DEFAULTS[key]}
 
 
 def method_overrides(method: str, overrides: list[str], auto_overrides: list[str]) -> list[str]:
@@ -566,7 +571,7 @@ def settings_bound_section(path: Path, rows: list[dict]) -> list[str]:
               + " x prior weight " + " / ".join(f"{v:g}" for v in grid["prior_weight"]) + " x prior noise levels t_high "
               + " / ".join(f"{a:g} -> {b:g}" for a, b in grid["t_high"]) + " x stop " + " / ".join(map(str, grid["stops"]))
               + f" ({int(np.prod([len(values) for values in grid.values()]))} in all; "
-              + (run_variant({"log2_table_size": table_size(info)}) or "hash table 2^15") + "), scored "
+              + table_label(table_size(info)) + "), scored "
               "against the reference: a choice no label-free rule can beat over these settings."), "",
              ("| case | R | seed | goal | fast_auto (refit) | best of the grid | its TV / prior / t_high / stop "
               "| best at the config's noise levels |"), "|---|---|---|---|---|---|---|---|"]

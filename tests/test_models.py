@@ -143,7 +143,8 @@ def test_automatic_hash_grid_sizes_follow_the_image():
     """max_res 0 -> twice the larger side; log2_table_size 0 -> 2 table entries per pixel (128 px: 2^15,
     256 px: 2^17); explicit values stay; an unresolved automatic size is refused."""
     auto = INRConfig(encoding=EncodingConfig(kind="hashgrid", log2_table_size=0, max_res=0))
-    assert (resolve_encoding(auto, (128, 128)).encoding.log2_table_size, resolve_encoding(auto, (128, 128)).encoding.max_res) == (15, 256)
+    at_128 = resolve_encoding(auto, (128, 128)).encoding
+    assert (at_128.log2_table_size, at_128.max_res) == (15, 256)
     assert resolve_encoding(auto, (256, 256)).encoding.log2_table_size == 17
     assert resolve_encoding(auto, (100, 60)).encoding.log2_table_size == 14  # 2 x 6000 -> 2^14
     fixed = INRConfig(encoding=EncodingConfig(kind="hashgrid", log2_table_size=12, max_res=64))

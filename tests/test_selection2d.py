@@ -354,7 +354,8 @@ def test_auto2d_is_demo2d_plus_the_selection_section():
     auto = load_config(Recon2DConfig, configs / "auto2d.yaml", [])
     fixed = load_config(Recon2DConfig, configs / "demo2d.yaml", [])
     assert auto.selection.enabled and auto.model.encoding.log2_table_size == 0
-    same_table = dataclasses.replace(auto.model, encoding=fixed.model.encoding)
+    same_table = dataclasses.replace(auto.model, encoding=dataclasses.replace(
+        auto.model.encoding, log2_table_size=fixed.model.encoding.log2_table_size))  # every other encoding key must match
     assert dataclasses.replace(auto, selection=fixed.selection, model=same_table) == fixed
     assert resolve_encoding(auto.model, (128, 128)) == resolve_encoding(fixed.model, (128, 128))
     assert fixed.regularisers.tv_weight in auto.selection.tv_weights
