@@ -14,7 +14,9 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
 - tune: cases for choosing fast_auto's settings (not among the goal's rows): dipy's real T1w coronal
   slice (evaluation-only, engine/assets/prior/SPLIT.md; magnitude, BSD-3) at 256 px with 4 simulated
   coils, smooth phase and SNR 50 (engine.physics.simulate); and a real 8-coil phantom scan at 256 px
-  (GitHub marcsous/parallel's phantom.mat, coil images; k-space with the scanner's own noise).
+  (GitHub marcsous/parallel's phantom.mat, coil images; k-space with the scanner's own noise); and
+  dipy's slice scored against its noise-free truth (dipy_coronal_256_truth: the same noisy k-space, the
+  simulation without noise as the reference), which a longer fit cannot approach by reproducing noise.
 Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
@@ -94,8 +96,11 @@ PARTS = {
     "real": ("4h_GE", "4h_mpr", "4h_Ph"),
     "sim": ("bundled_colin27_z45", "mni152_axial"),
     "256": ("4h_GE_256", "4h_mpr_256", "4h_Ph_256"),
-    "tune": ("dipy_coronal_256", "marcsous_phantom_256"),
+    "tune": ("dipy_coronal_256", "marcsous_phantom_256", "dipy_coronal_256_truth"),
 }
+# a simulated case scored against its noise-free truth (the same simulation without noise, combined with the
+# noisy case's maps) instead of the noisy fully sampled reference, whose own noise rewards reproducing it
+TRUTH = "_truth"
 NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 MNI_SLICE = 110  # axial voxel index of the 1 mm MNI152 volume (z = 38 mm: its evaluation part, engine.prior.data.trained_near)
 
@@ -107,12 +112,30 @@ def centre_crop(kspace: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(kspace[:, top:top + size, left:left + size])
 
 
-def simulated_kspace(magnitude: np.ndarray) -> np.ndarray:
+def simulated_kspace(magnitude: np.ndarray, snr: float | None = 50.0) -> np.ndarray:
     """The simulated cases' k-space `(4, ny, nx)` complex64 of a magnitude image: 4 coils, smooth phase,
-    SNR 50, seed 0 (engine.physics.simulate)."""
+    SNR 50 (None: the same case without its noise), seed 0 (engine.physics.simulate)."""
     from engine.physics.simulate import simulate_multicoil
 
-    return simulate_multicoil(magnitude, ncoils=4, snr=50.0, seed=0).kspace.astype(np.complex64)
+    return simulate_multicoil(magnitude, ncoils=4, snr=snr, seed=0).kspace.astype(np.complex64)
+
+
+def dipy_kspace(snr: float | None = 50.0) -> np.ndarray:
+    magnitude = np.load(DATA / "volumes" / "dipy_t1_coronal_slice.npy").astype(np.float64)
+    return simulated_kspace(magnitude / magnitude.max(), snr)
+
+
+def case_reference(case: str, kspace: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ESPIRiT maps, the reference a case's rows are scored against, and its support (espirit_reference;
+    a `_truth` case's reference is its noise-free truth)."""
+    from engine.evaluation.baselines import espirit_reference, zero_filled
+
+    maps, reference, support = espirit_reference(kspace)
+    if case == "dipy_coronal_256" + TRUTH:
+        reference = zero_filled(dipy_kspace(snr=None), maps)
+    elif case.endswith(TRUTH):
+        raise ValueError(f"{case}: only dipy_coronal_256 has a noise-free truth")
+    return maps, reference, support
 
 
 def load_case(name: str) -> np.ndarray:
@@ -146,9 +169,8 @@ def load_case(name: str) -> np.ndarray:
         from engine.io.matlab import read_mat73
 
         return np.asarray(read_mat73(DATA / "real2d" / "marcsous_phantom_c8_256x256.mat").kspace, np.complex64)
-    if name == "dipy_coronal_256":
-        magnitude = np.load(DATA / "volumes" / "dipy_t1_coronal_slice.npy").astype(np.float64)
-        return simulated_kspace(magnitude / magnitude.max())
+    if name in ("dipy_coronal_256", "dipy_coronal_256" + TRUTH):
+        return dipy_kspace()
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -263,7 +285,6 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
         prior_folder: Path | None = None, overrides: list[str] = ()) -> None:
     import torch
 
-    from engine.evaluation.baselines import espirit_reference
     from engine.evaluation.metrics import all_metrics
     from engine.physics.masks import poisson_disc_mask
 
@@ -276,7 +297,7 @@ def run(part: str, methods: list[str], out: Path, reference_steps: int, referenc
     out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases or PARTS[part]:
         kspace = load_case(case)
-        maps, reference, support = espirit_reference(kspace)
+        maps, reference, support = case_reference(case, kspace)
         rows = [(r, s) for r in ACCELERATIONS for s in SEEDS]
         for acceleration, seed in rows:
             mask = poisson_disc_mask(kspace.shape[1:], acceleration, calib=(0, 0), seed=seed)

@@ -244,3 +244,27 @@ def test_the_configured_variant_leads_the_label_free_tables() -> None:
     titles = [line for line in q.selection_sections([{**r, "method": q.method_label(r)} for r in rows])
               if line.startswith("## Label-free choices")]
     assert len(titles) == 2 and "debiased" not in titles[0] and "debiased" in titles[1]
+
+
+def test_a_truth_case_is_scored_against_its_noise_free_simulation(monkeypatch) -> None:
+    """dipy_coronal_256_truth: the same noisy k-space as dipy_coronal_256, the same maps and support, but the
+    reference is the noise-free simulation combined with those maps, not the noisy fully sampled image."""
+    import numpy as np
+    import pytest
+
+    from engine.evaluation.baselines import espirit_reference, zero_filled
+
+    q = _quality2d()
+    magnitude = np.zeros((32, 32))
+    magnitude[8:24, 6:26] = 1.0
+    magnitude[12:20, 10:22] = 0.5
+    monkeypatch.setattr(q, "dipy_kspace", lambda snr=50.0: q.simulated_kspace(magnitude, snr))
+    noisy = q.dipy_kspace()
+    maps, noisy_reference, support = espirit_reference(noisy)
+    truth_maps, truth, truth_support = q.case_reference("dipy_coronal_256_truth", noisy)
+    assert np.array_equal(truth_maps, maps) and np.array_equal(truth_support, support)
+    np.testing.assert_allclose(truth, zero_filled(q.simulated_kspace(magnitude, None), maps), rtol=1e-5, atol=1e-6)
+    assert np.abs(truth - noisy_reference)[support].max() > 1e-3  # the noise is gone from the reference
+    assert np.array_equal(q.case_reference("dipy_coronal_256", noisy)[1], noisy_reference)
+    with pytest.raises(ValueError, match="noise-free truth"):
+        q.case_reference("marcsous_phantom_256_truth", noisy)
