@@ -177,11 +177,12 @@ def test_settings_bound_section_takes_the_best_setting_and_the_rows_goal(tmp_pat
             "stops": [325, 500]}
     path.write_text(json.dumps({"machine": "m", "prior": prior, "rows": {"4h_GE_256:4:0": fits},
                                 "dates": {"4h_GE_256:4:0": "d"}, "grid": grid}))
-    shipped = {"log2_table_size": 0, "holdout_weighting": "density"}  # configs/auto2d.yaml's variant
+    shipped = {"holdout_weighting": "density"}  # configs/auto2d.yaml's variant
     assert q.planned_variant("fast_auto", []) == shipped
     rows = [_row("inr_tv", 3.5), _row("l1_wavelet_best", 3.2), _row("fast_auto", 3.1, prior=prior, **shipped),
             _row("fast_auto", 2.0, prior=prior, stronger_prior_weights=[0.2], **shipped),
-            _row("fast_auto", 2.1, prior=prior, holdout_weighting="density"), _row("inr_tv", 1.0, seed=1)]
+            _row("fast_auto", 2.1, prior=prior, holdout_weighting="density", log2_table_size=0),
+            _row("inr_tv", 1.0, seed=1)]
     lines = q.settings_bound_section(path, rows)
     assert "| 4h_GE_256 | 4 | 0 | 2.880 | 3.100 | 2.800 | 0.002 / 0.2 / 0.05 -> 0.02 / 325 | 2.900 |" in lines
     assert any("(16 in all; hash table 2^15)" in line for line in lines)  # the grid and INR described are the file's

@@ -82,9 +82,9 @@ class SelectionConfig:
     refit: bool = True
     """rerun the chosen settings on all measured samples (held-out ones included) and return that."""
     refit_steps: Literal["chosen", "all"] = "chosen"
-    """how long the refit runs: 'chosen', the chosen candidate's held-out stop; 'all', optim.steps. The held-out
-    samples lie among the measured ones, so their error stops falling while the prior and TV still improve the
-    unmeasured k-space, where most of the image's error lies: the held-out stop is early for the refit."""
+    """how long the refit runs: 'chosen', the chosen candidate's held-out stop; 'all', optim.steps. Past the
+    held-out stop a refit reproduces more of the measured samples' noise: against a noisy fully sampled
+    reference that looks better, against the noise-free truth it is not (benchmarks/results/quality2d.md)."""
     holdout_weighting: Literal["uniform", "density"] = "uniform"
     """'density': each held-out sample's error weighted by 1 / the mask's local sampling density
     (engine.recon.selection3d.holdout_weights): a variable-density mask holds out mostly central
