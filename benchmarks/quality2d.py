@@ -43,7 +43,10 @@ Commands (repository root; the real slices stay in ../shared/data and are never 
     # the tuning case: which prior-weight list fast_auto should have (its own table; not one of the goal's rows)
     nice -n 5 python benchmarks/quality2d.py run --part tune --rows dipy_coronal_256:4:0 dipy_coronal_256:6:0 \
         dipy_coronal_256:8:0 --methods inr_tv l1_wavelet_best fast_auto --auto-set "selection.prior_weights=[0.0,0.05,0.1,0.2,0.4]"
-    # INR + TV with other INR settings (here fast_auto's hash table, sized with the image), beside its config's rows
+    # the tuning case scored against its noise-free truth (a variant's rows with --auto-set, as above)
+    nice -n 5 python benchmarks/quality2d.py run --part tune --cases dipy_coronal_256_truth --rows dipy_coronal_256_truth:4:0 \
+        dipy_coronal_256_truth:6:0 dipy_coronal_256_truth:8:0 --methods inr_tv l1_wavelet_best fast_auto
+    # INR + TV with other INR settings (here the hash table sized with the image), beside its config's rows
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods inr_tv --set model.encoding.log2_table_size=0
     # a candidate prior's rows, beside the shipped prior's (keyed by its weights' hash)
     nice -n 5 python benchmarks/quality2d.py run --part 256 --methods fast_auto --prior CANDIDATE_DIR
