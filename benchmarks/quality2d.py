@@ -124,6 +124,7 @@ def simulated_kspace(magnitude: np.ndarray, snr: float | None = 50.0) -> np.ndar
 
 
 def dipy_kspace(snr: float | None = 50.0) -> np.ndarray:
+    """The tuning case dipy_coronal_256's k-space (None: without its noise)."""
     magnitude = np.load(DATA / "volumes" / "dipy_t1_coronal_slice.npy").astype(np.float64)
     return simulated_kspace(magnitude / magnitude.max(), snr)
 
