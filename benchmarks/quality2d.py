@@ -16,7 +16,8 @@ Cases (none is in the prior's training set, docs/ARCHITECTURE.md):
   coils, smooth phase and SNR 50 (engine.physics.simulate); and a real 8-coil phantom scan at 256 px
   (GitHub marcsous/parallel's phantom.mat, coil images; k-space with the scanner's own noise); and
   dipy's slice scored against its noise-free truth (dipy_coronal_256_truth: the same noisy k-space, the
-  simulation without noise as the reference), which a longer fit cannot approach by reproducing noise.
+  simulation without noise as the reference), which a longer fit cannot approach by reproducing noise,
+  and the same at SNR 200 (dipy_coronal_256_snr200_truth), nearer the real brain slices' noise.
 Methods: zero_filled; l1_wavelet (engine.evaluation.baselines' rule, tuned once on a Colin27 training slice);
 l1_wavelet_best (oracle: the best lambda of a grid, judged against the reference); inr
 (configs/inr2d.yaml); inr_tv (configs/inr_tv2d.yaml); fast (configs/demo2d.yaml); fast_auto (configs/auto2d.yaml: the fast
@@ -99,8 +100,10 @@ PARTS = {
     "real": ("4h_GE", "4h_mpr", "4h_Ph"),
     "sim": ("bundled_colin27_z45", "mni152_axial"),
     "256": ("4h_GE_256", "4h_mpr_256", "4h_Ph_256"),
-    "tune": ("dipy_coronal_256", "marcsous_phantom_256", "dipy_coronal_256_truth"),
+    "tune": ("dipy_coronal_256", "marcsous_phantom_256", "dipy_coronal_256_truth", "dipy_coronal_256_snr200_truth"),
 }
+# dipy's slice with 4 simulated coils at these SNRs (engine.physics.simulate's definition)
+DIPY_SNR = {"dipy_coronal_256": 50.0, "dipy_coronal_256_snr200": 200.0}
 # a simulated case scored against its noise-free truth (the same simulation without noise, combined with the
 # noisy case's maps) instead of the noisy fully sampled reference, whose own noise rewards reproducing it
 TRUTH = "_truth"
@@ -135,10 +138,10 @@ def case_reference(case: str, kspace: np.ndarray) -> tuple[np.ndarray, np.ndarra
     from engine.evaluation.baselines import espirit_reference, zero_filled
 
     maps, reference, support = espirit_reference(kspace)
-    if case == "dipy_coronal_256" + TRUTH:
+    if case.endswith(TRUTH):
+        if case.removesuffix(TRUTH) not in DIPY_SNR:
+            raise ValueError(f"{case}: only the simulated cases {sorted(DIPY_SNR)} have a noise-free truth")
         reference = zero_filled(dipy_kspace(snr=None), maps)
-    elif case.endswith(TRUTH):
-        raise ValueError(f"{case}: only dipy_coronal_256 has a noise-free truth")
     return maps, reference, support
 
 
@@ -173,8 +176,8 @@ def load_case(name: str) -> np.ndarray:
         from engine.io.matlab import read_mat73
 
         return np.asarray(read_mat73(DATA / "real2d" / "marcsous_phantom_c8_256x256.mat").kspace, np.complex64)
-    if name in ("dipy_coronal_256", "dipy_coronal_256" + TRUTH):
-        return dipy_kspace()
+    if name.removesuffix(TRUTH) in DIPY_SNR:
+        return dipy_kspace(DIPY_SNR[name.removesuffix(TRUTH)])
     raise ValueError(f"unknown case {name!r}")
 
 

@@ -267,5 +267,10 @@ def test_a_truth_case_is_scored_against_its_noise_free_simulation(monkeypatch) -
     np.testing.assert_allclose(truth, zero_filled(q.simulated_kspace(magnitude, None), maps), rtol=1e-5, atol=1e-6)
     assert np.abs(truth - noisy_reference)[support].max() > 1e-3  # the noise is gone from the reference
     assert np.array_equal(q.case_reference("dipy_coronal_256", noisy)[1], noisy_reference)
+    # the SNR 200 case shares the truth (combined with its own maps: the same magnitude); only its noise is smaller
+    np.testing.assert_allclose(np.abs(q.case_reference("dipy_coronal_256_snr200_truth",
+                                                       q.load_case("dipy_coronal_256_snr200"))[1])[support],
+                               np.abs(truth)[support], atol=1e-2 * np.abs(truth).max())
+    assert np.abs(q.load_case("dipy_coronal_256_snr200") - q.dipy_kspace(None)).std() < np.abs(noisy - q.dipy_kspace(None)).std() / 3
     with pytest.raises(ValueError, match="noise-free truth"):
         q.case_reference("marcsous_phantom_256_truth", noisy)
