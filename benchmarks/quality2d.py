@@ -533,7 +533,6 @@ def settings_bound(rows: list[str], out: Path = SETTINGS_BOUND) -> dict:
     import torch
 
     from engine.config import load_config
-    from engine.evaluation.baselines import espirit_reference
     from engine.evaluation.metrics import nrmse_percent
     from engine.physics.masks import poisson_disc_mask
     from engine.recon.fit2d import INRFit2D, Recon2DConfig, _as_tensor, load_prior_for
@@ -555,7 +554,7 @@ def settings_bound(rows: list[str], out: Path = SETTINGS_BOUND) -> dict:
         result["dates"][row] = datetime.datetime.now().isoformat(timespec="seconds")
         case, acceleration, seed = row.split(":")
         kspace = load_case(case)
-        maps, reference, support = espirit_reference(kspace)
+        maps, reference, support = case_reference(case, kspace)
         mask = poisson_disc_mask(kspace.shape[1:], int(acceleration), calib=(0, 0), seed=int(seed))
         tensors = (_as_tensor(kspace, "kspace", True, device), _as_tensor(maps, "maps", True, device),
                    _as_tensor(mask, "mask", False, device))

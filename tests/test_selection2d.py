@@ -351,8 +351,7 @@ def test_auto2d_is_demo2d_plus_the_selection_section():
     configs = Path(__file__).resolve().parents[1] / "configs"
     auto = load_config(Recon2DConfig, configs / "auto2d.yaml", [])
     fixed = load_config(Recon2DConfig, configs / "demo2d.yaml", [])
-    assert auto.selection.enabled
-    assert dataclasses.replace(auto, selection=fixed.selection) == fixed
+    assert auto.selection.enabled and dataclasses.replace(auto, selection=fixed.selection) == fixed
     assert fixed.regularisers.tv_weight in auto.selection.tv_weights
     assert fixed.prior.weight_start in auto.selection.prior_weights and 0.0 in auto.selection.prior_weights
 
